@@ -1,0 +1,57 @@
+"""petl_zoo: parameter-efficient transfer learning methods for timm ViT and Swin.
+
+    import timm, petl_zoo
+    model = timm.create_model('vit_base_patch16_224', num_classes=47)
+    model = petl_zoo.create('lora', model, rank=8, targets=('q', 'v'))
+"""
+
+from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .api import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_state_dict,
+    classifier_parameters,
+    create,
+    is_merged,
+    load_adapter,
+    load_adapter_weights,
+    merge,
+    method_of,
+    read_adapter_config,
+    save_adapter,
+    trainable_parameters,
+    unmerge,
+)
+from .config import MethodConfig
+from .layers import AdaptedLinear, AdaptedModule, LinearDelta, PetlModule
+from .registry import Method, TrainContext, get_method, list_methods, method_names, register_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdaptedLinear",
+    "AdaptedModule",
+    "LinearDelta",
+    "Method",
+    "MethodConfig",
+    "PetlModule",
+    "TrainContext",
+    "adapter_state_dict",
+    "classifier_parameters",
+    "create",
+    "get_method",
+    "is_merged",
+    "list_methods",
+    "load_adapter",
+    "load_adapter_weights",
+    "merge",
+    "method_names",
+    "method_of",
+    "read_adapter_config",
+    "register_method",
+    "save_adapter",
+    "trainable_parameters",
+    "unmerge",
+]

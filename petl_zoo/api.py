@@ -1,0 +1,300 @@
+"""The public API: create a method on a model, count, save, load, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .io import atomic_write, atomic_write_json
+from .layers import PetlModule, adapted_linears, unload_wrappers
+from .registry import Method, get_method
+from .targets import model_family
+
+__all__ = [
+    "create",
+    "method_of",
+    "classifier_parameters",
+    "trainable_parameters",
+    "adapter_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "merge",
+    "unmerge",
+    "is_merged",
+    "read_adapter_config",
+    "load_adapter_weights",
+    "ADAPTER_WEIGHTS",
+    "ADAPTER_CONFIG",
+]
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+def method_of(model: nn.Module) -> Method | None:
+    """The method ``create`` attached to ``model`` (None for an unpatched model)."""
+    return getattr(model, "petl_method", None)
+
+
+def _require_method(model: nn.Module) -> Method:
+    method = method_of(model)
+    if method is None:
+        raise ValueError("model has no petl_zoo method: call petl_zoo.create(name, model, ...) first")
+    return method
+
+
+def create(method: str, model: nn.Module, **options: Any) -> nn.Module:
+    """Patch ``model`` in place with PETL ``method`` and return it.
+
+    The backbone is frozen; the method's parameters and the classifier head stay trainable. Options
+    are the fields of the method's config dataclass (unknown names and bad values raise ValueError).
+    """
+    cls = get_method(method)
+    existing = method_of(model)
+    if existing is not None:
+        raise ValueError(f"model already carries method '{existing.name}'; create() takes an unpatched model")
+    model_family(model)
+    config = cls.config_class.from_options(cls.name, **options)
+    instance = cls(config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    instance.apply(model)
+    for p in classifier_parameters(model):
+        p.requires_grad_(True)
+    model.petl_method = instance
+    return model
+
+
+def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+
+def _numel_unique(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
+
+
+def _method_tensor_ids(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, PetlModule):
+            ids.update(id(p) for p in module.parameters())
+            for sub in module.modules():
+                ids.update(
+                    id(b)
+                    for name, b in sub._buffers.items()
+                    if b is not None and name not in sub._non_persistent_buffers_set
+                )
+    return ids
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """What ``save_adapter`` stores: every tensor below a PetlModule (trainable or frozen), every other
+    trainable parameter (BitFit biases, full fine-tuning) and the classifier head. Tied tensors once."""
+    method_ids = _method_tensor_ids(model)
+    head_ids = {id(p) for p in classifier_parameters(model)}
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in named:
+        if id(tensor) in seen:
+            continue
+        if id(tensor) in method_ids or id(tensor) in head_ids or (
+            isinstance(tensor, nn.Parameter) and tensor.requires_grad
+        ):
+            seen.add(id(tensor))
+            state[name] = tensor
+    return state
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, float]:
+    """Parameter counts of a patched model.
+
+    Keys: ``method`` (trainable, head excluded), ``head`` (classifier), ``total`` (method + head),
+    ``stored`` (tensor elements ``save_adapter`` writes, head excluded: frozen method state included),
+    ``backbone`` (pretrained parameters, head and method modules excluded) and ``percent`` (method as
+    a percentage of the backbone).
+    """
+    method_ids = _method_tensor_ids(model)
+    head = classifier_parameters(model)
+    head_ids = {id(p) for p in head}
+    params = dict(model.named_parameters())  # unique by default
+    method_count = _numel_unique(p for p in params.values() if p.requires_grad and id(p) not in head_ids)
+    backbone = _numel_unique(p for p in params.values() if id(p) not in method_ids and id(p) not in head_ids)
+    stored = _numel_unique(t for t in adapter_state_dict(model).values() if id(t) not in head_ids)
+    head_count = _numel_unique(head)
+    return {
+        "method": method_count,
+        "head": head_count,
+        "total": method_count + head_count,
+        "stored": stored,
+        "backbone": backbone,
+        "percent": 100.0 * method_count / backbone if backbone else 0.0,
+    }
+
+
+def _model_signature(model: nn.Module) -> dict[str, Any]:
+    from .targets import iter_blocks
+
+    blocks = iter_blocks(model)
+    return {
+        "model_class": type(model).__name__,
+        "family": model_family(model),
+        "num_blocks": len(blocks),
+        "dims": sorted({b.dim for b in blocks}),
+    }
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``adapter.safetensors`` (method tensors + head) and ``adapter_config.json`` to ``directory``.
+
+    Both files are written atomically (temporary file, then rename).
+    """
+    method = _require_method(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    config = {
+        "format_version": FORMAT_VERSION,
+        "method": method.name,
+        "config": method.config.to_dict(),
+        "state": method.get_state(),
+        "model": _model_signature(model),
+        "num_classes": getattr(model, "num_classes", None),
+        "tensors": {k: list(v.shape) for k, v in state.items()},
+        "trainable_parameters": trainable_parameters(model),
+        "timm_version": _timm_version(),
+    }
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"method": method.name}))
+    atomic_write_json(directory / ADAPTER_CONFIG, config)
+    return directory
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder {directory} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not an adapter folder written by petl_zoo.save_adapter")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Rebuild the saved method on an unpatched ``model`` and load its tensors; returns the model.
+
+    Raises ValueError when the folder was saved for another architecture or tensor shapes differ.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    saved_model = config.get("model", {})
+    signature = _model_signature(model)
+    if saved_model.get("model_class") not in (None, signature["model_class"]):
+        raise ValueError(
+            f"adapter in {directory} was saved for a {saved_model['model_class']}, "
+            f"not for this {signature['model_class']}"
+        )
+    if saved_model.get("num_blocks") not in (None, signature["num_blocks"]):
+        raise ValueError(
+            f"adapter in {directory} was saved for a model with {saved_model['num_blocks']} blocks, "
+            f"this one has {signature['num_blocks']}"
+        )
+    create(config["method"], model, **config.get("config", {}))
+    method = _require_method(model)
+    method.set_state(model, config.get("state", {}))
+    load_adapter_weights(model, load_file(str(weights)), strict=strict, source=str(directory))
+    return model
+
+
+def load_adapter_weights(
+    model: nn.Module, tensors: dict[str, Tensor], strict: bool = True, source: str = "adapter"
+) -> None:
+    """Copy saved adapter tensors into a patched model, checking names and shapes."""
+    expected = adapter_state_dict(model)
+    method = _require_method(model)
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[0]!r}")
+        raise ValueError(
+            f"{source} does not fit this model with method '{method.name}': " + "; ".join(parts)
+        )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in expected:
+                continue
+            target = expected[name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+def merge(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Fold weight-space updates into the frozen base weights (zero inference overhead).
+
+    With ``unload=True`` the wrappers are also replaced by the plain timm layers (irreversible: the
+    model no longer carries the method). A second merge of a merged model is a ValueError.
+    """
+    method = _require_method(model)
+    if not method.mergeable:
+        raise ValueError(
+            f"method '{method.name}' cannot be merged: its update depends on the input, not only on the "
+            "weights, so it has no weight-space form"
+        )
+    layers = [layer for _, layer in adapted_linears(model)]
+    if getattr(model, "petl_merged", False):
+        raise ValueError("model is already merged; call petl_zoo.unmerge(model) first")
+    for layer in layers:
+        layer.merge()
+    model.petl_merged = True
+    if unload:
+        unload_wrappers(model)
+        model.petl_method = None
+        model.petl_merged = False
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore the exact original base weights after :func:`merge`."""
+    _require_method(model)
+    if not getattr(model, "petl_merged", False):
+        raise ValueError("model is not merged")
+    for _, layer in adapted_linears(model):
+        layer.unmerge()
+    model.petl_merged = False
+    return model
+
+
+def is_merged(model: nn.Module) -> bool:
+    return bool(getattr(model, "petl_merged", False))
+

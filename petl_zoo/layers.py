@@ -1,0 +1,200 @@
+"""Wrappers that attach method modules to timm layers without rewriting timm's forwards.
+
+- :class:`AdaptedLinear` keeps a frozen ``nn.Linear`` and adds :class:`LinearDelta` updates to output
+  slices of it: ``y = x W0^T + b`` then ``y[..., start:stop] += delta(x, W0[start:stop])``. A delta that
+  lives in weight space can be folded into ``W0`` (:meth:`AdaptedLinear.merge`) and taken out exactly.
+- :class:`AdaptedModule` keeps a timm sub-module (``Mlp``, ``Attention``, a block) and adds parallel
+  adapters (``out = base(x) + a(x)``) and sequential ones (``out = a(base(x))``).
+
+Every tensor that lives under a :class:`PetlModule` belongs to the method: it is saved by
+``save_adapter`` and counted as the method's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .targets import LinearSite, ModuleSite
+
+__all__ = [
+    "PetlModule",
+    "LinearDelta",
+    "AdaptedLinear",
+    "AdaptedModule",
+    "adapt_linear",
+    "adapt_module",
+    "adapted_linears",
+    "unload_wrappers",
+]
+
+
+class PetlModule(nn.Module):
+    """Marker base class: parameters and persistent buffers below it are the method's own."""
+
+
+class LinearDelta(PetlModule):
+    """A trainable update of the output slice of a frozen Linear.
+
+    ``forward(x, weight)`` returns the slice's additive update for input ``x`` (shape ``[..., stop-start]``),
+    given the frozen weight slice ``weight`` (``[stop-start, in]``). Deltas that live in weight space set
+    ``mergeable = True`` and implement ``delta_weight(weight)`` (``[stop-start, in]``).
+    """
+
+    mergeable: bool = False
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        raise ValueError(f"{type(self).__name__} has no weight-space form and cannot be merged")
+
+
+class _Wrapper(nn.Module):
+    """Shared behaviour of the wrappers: attribute fall-through to the wrapped timm module."""
+
+    _petl_wrapper = True
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":
+                raise
+            return getattr(self.base, name)
+
+
+class AdaptedLinear(_Wrapper):
+    """A frozen ``nn.Linear`` plus additive updates on output slices (see module docstring)."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.deltas = nn.ModuleDict()
+        self.slices: dict[str, tuple[int, int]] = {}
+        self.merged = False
+        self._original_weight: Tensor | None = None
+
+    def add_delta(self, name: str, delta: LinearDelta, start: int, stop: int) -> None:
+        if name in self.deltas:
+            raise ValueError(f"a delta named {name!r} is already attached to this layer")
+        if not 0 <= start < stop <= self.base.out_features:
+            raise ValueError(f"bad output slice [{start}, {stop}) for a Linear of {self.base.out_features}")
+        self.deltas[name] = delta
+        self.slices[name] = (start, stop)
+
+    def remove_delta(self, name: str) -> LinearDelta:
+        delta = self.deltas.pop(name)
+        del self.slices[name]
+        return delta
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged or not len(self.deltas):
+            return y
+        weight = self.base.weight
+        width = y.shape[-1]
+        for name, delta in self.deltas.items():
+            start, stop = self.slices[name]
+            update = delta(x, weight[start:stop])
+            if start == 0 and stop == width:
+                y = y + update
+            else:
+                y[..., start:stop] += update
+        return y
+
+    @property
+    def mergeable(self) -> bool:
+        return all(d.mergeable for d in self.deltas.values())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every delta into the base weight: ``W <- W0 + delta_W(W0)``; a no-op when merged."""
+        if self.merged:
+            return
+        for name, delta in self.deltas.items():
+            if not delta.mergeable:
+                raise ValueError(f"delta {name!r} ({type(delta).__name__}) cannot be merged")
+        weight = self.base.weight
+        original = weight.detach().clone()
+        for name, delta in self.deltas.items():
+            start, stop = self.slices[name]
+            weight[start:stop] += delta.delta_weight(original[start:stop]).to(weight.dtype)
+        self._original_weight = original
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact original weight W0 (kept from :meth:`merge`)."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged = False
+
+
+class AdaptedModule(_Wrapper):
+    """A timm sub-module plus parallel adapters (on its input) and sequential ones (on its output)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.parallel = nn.ModuleDict()
+        self.sequential = nn.ModuleDict()
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base(x, *args, **kwargs)
+        for adapter in self.parallel.values():
+            out = out + adapter(x)
+        for adapter in self.sequential.values():
+            out = adapter(out)
+        return out
+
+
+def adapt_linear(site: LinearSite) -> AdaptedLinear:
+    """The :class:`AdaptedLinear` at ``site``, wrapping the Linear there on first use."""
+    current = site.linear
+    if isinstance(current, AdaptedLinear):
+        return current
+    wrapper = AdaptedLinear(current)
+    setattr(site.parent, site.attr, wrapper)
+    return wrapper
+
+
+def adapt_module(site: ModuleSite) -> AdaptedModule:
+    """The :class:`AdaptedModule` at ``site``, wrapping the module there on first use."""
+    current = site.module
+    if isinstance(current, AdaptedModule):
+        return current
+    wrapper = AdaptedModule(current)
+    setattr(site.parent, site.attr, wrapper)
+    return wrapper
+
+
+def adapted_linears(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            yield name, module
+
+
+def unload_wrappers(model: nn.Module) -> int:
+    """Replace every wrapper by the timm module it wraps (its updates must be merged first).
+
+    Returns the number of wrappers removed.
+    """
+    count = 0
+    # children before parents, so that nested wrappers resolve by name
+    for name, module in reversed(list(model.named_modules())):
+        if not isinstance(module, (AdaptedLinear, AdaptedModule)):
+            continue
+        if isinstance(module, AdaptedLinear) and len(module.deltas) and not module.merged:
+            raise ValueError(f"{name} holds unmerged updates; merge before unloading")
+        if isinstance(module, AdaptedModule) and (len(module.parallel) or len(module.sequential)):
+            raise ValueError(f"{name} holds input-dependent adapters that cannot be unloaded")
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, module.base)
+        count += 1
+    return count

@@ -1,0 +1,137 @@
+"""The method registry and the :class:`Method` base class every PETL method subclasses."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from .config import MethodConfig
+
+__all__ = ["Method", "TrainContext", "register_method", "get_method", "list_methods", "method_names"]
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+M = TypeVar("M", bound="type[Method]")
+
+
+@dataclass
+class TrainContext:
+    """What the training loop tells a method's callbacks.
+
+    ``loss_fn(logits, targets)`` is the training loss; ``autocast()`` is the loop's precision context;
+    ``epoch``/``step`` are updated by the loop (``step`` counts optimizer steps from 0).
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    epochs: int = 1
+    steps_per_epoch: int = 1
+    epoch: int = 0
+    step: int = 0
+    is_main: bool = True
+
+
+class Method:
+    """Base class of a PETL method: a typed config plus an injector that patches one model in place.
+
+    Subclasses set ``config_class`` (a :class:`MethodConfig` dataclass whose defaults are the paper's
+    VTAB-1K setting) and implement :meth:`apply`. ``create`` freezes the backbone before ``apply`` and
+    makes the classifier head trainable after it, so parameters that ``apply`` adds are trainable
+    unless the method sets ``requires_grad=False`` on them.
+
+    Methods whose structure changes during training (pruning, masking) return that structure from
+    :meth:`get_state` (JSON-ready) and rebuild it in :meth:`set_state`; ``save_adapter`` stores it and
+    ``load_adapter`` and resumed runs restore it before loading weights. The training loop calls the
+    ``on_*`` callbacks; a callback may change the set of trainable parameters, and the loop then
+    rebuilds its optimizer.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    mergeable: ClassVar[bool] = False
+    #: Training-recipe values from the paper that override the shared VTAB recipe (e.g. {"lr": 1e-3}).
+    recipe: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: MethodConfig) -> None:
+        self.config = config
+
+    def apply(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, Any]:
+        """Structural state created during training (JSON-ready); empty for static methods."""
+        return {}
+
+    def set_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Rebuild the structure described by :meth:`get_state` on a freshly patched model."""
+        if state:
+            raise ValueError(f"method '{self.name}' has no structural state, got keys {sorted(state)}")
+
+    # Training callbacks (no-ops by default).
+    def on_train_start(self, model: nn.Module, loader: Any, ctx: TrainContext) -> None:
+        """Called once before the first epoch (not on resume), before the optimizer is built."""
+
+    def on_after_backward(self, model: nn.Module, ctx: TrainContext) -> None:
+        """Called after each backward pass, before the optimizer step (gradients are available)."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, ctx: TrainContext) -> None:
+        """Called after each training epoch (0-based ``epoch``)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+def register_method(name: str, description: str | None = None) -> Callable[[M], M]:
+    """Class decorator registering a :class:`Method` subclass under ``name``.
+
+    Third-party code can register its own method the same way, without touching petl_zoo::
+
+        @petl_zoo.register_method("my_method", "one-line description")
+        class MyMethod(petl_zoo.Method):
+            config_class = MyConfig
+            def apply(self, model): ...
+    """
+
+    def decorator(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"register_method expects a Method subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        cls.name = name
+        if description is not None:
+            cls.description = description
+        elif not cls.description:
+            cls.description = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The registered method class; an unknown name gets a ValueError listing the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), _REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(
+            f"unknown method {name!r}{hint}; valid methods: {', '.join(method_names())}"
+        ) from None
+
+
+def list_methods() -> dict[str, str]:
+    """Registered method names with their one-line descriptions."""
+    return {name: _REGISTRY[name].description for name in method_names()}
