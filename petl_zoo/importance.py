@@ -13,7 +13,7 @@ with :class:`TaylorAccumulator`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ from torch import Tensor
 __all__ = ["ParamSlice", "taylor_scores", "TaylorAccumulator"]
 
 #: A tensor (whose ``.grad`` is read) or a tensor with an index selecting part of it (e.g. a head's rows).
-ParamSlice = Union[Tensor, tuple[Tensor, object]]
+ParamSlice = Tensor | tuple[Tensor, object]
 
 Mode = Literal["group", "abs"]
 
