@@ -1,3 +1,8 @@
-"""Built-in methods; importing this package registers them."""
+"""Built-in methods: every module in this package registers its method when imported."""
 
-from . import adapter, baselines, lora  # noqa: F401
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
