@@ -210,6 +210,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
+    existing = method_of(model)
+    if existing is not None:
+        raise ValueError(
+            f"adapter in {directory} was saved for method '{config['method']}' but the model already "
+            f"carries method '{existing.name}'; pass an unpatched model"
+        )
     saved_model = config.get("model", {})
     signature = _model_signature(model)
     if saved_model.get("model_class") not in (None, signature["model_class"]):

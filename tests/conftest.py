@@ -1,0 +1,41 @@
+"""Shared tiny models for the test suite (depth 2, small widths, 32x32 inputs)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+
+def tiny_vit(num_classes: int = 5, **kwargs) -> torch.nn.Module:
+    args = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=num_classes)
+    args.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **args)
+
+
+def tiny_swin(num_classes: int = 5, **kwargs) -> torch.nn.Module:
+    args = dict(
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        num_classes=num_classes,
+        drop_path_rate=0.0,
+    )
+    args.update(kwargs)
+    return timm.create_model("swin_tiny_patch4_window7_224", **args)
+
+
+BUILDERS = {"vit": tiny_vit, "swin": tiny_swin}
+
+
+@pytest.fixture(params=["vit", "swin"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
