@@ -1,0 +1,383 @@
+"""The VTAB-1K results table: collect every ``result.json`` below a folder and print one row per method.
+
+Columns: the 19 tasks in VTAB order, then any other task found (custom tasks), the three group means
+(Natural, Specialized, Structured), the mean of the group means (what most papers print), the 19-task
+mean and the method's trainable parameters in millions (head excluded, mean over the row's runs).
+
+Rules: accuracies are percentages with one decimal; several seeds of a task give ``mean +- std`` (sample
+std, ddof=1); a missing run is a blank cell, never a zero; a group mean with any task of the group
+missing is blank (the ``Tasks`` column says how many of the 19 are present), and so are the means built
+on it. Best (``test_acc_best``, the papers' convention) and last (``test_acc_last``) are separate tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "VTAB_TASKS",
+    "GROUPS",
+    "TaskEntry",
+    "vtab_catalog",
+    "canonical_task",
+    "collect_results",
+    "Row",
+    "build_rows",
+    "Cell",
+    "compute_table",
+    "render",
+    "vtab_table",
+]
+
+GROUPS = ("natural", "specialized", "structured")
+
+# (name, group, short header) in the VTAB-1K order used by VPT/NOAH/NEAT tables.
+VTAB_TASKS: tuple[tuple[str, str, str], ...] = (
+    ("cifar", "natural", "CIFAR-100"),
+    ("caltech101", "natural", "Caltech101"),
+    ("dtd", "natural", "DTD"),
+    ("oxford_flowers102", "natural", "Flowers102"),
+    ("oxford_iiit_pet", "natural", "Pets"),
+    ("svhn", "natural", "SVHN"),
+    ("sun397", "natural", "Sun397"),
+    ("patch_camelyon", "specialized", "Camelyon"),
+    ("eurosat", "specialized", "EuroSAT"),
+    ("resisc45", "specialized", "Resisc45"),
+    ("diabetic_retinopathy", "specialized", "Retinopathy"),
+    ("clevr_count", "structured", "Clevr-Count"),
+    ("clevr_dist", "structured", "Clevr-Dist"),
+    ("dmlab", "structured", "DMLab"),
+    ("kitti", "structured", "KITTI-Dist"),
+    ("dsprites_loc", "structured", "dSpr-Loc"),
+    ("dsprites_ori", "structured", "dSpr-Ori"),
+    ("smallnorb_azi", "structured", "sNORB-Azim"),
+    ("smallnorb_ele", "structured", "sNORB-Elev"),
+)
+
+_LOCAL_ALIASES = {
+    "cifar100": "cifar",
+    "caltech": "caltech101",
+    "flowers102": "oxford_flowers102",
+    "oxford_flowers": "oxford_flowers102",
+    "pets": "oxford_iiit_pet",
+    "sun": "sun397",
+    "camelyon": "patch_camelyon",
+    "retinopathy": "diabetic_retinopathy",
+    "clevr_distance": "clevr_dist",
+    "kitti_dist": "kitti",
+    "dsprites_location": "dsprites_loc",
+    "dsprites_orientation": "dsprites_ori",
+    "smallnorb_azimuth": "smallnorb_azi",
+    "smallnorb_elevation": "smallnorb_ele",
+}
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    name: str
+    group: str
+    header: str
+
+
+def vtab_catalog() -> list[TaskEntry]:
+    """The 19 VTAB-1K tasks in table order (names and groups from ``vtab.tasks()`` when it is importable)."""
+    headers = {name: header for name, _, header in VTAB_TASKS}
+    try:
+        import vtab
+
+        infos = list(vtab.tasks())
+    except (ImportError, AttributeError):
+        return [TaskEntry(n, g, h) for n, g, h in VTAB_TASKS]
+    by_name = {info.name: info for info in infos}
+    order = {name: i for i, (name, _, _) in enumerate(VTAB_TASKS)}
+    entries = [
+        TaskEntry(info.name, str(info.group).lower(), headers.get(info.name, info.name)) for info in infos
+    ]
+    # Keep the papers' column order for the names we know; unknown vtab names follow in vtab's order.
+    entries.sort(key=lambda e: order.get(e.name, len(order)))
+    if len(by_name) != len(VTAB_TASKS):
+        warnings.warn(f"vtab.tasks() lists {len(by_name)} tasks, expected 19", stacklevel=2)
+    return entries
+
+
+def canonical_task(name: str) -> str:
+    """The catalog name of a task given a name or alias; unknown (custom) names come back unchanged."""
+    key = name.strip().lower().replace("-", "_")
+    known = {e.name for e in vtab_catalog()}
+    if key in known:
+        return key
+    try:
+        import vtab
+
+        return vtab.get_task(key).name
+    except Exception:  # noqa: BLE001 - vtab missing or the name is a custom task
+        return _LOCAL_ALIASES.get(key, name)
+
+
+def _as_percent(value: Any) -> float | None:
+    """Accuracy as a percentage: result.json stores fractions in [0, 1]; values above 1 are taken as percents."""
+    if value is None:
+        return None
+    v = float(value)
+    if math.isnan(v):
+        return None
+    return v * 100.0 if v <= 1.0 else v
+
+
+def collect_results(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every ``result.json`` below ``root`` (sorted by path), each with ``_path`` added."""
+    root = Path(root)
+    if not root.exists():
+        raise ValueError(f"results folder '{root}' does not exist")
+    out = []
+    for path in sorted(root.rglob("result.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            warnings.warn(f"skipping unreadable {path}: {e}", stacklevel=2)
+            continue
+        if not isinstance(data, dict) or "task" not in data or "method" not in data:
+            warnings.warn(f"skipping {path}: not a train.py result (no 'method'/'task')", stacklevel=2)
+            continue
+        data["_path"] = str(path)
+        out.append(data)
+    return out
+
+
+@dataclass
+class Row:
+    """One table row: a method with one model and one method config; runs[task][seed] = result."""
+
+    method: str
+    model: str
+    config: dict[str, Any]
+    label: str = ""
+    runs: dict[str, dict[Any, dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} ({self.label})" if self.label else self.method
+
+
+def _freeze(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def build_rows(results: list[dict[str, Any]]) -> list[Row]:
+    """Group results by (method, model, method_config); label rows of one method that differ."""
+    rows: dict[tuple[str, str, str], Row] = {}
+    for r in results:
+        config = r.get("method_config") or {}
+        key = (str(r["method"]), str(r.get("model", "")), _freeze(config))
+        row = rows.setdefault(key, Row(key[0], key[1], dict(config)))
+        task = canonical_task(str(r["task"]))
+        seed = r.get("seed", 0)
+        seeds = row.runs.setdefault(task, {})
+        if seed in seeds:
+            warnings.warn(
+                f"two results for {row.method}/{task} seed {seed}: keeping {seeds[seed]['_path']}, "
+                f"ignoring {r['_path']}",
+                stacklevel=2,
+            )
+            continue
+        seeds[seed] = r
+    by_method: dict[str, list[Row]] = {}
+    for row in rows.values():
+        by_method.setdefault(row.method, []).append(row)
+    for same in by_method.values():
+        if len(same) < 2:
+            continue
+        models = {r.model for r in same}
+        keys = sorted({k for r in same for k in r.config})
+        varying = [k for k in keys if len({_freeze(r.config.get(k)) for r in same}) > 1]
+        for r in same:
+            parts = [r.model] if len(models) > 1 else []
+            parts += [f"{k}={r.config.get(k)}" for k in varying]
+            r.label = ", ".join(parts)
+    return sorted(rows.values(), key=lambda r: (r.method, r.model, r.label))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table value in percent (or millions for params); None is a blank cell."""
+
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+
+    def text(self, decimals: int = 1, pm: str = " ± ") -> str:
+        if self.mean is None:
+            return ""
+        s = f"{self.mean:.{decimals}f}"
+        if self.std is not None:
+            s += f"{pm}{self.std:.{decimals}f}"
+        return s
+
+
+def _mean_std(values: list[float]) -> Cell:
+    if not values:
+        return Cell()
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return Cell(mean, std, n)
+
+
+def _mean_of_cells(cells: list[Cell], per_seed: list[dict[Any, float]] | None) -> Cell:
+    """Mean of the cell means (blank if any is blank); std over seeds when every part has the same seeds."""
+    if not cells or any(c.mean is None for c in cells):
+        return Cell()
+    mean = sum(c.mean for c in cells) / len(cells)
+    std = None
+    if per_seed and all(len(p) > 1 for p in per_seed):
+        seed_sets = {frozenset(p) for p in per_seed}
+        if len(seed_sets) == 1:
+            seeds = sorted(next(iter(seed_sets)), key=str)
+            per = [sum(p[s] for p in per_seed) / len(per_seed) for s in seeds]
+            std = _mean_std(per).std
+    return Cell(mean, std, min(c.n for c in cells))
+
+
+Metric = Literal["best", "last"]
+_METRIC_KEY = {"best": "test_acc_best", "last": "test_acc_last"}
+
+
+@dataclass
+class Table:
+    metric: str
+    columns: list[tuple[str, str]]  # (key, header)
+    rows: list[tuple[Row, dict[str, Cell]]]
+
+
+def compute_table(rows: list[Row], metric: Metric = "best", extra_tasks: list[str] | None = None) -> Table:
+    """Cells for every row: tasks, group means, mean of group means, 19-task mean, params (M), task count."""
+    if metric not in _METRIC_KEY:
+        raise ValueError(f"metric '{metric}' is not one of {sorted(_METRIC_KEY)}")
+    key = _METRIC_KEY[metric]
+    catalog = vtab_catalog()
+    known = [e.name for e in catalog]
+    if extra_tasks is None:
+        extra_tasks = sorted({t for r in rows for t in r.runs if t not in known})
+    columns = [(e.name, e.header) for e in catalog] + [(t, t) for t in extra_tasks]
+    columns += [(g, g.capitalize()) for g in GROUPS]
+    columns += [("mean_groups", "Mean (groups)"), ("mean_19", "Mean (19)"), ("params_m", "Params (M)")]
+    columns += [("tasks", "Tasks")]
+    out = []
+    for row in rows:
+        cells: dict[str, Cell] = {}
+        per_seed: dict[str, dict[Any, float]] = {}
+        for task in known + extra_tasks:
+            accs = {s: _as_percent(r.get(key)) for s, r in row.runs.get(task, {}).items()}
+            accs = {s: a for s, a in accs.items() if a is not None}
+            per_seed[task] = accs
+            cells[task] = _mean_std(list(accs.values()))
+        group_seed: dict[str, dict[Any, float]] = {}
+        for g in GROUPS:
+            members = [e.name for e in catalog if e.group == g]
+            cells[g] = _mean_of_cells([cells[t] for t in members], [per_seed[t] for t in members])
+            seeds = [per_seed[t] for t in members]
+            if cells[g].mean is not None and len({frozenset(p) for p in seeds}) == 1:
+                group_seed[g] = {s: sum(p[s] for p in seeds) / len(seeds) for s in seeds[0]}
+        cells["mean_groups"] = _mean_of_cells(
+            [cells[g] for g in GROUPS], [group_seed[g] for g in GROUPS] if len(group_seed) == 3 else None
+        )
+        cells["mean_19"] = _mean_of_cells([cells[t] for t in known], [per_seed[t] for t in known])
+        params = [
+            float(r["trainable_params"]["method"]) / 1e6
+            for seeds in row.runs.values()
+            for r in seeds.values()
+            if isinstance(r.get("trainable_params"), dict) and "method" in r["trainable_params"]
+        ]
+        cells["params_m"] = Cell(sum(params) / len(params), None, len(params)) if params else Cell()
+        present = sum(1 for t in known if cells[t].mean is not None)
+        cells["tasks"] = Cell(float(present), None, present)
+        out.append((row, cells))
+    return Table(metric, columns, out)
+
+
+def _cell_text(key: str, cell: Cell, pm: str = " ± ") -> str:
+    if key == "tasks":
+        return f"{int(cell.mean)}/19" if cell.mean is not None else ""
+    return cell.text(2 if key == "params_m" else 1, pm)
+
+
+def _latex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#")):
+        s = s.replace(a, b)
+    return s
+
+
+def _title(table: Table) -> str:
+    what = "best epoch (test_acc_best)" if table.metric == "best" else "last epoch (test_acc_last)"
+    return f"VTAB-1K top-1 accuracy (%), {what}"
+
+
+def render(table: Table, fmt: Literal["markdown", "csv", "latex"] = "markdown") -> str:
+    """The table as Markdown, CSV (numbers, with ``<col>_std`` and ``<col>_n`` columns) or LaTeX (booktabs)."""
+    headers = ["Method", "Model"] + [h for _, h in table.columns]
+    if fmt == "markdown":
+        lines = [f"**{_title(table)}**", "", "| " + " | ".join(headers) + " |"]
+        lines.append("|" + "|".join(["---"] * 2 + ["---:"] * len(table.columns)) + "|")
+        for row, cells in table.rows:
+            vals = [row.name, row.model] + [_cell_text(k, cells[k]) for k, _ in table.columns]
+            lines.append("| " + " | ".join(vals) + " |")
+        return "\n".join(lines) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        head = ["metric", "method", "label", "model"]
+        for k, _ in table.columns:
+            head += [k] if k in ("params_m", "tasks") else [k, f"{k}_std", f"{k}_n"]
+        writer.writerow(head)
+        for row, cells in table.rows:
+            vals: list[Any] = [table.metric, row.method, row.label, row.model]
+            for k, _ in table.columns:
+                c = cells[k]
+                if k == "tasks":
+                    vals.append(int(c.mean) if c.mean is not None else "")
+                    continue
+                fmtv = (
+                    (lambda v: "" if v is None else f"{v:.4f}")
+                    if k == "params_m"
+                    else (lambda v: "" if v is None else f"{v:.2f}")
+                )
+                vals.append(fmtv(c.mean))
+                if k != "params_m":
+                    vals += [fmtv(c.std), c.n if c.mean is not None else ""]
+            writer.writerow(vals)
+        return buf.getvalue()
+    if fmt == "latex":
+        spec = "ll" + "r" * len(table.columns)
+        lines = [
+            f"% {_title(table)}",
+            r"\begin{tabular}{" + spec + "}",
+            r"\toprule",
+            " & ".join(_latex_escape(h) for h in headers) + r" \\",
+            r"\midrule",
+        ]
+        for row, cells in table.rows:
+            vals = [_latex_escape(row.name), _latex_escape(row.model)]
+            vals += [_cell_text(k, cells[k], pm=r" $\pm$ ") for k, _ in table.columns]
+            lines.append(" & ".join(vals) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    raise ValueError(f"format '{fmt}' is not one of ['csv', 'latex', 'markdown']")
+
+
+def vtab_table(root: str | os.PathLike, fmt: Literal["markdown", "csv", "latex"] = "markdown") -> str:
+    """Best and last tables for every result below ``root``, rendered one after the other."""
+    rows = build_rows(collect_results(root))
+    if not rows:
+        raise ValueError(f"no result.json found below '{root}'")
+    tables = [render(compute_table(rows, m), fmt) for m in ("best", "last")]
+    if fmt == "csv":
+        return tables[0] + "".join(tables[1].splitlines(keepends=True)[1:])
+    return "\n".join(tables)

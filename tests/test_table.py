@@ -1,0 +1,198 @@
+"""VTAB table: group means against hand numbers, blanks for missing runs, seeds, labels, the three formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from petl_zoo.table import VTAB_TASKS, build_rows, collect_results, compute_table, render, vtab_table
+
+ROOT = Path(__file__).resolve().parents[1]
+NATURAL = [t for t, g, _ in VTAB_TASKS if g == "natural"]
+SPECIALIZED = [t for t, g, _ in VTAB_TASKS if g == "specialized"]
+STRUCTURED = [t for t, g, _ in VTAB_TASKS if g == "structured"]
+
+# Hand numbers (percent): natural 10..70 -> 40.0; specialized 80, 82, 84, 86 -> 83.0;
+# structured 20..90 -> 55.0; mean of group means (40 + 83 + 55) / 3 = 59.333...; 19-task mean 1052 / 19.
+HAND = dict(
+    zip(
+        NATURAL + SPECIALIZED + STRUCTURED,
+        [10, 20, 30, 40, 50, 60, 70, 80, 82, 84, 86, 20, 30, 40, 50, 60, 70, 80, 90],
+    )
+)
+
+
+def write_result(
+    root: Path,
+    method: str,
+    task: str,
+    best: float,
+    last: float,
+    seed: int = 0,
+    sub: str = "",
+    config: dict | None = None,
+    params: int = 100_000,
+    model: str = "vit_base_patch16_224",
+) -> Path:
+    folder = root / method / task / sub
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {
+        "method": method,
+        "model": model,
+        "task": task,
+        "seed": seed,
+        "num_classes": 10,
+        "method_config": config if config is not None else {"rank": 8},
+        "select_on": "test",
+        "test_acc_best": best,
+        "best_epoch": 3,
+        "test_acc_last": last,
+        "test_acc_selected": best,
+        "val_acc_best": None,
+        "epochs": 10,
+        "trainable_params": {
+            "method": params,
+            "head": 7690,
+            "total": params + 7690,
+            "stored": params + 7690,
+            "backbone": 85_800_000,
+            "percent": 100 * params / 85_800_000,
+        },
+        "train_time_s": 1.0,
+        "img_per_s": 1.0,
+        "peak_mem_mb": 0.0,
+        "precision": "fp32",
+        "world_size": 1,
+    }
+    (folder / "result.json").write_text(json.dumps(result))
+    return folder
+
+
+def cells_of(table, method):
+    return next(c for r, c in table.rows if r.name == method)
+
+
+def test_group_means_match_hand_numbers(tmp_path):
+    for task, acc in HAND.items():
+        write_result(tmp_path, "full", task, acc / 100, (acc - 1) / 100, params=2_000_000)
+    rows = build_rows(collect_results(tmp_path))
+    best, last = compute_table(rows, "best"), compute_table(rows, "last")
+    c = cells_of(best, "full")
+    assert c["natural"].mean == pytest.approx(40.0)
+    assert c["specialized"].mean == pytest.approx(83.0)
+    assert c["structured"].mean == pytest.approx(55.0)
+    assert c["mean_groups"].mean == pytest.approx((40 + 83 + 55) / 3)
+    assert c["mean_19"].mean == pytest.approx(1052 / 19)
+    assert c["params_m"].mean == pytest.approx(2.0)
+    assert c["tasks"].mean == 19
+    lc = cells_of(last, "full")
+    assert lc["natural"].mean == pytest.approx(39.0) and lc["mean_19"].mean == pytest.approx(1052 / 19 - 1)
+    md = render(best, "markdown")
+    line = next(ln for ln in md.splitlines() if ln.startswith("| full "))
+    assert "| 40.0 | 83.0 | 55.0 | 59.3 | 55.4 | 2.00 | 19/19 |" in line
+
+
+def test_missing_tasks_are_blank_never_zero(tmp_path):
+    for task, acc in HAND.items():
+        if task != "dmlab":
+            write_result(tmp_path, "lora", task, acc / 100, acc / 100)
+    table = compute_table(build_rows(collect_results(tmp_path)), "best")
+    c = cells_of(table, "lora")
+    assert c["dmlab"].mean is None
+    assert c["natural"].mean == pytest.approx(40.0) and c["specialized"].mean == pytest.approx(83.0)
+    assert c["structured"].mean is None and c["mean_groups"].mean is None and c["mean_19"].mean is None
+    assert c["tasks"].mean == 18
+    line = next(ln for ln in render(table, "markdown").splitlines() if ln.startswith("| lora "))
+    cols = [s.strip() for s in line.strip("|").split("|")]
+    headers = [s.strip() for s in render(table, "markdown").splitlines()[2].strip("|").split("|")]
+    row = dict(zip(headers, cols))
+    assert (
+        row["DMLab"] == ""
+        and row["Structured"] == ""
+        and row["Mean (groups)"] == ""
+        and row["Mean (19)"] == ""
+    )
+    assert row["Natural"] == "40.0" and row["Tasks"] == "18/19"
+    assert "0.0" not in cols
+
+
+def test_seeds_mean_std_and_single_vs_seed_folders(tmp_path):
+    # Several seeds live in <task>/seed<k>/; one seed in <task>/: both are read.
+    write_result(tmp_path, "lora", "dtd", 0.70, 0.60, seed=0, sub="seed0")
+    write_result(tmp_path, "lora", "dtd", 0.74, 0.64, seed=1, sub="seed1")
+    write_result(tmp_path, "lora", "cifar", 0.50, 0.40, seed=0)
+    table = compute_table(build_rows(collect_results(tmp_path)), "best")
+    c = cells_of(table, "lora")
+    assert (
+        c["dtd"].mean == pytest.approx(72.0) and c["dtd"].std == pytest.approx(2 * 2**0.5) and c["dtd"].n == 2
+    )
+    assert c["cifar"].mean == pytest.approx(50.0) and c["cifar"].std is None
+    assert "72.0 ± 2.8" in render(table, "markdown")
+    assert r"72.0 $\pm$ 2.8" in render(table, "latex")
+
+
+def test_group_std_over_seeds(tmp_path):
+    # Two seeds on all natural tasks: seed 0 at HAND, seed 1 at HAND + 2 -> natural 40 and 42 -> 41 +- sqrt(2).
+    for task in NATURAL:
+        write_result(tmp_path, "m", task, HAND[task] / 100, 0.1, seed=0, sub="seed0")
+        write_result(tmp_path, "m", task, (HAND[task] + 2) / 100, 0.1, seed=1, sub="seed1")
+    c = cells_of(compute_table(build_rows(collect_results(tmp_path)), "best"), "m")
+    assert c["natural"].mean == pytest.approx(41.0) and c["natural"].std == pytest.approx(2**0.5)
+
+
+def test_rows_per_config_and_model_are_labelled(tmp_path):
+    write_result(tmp_path / "a", "lora", "dtd", 0.6, 0.6, config={"rank": 4, "alpha": 8})
+    write_result(tmp_path / "b", "lora", "dtd", 0.7, 0.7, config={"rank": 8, "alpha": 8})
+    write_result(tmp_path / "c", "adapter", "dtd", 0.65, 0.65, config={"bottleneck": 8})
+    names = sorted(r.name for r in build_rows(collect_results(tmp_path)))
+    assert names == ["adapter", "lora (rank=4)", "lora (rank=8)"]
+
+
+def test_custom_tasks_get_their_own_columns(tmp_path):
+    write_result(tmp_path, "lora", "digits", 0.93, 0.92)
+    table = compute_table(build_rows(collect_results(tmp_path)), "best")
+    assert ("digits", "digits") in table.columns
+    assert cells_of(table, "lora")["digits"].mean == pytest.approx(93.0)
+    assert cells_of(table, "lora")["tasks"].mean == 0
+
+
+def test_csv_and_cli(tmp_path):
+    for task, acc in HAND.items():
+        write_result(tmp_path / "runs", "full", task, acc / 100, acc / 100)
+    text = vtab_table(tmp_path / "runs", "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["metric"] for r in rows] == ["best", "last"]
+    assert float(rows[0]["mean_groups"]) == pytest.approx(59.33, abs=0.01) and rows[0]["natural_std"] == ""
+    out = tmp_path / "table.tex"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "vtab_table.py"),
+            str(tmp_path / "runs"),
+            "--format",
+            "latex",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    tex = out.read_text()
+    assert r"\begin{tabular}" in tex and "vit\\_base\\_patch16\\_224" in tex and tex.count(r"\toprule") == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "vtab_table.py"), str(empty)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode != 0 and "no result.json" in proc.stderr
