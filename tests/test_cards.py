@@ -1,0 +1,160 @@
+"""Model cards: generated from a run folder, parsed back with ModelCard.load, adapter loadable from the card."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_vit
+from huggingface_hub import ModelCard
+
+import petl_zoo
+from petl_zoo.cards import METRIC_BEST, METRIC_LAST, base_model_id, write_card
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+
+
+def make_run(folder: Path, task: str = "dtd", pretrained_file: str | None = None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = petl_zoo.create("lora", tiny_vit(num_classes=5), rank=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    petl_zoo.save_adapter(model, folder)
+    counts = petl_zoo.trainable_parameters(model)
+    argv = [
+        "tools/train.py",
+        "--method",
+        "lora",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--model-kwargs",
+        *[f"{k}={v}" for k, v in MODEL_KWARGS.items()],
+        "--task",
+        task,
+        "--opt",
+        "rank=2",
+        "--out",
+        str(folder),
+    ]
+    config = {
+        "method": "lora",
+        "method_options": {"rank": 2},
+        "model": "vit_tiny_patch16_224",
+        "model_kwargs": MODEL_KWARGS,
+        "task": task,
+        "data_root": "/data/vtab",
+        "pretrained_file": pretrained_file,
+        "recipe": {"epochs": 10, "lr": 0.001, "batch_size": 64, "weight_decay": 0.0001, "seed": 0},
+        "argv": argv,
+    }
+    result = {
+        "method": "lora",
+        "model": "vit_tiny_patch16_224",
+        "task": task,
+        "seed": 0,
+        "num_classes": 5,
+        "method_config": model.petl_method.config.to_dict(),
+        "select_on": "test",
+        "test_acc_best": 0.7234,
+        "best_epoch": 7,
+        "test_acc_last": 0.7011,
+        "test_acc_selected": 0.7234,
+        "val_acc_best": None,
+        "epochs": 10,
+        "trainable_params": counts,
+        "train_time_s": 3.0,
+        "img_per_s": 100.0,
+        "peak_mem_mb": 0.0,
+        "precision": "fp32",
+        "world_size": 1,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "result.json").write_text(json.dumps(result))
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_acc": 0.5}) + "\n")
+    return model
+
+
+def test_card_round_trip(tmp_path):
+    run = tmp_path / "runs" / "lora" / "dtd"
+    model = make_run(run)
+    readme = write_card(run, tmp_path / "cards" / "lora" / "dtd")
+    card = ModelCard.load(readme)
+    data = card.data
+    assert data.library_name == "timm"
+    assert {"petl", "petl_zoo", "lora", "timm", "vtab-1k", "image-classification"} <= set(data.tags)
+    assert data.base_model == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert data.datasets == ["vtab-1k/dtd"] and data.metrics == ["accuracy"]
+    metrics = {e.metric_name: e for e in data.eval_results}
+    assert metrics[METRIC_BEST].metric_value == pytest.approx(72.34)
+    assert metrics[METRIC_LAST].metric_value == pytest.approx(70.11)
+    assert all(e.metric_type == "accuracy" and e.dataset_type == "vtab-1k/dtd" for e in data.eval_results)
+    assert all(e.task_type == "image-classification" for e in data.eval_results)
+    assert [e.metric_name for e in data.eval_results] == [METRIC_BEST, METRIC_LAST]
+    body = card.text
+    assert "--opt rank=2" in body and "petl_zoo.load_adapter" in body and "| best epoch | 72.34 |" in body
+    assert "| last epoch | 70.11 |" in body and "petl_zoo.merge(model)" in body  # LoRA is mergeable
+    out = readme.parent
+    assert {p.name for p in out.iterdir()} == {
+        "README.md",
+        "adapter.safetensors",
+        "adapter_config.json",
+        "train_config.json",
+        "result.json",
+        "metrics.jsonl",
+    }
+    assert json.loads((out / "train_config.json").read_text())["method"] == "lora"
+    # The adapter shipped in the card reproduces the run's model (same random backbone via the seed).
+    torch.manual_seed(0)
+    fresh = petl_zoo.load_adapter(tiny_vit(num_classes=5), out)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_local_pretrained_file_and_custom_task(tmp_path):
+    run = tmp_path / "run"
+    make_run(run, task="digits", pretrained_file="/work/shared/proxy/vit_tiny_fmnist32.safetensors")
+    card = ModelCard.load(write_card(run, tmp_path / "card"))
+    assert card.data.base_model == "vit_tiny_patch16_224"  # local weights: no Hub base to point at
+    assert card.data.datasets == ["digits"]
+    assert "vit_tiny_fmnist32.safetensors" in card.text and "pretrained_cfg_overlay" in card.text
+
+
+def test_base_model_id():
+    assert base_model_id("vit_base_patch16_224") == "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
+    assert base_model_id("no_such_model_xyz") == "no_such_model_xyz"
+
+
+def test_unfinished_run_and_cli(tmp_path):
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "last.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="--resume"):
+        write_card(killed, tmp_path / "out")
+    run = tmp_path / "run"
+    make_run(run)
+    tool = str(ROOT / "tools" / "model_card.py")
+    proc = subprocess.run(
+        [sys.executable, tool, str(run), "--out", str(tmp_path / "card")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert ModelCard.load(tmp_path / "card" / "README.md").data.eval_results[0].metric_value == pytest.approx(
+        72.34
+    )
+    proc = subprocess.run(
+        [sys.executable, tool, str(killed), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2 and "not a finished" in proc.stderr
