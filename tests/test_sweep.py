@@ -1,0 +1,168 @@
+"""Sweep: runs every task, skips finished runs, resumes killed ones, survives a failing run, prints commands."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from petl_zoo.sweep import plan_sweep, resolve_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = str(ROOT / "tools" / "sweep.py")
+
+# A stand-in for tools/train.py with its CLI contract: logs its argv, fails for $FAIL_TASK, refuses
+# --resume without last.pt, writes result.json into --out.
+FAKE_TRAIN = textwrap.dedent(
+    """
+    import argparse, json, os, sys
+    p = argparse.ArgumentParser()
+    for flag in ("--method", "--model", "--task", "--out", "--data-root", "--seed", "--epochs"):
+        p.add_argument(flag)
+    p.add_argument("--opt", nargs="+", default=[])
+    p.add_argument("--resume", action="store_true")
+    a = p.parse_args()
+    with open(os.environ["SWEEP_LOG"], "a") as f:
+        f.write(json.dumps(sys.argv[1:]) + "\\n")
+    if a.task == os.environ.get("FAIL_TASK"):
+        sys.exit(3)
+    if a.resume and not os.path.exists(os.path.join(a.out, "last.pt")):
+        sys.exit(4)
+    os.makedirs(a.out, exist_ok=True)
+    res = {"method": a.method, "model": a.model, "task": a.task, "seed": int(a.seed or 0),
+           "test_acc_best": 0.5, "test_acc_last": 0.4, "trainable_params": {"method": 10}}
+    json.dump(res, open(os.path.join(a.out, "result.json"), "w"))
+    """
+)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("SWEEP_LOG", str(log))
+    monkeypatch.delenv("FAIL_TASK", raising=False)
+    return script, log
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SWEEP, *args], capture_output=True, text=True, check=False)
+
+
+def calls(log: Path) -> list[list[str]]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_sweep_runs_then_skips(tmp_path, fake):
+    script, log = fake
+    args = [
+        "--method",
+        "lora",
+        "--model",
+        "tiny",
+        "--tasks",
+        "syn_a,syn_b,syn_c",
+        "--out-root",
+        str(tmp_path / "runs"),
+        "--train-script",
+        str(script),
+        "--",
+        "--opt",
+        "rank=2",
+        "--epochs",
+        "1",
+    ]
+    first = sweep(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert [c[c.index("--task") + 1] for c in calls(log)] == ["syn_a", "syn_b", "syn_c"]
+    assert all(c[-4:] == ["--opt", "rank=2", "--epochs", "1"] for c in calls(log))
+    for t in ("syn_a", "syn_b", "syn_c"):
+        assert (tmp_path / "runs" / "lora" / t / "result.json").is_file()
+    second = sweep(*args)
+    assert second.returncode == 0 and len(calls(log)) == 3  # nothing re-ran
+    assert second.stdout.count("[skip]") == 3 and "0 ran, 3 skipped" in second.stdout
+
+
+def test_killed_run_resumes_and_failures_are_reported(tmp_path, fake, monkeypatch):
+    script, log = fake
+    runs = tmp_path / "runs"
+    (runs / "m" / "syn_b").mkdir(parents=True)
+    (runs / "m" / "syn_b" / "last.pt").write_bytes(b"")
+    monkeypatch.setenv("FAIL_TASK", "syn_a")
+    proc = sweep(
+        "--method",
+        "m",
+        "--tasks",
+        "syn_a,syn_b,syn_c",
+        "--out-root",
+        str(runs),
+        "--train-script",
+        str(script),
+    )
+    assert proc.returncode == 1
+    by_task = {c[c.index("--task") + 1]: c for c in calls(log)}
+    assert "--resume" in by_task["syn_b"] and "--resume" not in by_task["syn_c"]
+    assert (runs / "m" / "syn_c" / "result.json").is_file()  # the sweep went on after the crash
+    assert "1 failed" in proc.stdout and "FAILED" in proc.stdout and "exit status 3" in proc.stdout
+
+
+def test_seeds_get_folders_and_print_commands(tmp_path):
+    runs = tmp_path / "runs"
+    done = runs / "neat" / "dtd" / "seed1"
+    done.mkdir(parents=True)
+    (done / "result.json").write_text("{}")
+    proc = sweep(
+        "--method",
+        "neat",
+        "--model",
+        "vit_base_patch16_224",
+        "--tasks",
+        "natural",
+        "--seeds",
+        "0",
+        "1",
+        "--out-root",
+        str(runs),
+        "--data-root",
+        "/data/vtab",
+        "--print-commands",
+        "--launcher",
+        "torchrun --nproc_per_node 8",
+        "--",
+        "--opt",
+        "rank=8",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 7 * 2 - 1  # the finished dtd seed1 is left out
+    argv = shlex.split(lines[0])
+    assert argv[:3] == ["torchrun", "--nproc_per_node", "8"] and argv[3].endswith("train.py")
+    assert argv[argv.index("--task") + 1] == "cifar" and argv[argv.index("--seed") + 1] == "0"
+    assert argv[argv.index("--out") + 1] == str(runs / "neat" / "cifar" / "seed0")
+    assert argv[argv.index("--data-root") + 1] == "/data/vtab" and argv[-2:] == ["--opt", "rank=8"]
+    assert not any("dtd/seed1" in line for line in lines)
+
+
+def test_single_seed_folder_and_task_specs(tmp_path):
+    runs = plan_sweep("lora", "vit_base_patch16_224", ["dtd"], seeds=[3], out_root=tmp_path)
+    assert runs[0].out == tmp_path / "lora" / "dtd" and runs[0].argv[-4:] == [
+        "--seed",
+        "3",
+        "--out",
+        str(runs[0].out),
+    ]
+    assert len(resolve_tasks("all")) == 19
+    assert resolve_tasks("specialized") == ["patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"]
+    assert len(resolve_tasks("structured")) == 8
+    assert resolve_tasks("dtd,cifar100,pets,dtd") == ["dtd", "cifar", "oxford_iiit_pet"]
+    assert resolve_tasks("natural,my_custom_task")[-1] == "my_custom_task"
+    with pytest.raises(ValueError, match="no task"):
+        resolve_tasks(" , ")
+    with pytest.raises(ValueError, match="repeat"):
+        plan_sweep("lora", "m", ["dtd"], seeds=[1, 1])
