@@ -13,7 +13,7 @@ from conftest import tiny_vit
 from huggingface_hub import ModelCard
 
 import petl_zoo
-from petl_zoo.cards import METRIC_BEST, METRIC_LAST, base_model_id, write_card
+from petl_zoo.cards import METRIC_BEST, METRIC_LAST, base_model_id, card_index, write_card, write_index
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
@@ -158,3 +158,26 @@ def test_unfinished_run_and_cli(tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and "not a finished" in proc.stderr
+
+
+def test_index_lists_cards_and_repo_index_is_current(tmp_path):
+    cards = tmp_path / "model_cards"
+    cards.mkdir()
+    (cards / "README.md").write_text((ROOT / "model_cards" / "README.md").read_text())
+    assert "No cards are published yet." in (cards / "README.md").read_text()
+    for task in ("dtd", "cifar"):
+        make_run(tmp_path / "runs" / task, task=task)
+        write_card(tmp_path / "runs" / task, cards / "lora" / task)
+    write_index(cards)
+    text = (cards / "README.md").read_text()
+    assert "No cards are published yet." not in text and text.startswith("# Model cards")
+    assert (
+        "| [lora/cifar](lora/cifar/README.md) | lora | cifar | vit_tiny_patch16_224 | 72.34 | 70.11 | 768 |"
+        in text
+    )
+    assert "[lora/dtd](lora/dtd/README.md)" in text
+    write_index(cards)  # idempotent
+    assert (cards / "README.md").read_text() == text
+    # The repo's own index matches the cards it holds.
+    repo_readme = (ROOT / "model_cards" / "README.md").read_text()
+    assert card_index(ROOT / "model_cards") in repo_readme
