@@ -147,6 +147,9 @@ def run_sweep(runs: Sequence[SweepRun], log=print, env: dict[str, str] | None = 
             report.skipped.append(run)
             log(f"[skip] {run.out} (result.json appeared)")
             continue
+        if _status(run.out) == "resume" and "--resume" not in run.argv:
+            run.status = "resume"  # killed since planning (another worker): continue it
+            run.argv.append("--resume")
         log(f"[{i}/{len(todo)}] {run.status} {run.out}\n  $ {command_line(run)}")
         start = time.time()
         try:

@@ -92,12 +92,12 @@ def test_sweep_runs_then_skips(tmp_path, fake):
 def test_killed_run_resumes_and_failures_are_reported(tmp_path, fake, monkeypatch):
     script, log = fake
     runs = tmp_path / "runs"
-    (runs / "m" / "syn_b").mkdir(parents=True)
-    (runs / "m" / "syn_b" / "last.pt").write_bytes(b"")
+    (runs / "adapter" / "syn_b").mkdir(parents=True)
+    (runs / "adapter" / "syn_b" / "last.pt").write_bytes(b"")
     monkeypatch.setenv("FAIL_TASK", "syn_a")
     proc = sweep(
         "--method",
-        "m",
+        "adapter",
         "--tasks",
         "syn_a,syn_b,syn_c",
         "--out-root",
@@ -108,18 +108,18 @@ def test_killed_run_resumes_and_failures_are_reported(tmp_path, fake, monkeypatc
     assert proc.returncode == 1
     by_task = {c[c.index("--task") + 1]: c for c in calls(log)}
     assert "--resume" in by_task["syn_b"] and "--resume" not in by_task["syn_c"]
-    assert (runs / "m" / "syn_c" / "result.json").is_file()  # the sweep went on after the crash
+    assert (runs / "adapter" / "syn_c" / "result.json").is_file()  # the sweep went on after the crash
     assert "1 failed" in proc.stdout and "FAILED" in proc.stdout and "exit status 3" in proc.stdout
 
 
 def test_seeds_get_folders_and_print_commands(tmp_path):
     runs = tmp_path / "runs"
-    done = runs / "neat" / "dtd" / "seed1"
+    done = runs / "lora" / "dtd" / "seed1"
     done.mkdir(parents=True)
     (done / "result.json").write_text("{}")
     proc = sweep(
         "--method",
-        "neat",
+        "lora",
         "--model",
         "vit_base_patch16_224",
         "--tasks",
@@ -144,7 +144,7 @@ def test_seeds_get_folders_and_print_commands(tmp_path):
     argv = shlex.split(lines[0])
     assert argv[:3] == ["torchrun", "--nproc_per_node", "8"] and argv[3].endswith("train.py")
     assert argv[argv.index("--task") + 1] == "cifar" and argv[argv.index("--seed") + 1] == "0"
-    assert argv[argv.index("--out") + 1] == str(runs / "neat" / "cifar" / "seed0")
+    assert argv[argv.index("--out") + 1] == str(runs / "lora" / "cifar" / "seed0")
     assert argv[argv.index("--data-root") + 1] == "/data/vtab" and argv[-2:] == ["--opt", "rank=8"]
     assert not any("dtd/seed1" in line for line in lines)
 
@@ -164,5 +164,7 @@ def test_single_seed_folder_and_task_specs(tmp_path):
     assert resolve_tasks("natural,my_custom_task")[-1] == "my_custom_task"
     with pytest.raises(ValueError, match="no task"):
         resolve_tasks(" , ")
+    bad = sweep("--method", "no_such_method", "--tasks", "dtd", "--print-commands")
+    assert bad.returncode == 2 and "valid methods" in bad.stderr
     with pytest.raises(ValueError, match="repeat"):
         plan_sweep("lora", "m", ["dtd"], seeds=[1, 1])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from petl_zoo.registry import get_method
 from petl_zoo.sweep import DEFAULT_TRAIN_SCRIPT, command_line, plan_sweep, resolve_tasks, run_sweep
 
 
@@ -37,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         "--launcher", default=None, help="command prefix replacing python, e.g. 'torchrun --nproc_per_node 8'"
     )
     p.add_argument("--train-script", default=str(DEFAULT_TRAIN_SCRIPT), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-method-check", action="store_true", help="do not check --method against the registry"
+    )
     args = p.parse_args(argv)
     try:
+        if not args.no_method_check:
+            get_method(args.method)  # fail once, here, rather than once per run
         tasks = resolve_tasks(args.tasks)
         runs = plan_sweep(
             args.method,
