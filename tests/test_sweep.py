@@ -168,3 +168,76 @@ def test_single_seed_folder_and_task_specs(tmp_path):
     assert bad.returncode == 2 and "valid methods" in bad.stderr
     with pytest.raises(ValueError, match="repeat"):
         plan_sweep("lora", "m", ["dtd"], seeds=[1, 1])
+
+
+TRAIN = ROOT / "tools" / "train.py"
+PROXY = Path("/work/shared/proxy/vit_tiny_fmnist32.safetensors")
+
+
+def make_synthetic_task(root: Path, name: str, classes: int = 3, seed: int = 0) -> None:
+    """A custom task folder: tiny class-coloured 32x32 PNGs and the four VTAB list files."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    (folder / "images").mkdir(parents=True)
+    lists: dict[str, list[str]] = {}
+    for split, n in (("train800", 6), ("val200", 3), ("test", 6)):
+        lines = []
+        for i in range(n):
+            label = i % classes
+            img = rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+            img[..., label] += 150
+            rel = f"images/{split}_{i}.png"
+            Image.fromarray(img).save(folder / rel)
+            lines.append(f"{rel} {label}")
+        lists[split] = lines
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, lines in lists.items():
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.skipif(not TRAIN.is_file(), reason="tools/train.py (the trainer) has not landed yet")
+@pytest.mark.skipif(not PROXY.is_file(), reason="proxy checkpoint missing")
+def test_real_sweep_three_synthetic_tasks_then_skip_then_table(tmp_path):
+    from petl_zoo.table import build_rows, collect_results, compute_table
+
+    data = tmp_path / "vtab"
+    for i, name in enumerate(("syn_a", "syn_b", "syn_c")):
+        make_synthetic_task(data, name, seed=i)
+    args = [
+        "--method",
+        "lora",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--tasks",
+        "syn_a,syn_b,syn_c",
+        "--out-root",
+        str(tmp_path / "runs"),
+        "--data-root",
+        str(data),
+        "--",
+        "--model-kwargs",
+        "img_size=32",
+        "patch_size=4",
+        "depth=6",
+        "--pretrained-file",
+        str(PROXY),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--opt",
+        "rank=2",
+    ]
+    first = sweep(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    results = collect_results(tmp_path / "runs")
+    assert sorted(r["task"] for r in results) == ["syn_a", "syn_b", "syn_c"]
+    assert all(0.0 <= r["test_acc_best"] <= 1.0 and r["trainable_params"]["method"] > 0 for r in results)
+    second = sweep(*args)
+    assert second.returncode == 0 and "0 ran, 3 skipped" in second.stdout
+    table = compute_table(build_rows(collect_results(tmp_path / "runs")), "last")
+    ((row, cells),) = table.rows
+    assert row.method == "lora" and all(cells[t].mean is not None for t in ("syn_a", "syn_b", "syn_c"))
