@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import shlex
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -51,8 +53,25 @@ def fake(tmp_path, monkeypatch):
     return script, log
 
 
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("sweep_cli", SWEEP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = _load_cli()
+
+
 def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SWEEP, *args], capture_output=True, text=True, check=False)
+    """Run tools/sweep.py's main in this process (no torch re-import per call); train runs stay subprocesses."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = CLI.main(list(args))
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["sweep", *args], rc, out.getvalue(), err.getvalue())
 
 
 def calls(log: Path) -> list[list[str]]:
