@@ -1,0 +1,314 @@
+"""Write VTAB-1K task folders from public sources.
+
+    python -m vtab.prepare --task digits                      # offline demo, no download
+    python -m vtab.prepare --task dtd --source torchvision --download-root ./data/downloads
+    python -m vtab.prepare --task all --source tfds            # VTAB's own source (extra 'tfds')
+    python -m vtab.prepare --list-sources
+
+Each task folder gets ``images/{train,val,test}/<key>.png`` and the four list files. The folder is
+written under a hidden temporary name and renamed at the end; an existing complete folder is kept
+(re-running is safe) unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .data import LIST_FILES, SPLITS, resolve_root
+from .sources import (
+    SOURCE_NAMES,
+    SOURCES,
+    Pool,
+    TaskSplits,
+    default_source,
+    sklearn_digits,
+    sources_for,
+)
+from .tasks import find_task, get_task, tasks
+
+FORMATS = ("png", "jpg")
+JPEG_QUALITY = 75  # Pillow's default quality
+N_TRAIN, N_VAL = 800, 200
+METADATA = "prepare.json"
+DEFAULT_DOWNLOAD_ROOT = Path("data") / "downloads"
+
+
+def _savable(image: Image.Image) -> Image.Image:
+    """Gray stays gray ('L'); everything else becomes RGB (the loader converts gray to RGB)."""
+    if image.mode == "L" or image.mode == "RGB":
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    return image.convert("RGB")
+
+
+def _draw(splits: TaskSplits, seed: int, n_train: int, n_val: int) -> tuple[list[int], list[int]]:
+    """Indices of train800 in the train pool and of val200 in the val pool (or the train pool)."""
+    if splits.exact:
+        if len(splits.train) != n_train or splits.val is None or len(splits.val) != n_val:
+            val_len = None if splits.val is None else len(splits.val)
+            raise ValueError(
+                f"An exact split needs {n_train} train and {n_val} val items, got {len(splits.train)} and {val_len}."
+            )
+        return list(range(n_train)), list(range(n_val))
+    rng = np.random.default_rng(seed)
+    if splits.val is None:
+        if len(splits.train) < n_train + n_val:
+            raise ValueError(
+                f"The train pool holds {len(splits.train)} items; {n_train} + {n_val} are needed."
+            )
+        perm = rng.permutation(len(splits.train))
+        return sorted(perm[:n_train].tolist()), sorted(perm[n_train : n_train + n_val].tolist())
+    if len(splits.train) < n_train or len(splits.val) < n_val:
+        raise ValueError(
+            f"The pools hold {len(splits.train)} train and {len(splits.val)} val items; "
+            f"{n_train} and {n_val} are needed."
+        )
+    train = sorted(rng.permutation(len(splits.train))[:n_train].tolist())
+    val = sorted(rng.permutation(len(splits.val))[:n_val].tolist())
+    return train, val
+
+
+def _write_pool(
+    pool: Pool,
+    wanted: dict[str, list[int]],
+    folder: Path,
+    fmt: str,
+    jpeg_quality: int,
+    num_classes: int | None,
+    log: Callable[[str], None],
+) -> dict[str, list[tuple[str, int]]]:
+    """Write the wanted items of one pool (one pass) into ``images/<sub>/``; returns list lines."""
+    route = {i: sub for sub, indices in wanted.items() for i in indices}
+    order = sorted(route)
+    lines: dict[str, list[tuple[str, int]]] = {sub: [] for sub in wanted}
+    for sub in wanted:
+        (folder / "images" / sub).mkdir(parents=True, exist_ok=True)
+    count = 0
+    for index, (key, image, label) in zip(order, pool.items(order)):
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise ValueError(f"Source item {key} has label {label}, outside 0..{(num_classes or 1) - 1}.")
+        sub = route[index]
+        rel = f"images/{sub}/{key}.{fmt}"
+        image = _savable(image)
+        if fmt == "jpg":
+            image.save(folder / rel, format="JPEG", quality=jpeg_quality)
+        else:
+            image.save(folder / rel, format="PNG")
+        lines[sub].append((rel, label))
+        count += 1
+        if count % 10000 == 0:
+            log(f"  {count}/{len(order)} images")
+    if count != len(order):
+        raise ValueError(f"The source yielded {count} of the {len(order)} requested items.")
+    return lines
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in LIST_FILES)
+
+
+def write_task(
+    name: str,
+    splits: TaskSplits,
+    out_root: str | Path,
+    *,
+    fmt: str = "png",
+    seed: int = 0,
+    overwrite: bool = False,
+    jpeg_quality: int = JPEG_QUALITY,
+    n_train: int = N_TRAIN,
+    n_val: int = N_VAL,
+    num_classes: int | None = None,
+    source: str = "",
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write one task folder ``<out_root>/<name>`` atomically and return it.
+
+    train800 (``n_train``) and val200 (``n_val``) are drawn with ``seed`` from the train and val
+    pools (both from the train pool, disjoint, when ``splits.val`` is None); test is the whole test
+    pool; train800val200 is train800 followed by val200. Labels are checked against
+    ``num_classes`` (the registry's count by default). An existing complete folder is kept unless
+    ``overwrite``; an incomplete one is an error unless ``overwrite``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown image format {fmt!r}; valid: {', '.join(FORMATS)}.")
+    if not 1 <= int(jpeg_quality) <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality!r}.")
+    info = find_task(name)
+    folder_name = info.name if info is not None else name
+    if num_classes is None and info is not None:
+        num_classes = info.num_classes
+    out_root = Path(out_root).expanduser().absolute()
+    final = out_root / folder_name
+    if final.exists() and not overwrite:
+        if _is_complete(final):
+            log(f"{folder_name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
+            return final
+        raise FileExistsError(
+            f"{final} exists but lacks some of {', '.join(LIST_FILES)}; pass --overwrite to replace it."
+        )
+    train_idx, val_idx = _draw(splits, seed, n_train, n_val)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".partial", dir=out_root))
+    try:
+        start = time.time()
+        args = (tmp, fmt, jpeg_quality, num_classes, log)
+        if splits.val is None:
+            lines = _write_pool(splits.train, {"train": train_idx, "val": val_idx}, *args)
+        else:
+            lines = _write_pool(splits.train, {"train": train_idx}, *args)
+            lines.update(_write_pool(splits.val, {"val": val_idx}, *args))
+        lines.update(_write_pool(splits.test, {"test": list(range(len(splits.test)))}, *args))
+        content = {
+            "train": lines["train"],
+            "val": lines["val"],
+            "trainval": lines["train"] + lines["val"],
+            "test": lines["test"],
+        }
+        for split, entries in content.items():
+            text = "".join(f"{rel} {label}\n" for rel, label in entries)
+            (tmp / SPLITS[split]).write_text(text, encoding="utf-8")
+        meta = {
+            "task": folder_name,
+            "source": source,
+            "note": splits.note,
+            "seed": seed,
+            "format": fmt,
+            "jpeg_quality": jpeg_quality if fmt == "jpg" else None,
+            "num_classes": num_classes,
+            "counts": {SPLITS[s]: len(e) for s, e in content.items()},
+        }
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if final.exists():
+            old = out_root / f".{folder_name}.{uuid.uuid4().hex[:8]}.old"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
+    log(f"{folder_name}: wrote {final} ({counts}) in {time.time() - start:.1f} s")
+    return final
+
+
+def build_splits(task: str, source: str, download_root: Path, download: bool, seed: int) -> TaskSplits:
+    """The pools of ``task`` from ``source`` ('torchvision', 'tfds' or 'sklearn')."""
+    name = get_task(task).name
+    if source not in SOURCE_NAMES:
+        raise ValueError(f"Unknown source {source!r}; valid: {', '.join(SOURCE_NAMES)}.")
+    if source not in sources_for(name):
+        available = ", ".join(sources_for(name)) or "none"
+        raise ValueError(
+            f"Source {source!r} cannot make task {name!r}; sources for {name}: {available} (see --list-sources)."
+        )
+    if name == "digits":
+        return sklearn_digits(seed)
+    return SOURCES[source][name](download_root, download)
+
+
+def sources_table() -> str:
+    """A text table: each task, its group and class count, and the sources that can make it."""
+    rows = [("task", "group", "classes", "sources (first = default)")]
+    for info in tasks(include_extra=True):
+        rows.append((info.name, info.group, str(info.num_classes), ", ".join(sources_for(info.name))))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vtab.prepare",
+        description="Write VTAB-1K task folders (train800/val200/train800val200/test lists + images).",
+    )
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        help="task name or alias (repeatable); 'all' = the 19 VTAB tasks",
+    )
+    parser.add_argument(
+        "--source",
+        default="auto",
+        choices=("auto", *SOURCE_NAMES),
+        help="where images come from; auto = torchvision where it has the task, else tfds (sklearn for digits)",
+    )
+    parser.add_argument(
+        "--download-root",
+        default=str(DEFAULT_DOWNLOAD_ROOT),
+        help="where sources download/keep their files (tfds data_dir; manual downloads in <it>/manual)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="VTAB root to write into (default: $VTAB_ROOT or ./data/vtab-1k)"
+    )
+    parser.add_argument("--format", default="png", choices=FORMATS, help="png (lossless, default) or jpg")
+    parser.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="quality for --format jpg")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train800/val200 draw (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite task folders that already exist")
+    parser.add_argument(
+        "--no-download", action="store_true", help="use only files already in --download-root"
+    )
+    parser.add_argument("--list-sources", action="store_true", help="print which source can make which task")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.list_sources:
+        print(sources_table())
+        return 0
+    if not args.task:
+        parser.error("give --task NAME (repeatable, or 'all'), or --list-sources")
+    names: list[str] = []
+    for task in args.task:
+        names.extend(t.name for t in tasks()) if task == "all" else names.append(task)
+    out_root = resolve_root(args.out)
+    download_root = Path(args.download_root).expanduser().absolute()
+    try:
+        for task in names:
+            info = get_task(task)
+            existing = out_root / info.name
+            if not args.overwrite and _is_complete(existing):
+                print(
+                    f"{info.name}: {existing} already holds the list files; kept (pass --overwrite to rewrite)."
+                )
+                continue
+            source = default_source(info.name) if args.source == "auto" else args.source
+            print(f"{info.name}: source {source}", flush=True)
+            splits = build_splits(info.name, source, download_root, not args.no_download, args.seed)
+            write_task(
+                info.name,
+                splits,
+                out_root,
+                fmt=args.format,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                jpeg_quality=args.jpeg_quality,
+                source=source,
+            )
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Image transforms resolved from a timm model: the model's own config, or the papers' VTAB protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+PROTOCOLS = ("default", "vtab")
+
+# Train-time augmentation behind augment=True (off by default, as in the papers).
+AUGMENT_SCALE = (0.8, 1.0)
+
+_INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
+}
+
+
+def _resolve_data_config(module: torch.nn.Module) -> dict[str, Any]:
+    import timm.data  # imported on use: timm is slow to import and vtab.prepare does not need it
+
+    return timm.data.resolve_model_data_config(module)
+
+
+def _timm_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, or the first submodule that looks like a timm model (has ``patch_embed`` or
+    ``pretrained_cfg``), so wrappers (DDP, torch.compile, a user's ``nn.Module`` holding the
+    backbone) resolve to the backbone's config."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"Expected a torch.nn.Module (e.g. a timm ViT or Swin), got {type(model).__name__}.")
+    for module in model.modules():
+        if hasattr(module, "patch_embed") or getattr(module, "pretrained_cfg", None):
+            return module
+    return model
+
+
+def input_size(model: torch.nn.Module) -> tuple[int, int]:
+    """The model's real input size (H, W): ``patch_embed.img_size`` for ViT and Swin (timm's data
+    config keeps 224 for a ViT built with ``img_size=32``), else timm's resolved config."""
+    module = _timm_module(model)
+    patch_embed = getattr(module, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None:
+        size = _resolve_data_config(module)["input_size"][-2:]
+    if isinstance(size, int):
+        size = (size, size)
+    return int(size[0]), int(size[1])
+
+
+def transform_config(model: torch.nn.Module, protocol: str = "default") -> dict[str, Any]:
+    """What :func:`build_transform` uses: ``input_size`` (H, W), ``interpolation`` and ``mean``/``std``
+    (None for the unnormalised ``vtab`` protocol)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; valid: {', '.join(map(repr, PROTOCOLS))}.")
+    size = input_size(model)
+    if protocol == "vtab":
+        return {"input_size": size, "interpolation": "bicubic", "mean": None, "std": None}
+    cfg = _resolve_data_config(_timm_module(model))
+    interpolation = cfg.get("interpolation") or "bicubic"
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(
+            f"Model config asks for interpolation {interpolation!r}; supported: {', '.join(_INTERPOLATIONS)}."
+        )
+    return {
+        "input_size": size,
+        "interpolation": interpolation,
+        "mean": tuple(float(m) for m in cfg["mean"]),
+        "std": tuple(float(s) for s in cfg["std"]),
+    }
+
+
+def build_transform(model: torch.nn.Module, protocol: str = "default", augment: bool = False) -> Callable:
+    """PIL RGB image -> float tensor (3, H, W) at the model's real input size.
+
+    ``default``: resize to exactly (H, W) with the model config's interpolation, ToTensor,
+    Normalize(mean, std) from ``timm.data.resolve_model_data_config``.
+    ``vtab``: the papers' protocol: bicubic resize to (H, W), ToTensor, no normalisation.
+    ``augment=True`` replaces the resize with RandomResizedCrop(scale 0.8-1.0) plus a random
+    horizontal flip (train time only; it changes the meaning of position/orientation labels).
+    """
+    cfg = transform_config(model, protocol)
+    size = cfg["input_size"]
+    interpolation = _INTERPOLATIONS[cfg["interpolation"]]
+    if augment:
+        ops: list[Callable] = [
+            T.RandomResizedCrop(size, scale=AUGMENT_SCALE, interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+        ]
+    else:
+        ops = [T.Resize(size, interpolation=interpolation)]
+    ops.append(T.ToTensor())
+    if cfg["mean"] is not None:
+        ops.append(T.Normalize(cfg["mean"], cfg["std"]))
+    return T.Compose(ops)
