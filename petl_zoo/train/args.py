@@ -1,0 +1,177 @@
+"""Command lines of ``tools/train.py`` and ``tools/eval.py`` and the parsing of their key=value options."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ..config import MethodConfig, coerce_value, parse_cli_value
+from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SELECT_ON
+
+__all__ = [
+    "UserError",
+    "TrainingError",
+    "build_train_parser",
+    "build_eval_parser",
+    "parse_key_values",
+    "method_options",
+    "read_options_file",
+]
+
+
+class UserError(ValueError):
+    """A mistake in the command line or the inputs: reported as one ``error: ...`` line, no traceback."""
+
+
+class TrainingError(RuntimeError):
+    """Training could not go on (a NaN loss): reported as one ``error: ...`` line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line ``error: ...`` message (the usage is on ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="tools/train.py",
+        description="Train a PETL method on a VTAB-1K task (single process, or under torchrun with DDP).",
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", required=True, help="registered method name (petl_zoo.list_methods())")
+    g.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default %(default)s)")
+    g.add_argument("--task", required=True, help="VTAB-1K task name, alias, or a custom folder under the root")
+    g.add_argument("--data-root", default=None, help="VTAB-1K root (default $VTAB_ROOT, else ./data/vtab-1k)")
+    g.add_argument("--out", default=None, help="run folder (default runs/<method>/<task>)")
+    g.add_argument(
+        "--opt", action="append", default=[], metavar="KEY=VALUE",
+        help="method option, repeatable (e.g. --opt rank=8 --opt targets=q,v)",
+    )
+    g.add_argument("--method-config", default=None, metavar="FILE", help="YAML/JSON dict of method options")
+    g.add_argument("--pretrained-file", default=None, metavar="PATH", help=".npz (Google ViT), .safetensors, .pth/.bin")
+    g.add_argument("--no-pretrained", action="store_true", help="random initialisation (no pretrained weights)")
+    g.add_argument(
+        "--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+        help="timm.create_model options, e.g. img_size=32 patch_size=4 depth=6",
+    )
+    r = p.add_argument_group("recipe (defaults: the recipe, then the method's own values, then these flags)")
+    r.add_argument("--recipe", default="vtab", choices=sorted(RECIPES), help="base recipe (default %(default)s)")
+    r.add_argument("--epochs", type=int, default=None)
+    r.add_argument("--lr", type=float, default=None)
+    r.add_argument("--batch-size", type=int, default=None, help="global batch (split over the processes)")
+    r.add_argument("--weight-decay", type=float, default=None)
+    r.add_argument("--warmup-epochs", type=int, default=None)
+    r.add_argument("--eval-every", type=int, default=None, help="test evaluation period in epochs")
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate of the backbone")
+    r.add_argument("--protocol", default=None, choices=PROTOCOLS, help="image transform protocol")
+    r.add_argument("--augment", action="store_true", default=None, help="random resized crop + flip")
+    r.add_argument("--precision", default=None, choices=PRECISIONS, help="default bf16 on GPU, fp32 on CPU")
+    r.add_argument("--select-on", default=None, choices=SELECT_ON, help="test: train800val200; val: train800")
+    x = p.add_argument_group("execution")
+    x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    x.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
+    x.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    x.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    x.add_argument("--overwrite", action="store_true", help="delete the run files in --out first")
+    x.add_argument("--no-progress", action="store_true", help="no tqdm bars (one line per epoch instead)")
+    x.add_argument("--keep-checkpoint", action="store_true", help="keep last.pt after the run ends")
+    x.add_argument(
+        "--find-unused-parameters", action="store_true",
+        help="DDP find_unused_parameters=True (for methods with trainable tensors unused in some steps)",
+    )
+    # Testing aid: stop right after the checkpoint of this (1-based) epoch, as if the process were killed.
+    x.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="tools/eval.py",
+        description="Evaluate a saved adapter (a tools/train.py run folder) on a VTAB-1K split.",
+    )
+    p.add_argument("--adapter", required=True, metavar="DIR", help="run folder (adapter files + config.json)")
+    p.add_argument("--task", default=None, help="default: the run's task")
+    p.add_argument("--data-root", default=None, help="default: the run's data root")
+    p.add_argument("--split", default="test", choices=("test", "val", "train", "trainval"))
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's batch size")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: the run's precision")
+    p.add_argument("--model", default=None, help="default: the run's model")
+    p.add_argument("--model-kwargs", nargs="+", default=None, metavar="KEY=VALUE")
+    p.add_argument("--pretrained-file", default=None, metavar="PATH", help="default: the run's file")
+    p.add_argument("--no-pretrained", action="store_true", default=None)
+    p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="default: the run's protocol")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--check", action="store_true",
+        help="exit 1 when the accuracy differs from result.json (exactly; by more than 1 sample with --merge)",
+    )
+    return p
+
+
+def parse_key_values(items: list[str], what: str) -> dict[str, Any]:
+    """``['a=1', 'b=x,y']`` -> ``{'a': 1, 'b': 'x,y'}`` (values through ``parse_cli_value``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{what} {item!r} is not KEY=VALUE")
+        parsed = parse_cli_value(value)
+        out[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
+def read_options_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file holding a dict of method options."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"method config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+        raise UserError(f"cannot parse method config file {path}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"method config file {path} must hold a dict of options, got {type(data).__name__}")
+    return data
+
+
+def _coerce_option(config_class: type[MethodConfig], key: str, text: str) -> Any:
+    """A command-line string as the option's type: as given first (``'q,v'`` for a tuple, ``'1'`` for a
+    str), else through ``parse_cli_value`` (``'[1, 2]'``, ``'none'``); an unknown key is left as is."""
+    tp = config_class.field_types().get(key)
+    if tp is None:
+        return text
+    for candidate in (text, parse_cli_value(text)):
+        try:
+            return coerce_value(candidate, tp)
+        except (TypeError, ValueError):
+            continue
+    return text  # from_options reports the bad value with the valid ones
+
+
+def method_options(method_cls: Any, opts: list[str], config_file: str | None) -> MethodConfig:
+    """The method's validated config from ``--method-config FILE`` then ``--opt KEY=VALUE`` (later wins)."""
+    options: dict[str, Any] = dict(read_options_file(config_file)) if config_file else {}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--opt {item!r} is not KEY=VALUE")
+        options[key.strip()] = _coerce_option(method_cls.config_class, key.strip(), value)
+    return method_cls.config_class.from_options(method_cls.name, **options)

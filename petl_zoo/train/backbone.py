@@ -1,0 +1,147 @@
+"""The pretrained timm backbone: from the hub cache, or from a local file through timm's own loaders."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+__all__ = ["build_backbone", "WeightsUnavailableError", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt", ".bin")
+
+
+class WeightsUnavailableError(RuntimeError):
+    """No pretrained weights could be reached (offline, no cache) and no local file was given."""
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def _capture_timm_log() -> Iterator[_Capture]:
+    """Collect timm's loader messages (it reports missing/unexpected keys only as log lines)."""
+    logger = logging.getLogger("timm.models._builder")
+    handler, level, propagate = _Capture(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _keys_in(messages: list[str], kind: str) -> list[str]:
+    keys: list[str] = []
+    for message in messages:
+        match = re.match(rf"{kind} keys \((.*?)\) (discovered|found)", message, flags=re.S)
+        if match:
+            keys += [k.strip() for k in match.group(1).split(",") if k.strip()]
+    return keys
+
+
+def _check_model_name(model_name: str) -> None:
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown timm model {model_name!r}{hint}; see timm.list_models()")
+
+
+def build_backbone(
+    model_name: str,
+    num_classes: int,
+    pretrained_file: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """``timm.create_model(model_name, num_classes=..., drop_path_rate=..., **model_kwargs)`` with weights.
+
+    ``pretrained_file`` is loaded by timm (``pretrained_cfg_overlay=dict(file=...)``): ``.safetensors``
+    and ``.pth``/``.bin`` state dicts through timm's ``load_state_dict`` (a head of another class count
+    is dropped), ``.npz`` Google ViT checkpoints (``ViT-B_16.npz``) through the model's ``load_pretrained``
+    (timm's ``_load_weights``). A file whose keys do not fit the model is a ValueError listing them.
+    Without a file, ``pretrained=True`` uses timm's hub/cache and raises WeightsUnavailableError when
+    that fails; ``pretrained=False`` is a random initialisation.
+    """
+    _check_model_name(model_name)
+    kwargs = dict(model_kwargs or {})
+    for reserved in ("num_classes", "pretrained", "drop_path_rate", "pretrained_cfg_overlay"):
+        if reserved in kwargs:
+            raise ValueError(f"model option {reserved!r} is set by the trainer, not by --model-kwargs")
+    kwargs.update(num_classes=num_classes, drop_path_rate=drop_path_rate)
+
+    def create(**extra: Any) -> nn.Module:
+        try:
+            return timm.create_model(model_name, **kwargs, **extra)
+        except TypeError as err:
+            raise ValueError(f"model {model_name!r} does not accept these options {sorted(kwargs)}: {err}") from None
+
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix not in WEIGHT_SUFFIXES:
+            raise ValueError(
+                f"pretrained file {path} has suffix {suffix!r}; valid: {', '.join(WEIGHT_SUFFIXES)}"
+            )
+        overlay: dict[str, Any] = {"file": str(path.absolute()), "source": ""}
+        if suffix == ".npz":
+            overlay["custom_load"] = True
+        with _capture_timm_log() as log:
+            try:
+                model = create(pretrained=True, pretrained_cfg_overlay=overlay)
+            except ValueError:
+                raise
+            except (RuntimeError, KeyError, AttributeError, OSError) as err:
+                kind = "Google ViT .npz" if suffix == ".npz" else "state dict"
+                raise ValueError(
+                    f"cannot load pretrained file {path} ({kind}) into {model_name} {kwargs}: "
+                    f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
+                ) from None
+        classifier = model.pretrained_cfg.get("classifier") or ()
+        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        missing = [k for k in _keys_in(log.messages, "Missing") if k.rsplit(".", 1)[0] not in heads]
+        unexpected = _keys_in(log.messages, "Unexpected")
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} model tensor(s) not in the file, e.g. {missing[:3]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} file tensor(s) not in the model, e.g. {unexpected[:3]}")
+            raise ValueError(
+                f"pretrained file {path} does not fit {model_name} {kwargs}: " + "; ".join(parts)
+                + " (check --model and --model-kwargs)"
+            )
+        return model
+    if not pretrained:
+        return create(pretrained=False)
+    try:
+        return create(pretrained=True)
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
+        raise WeightsUnavailableError(
+            f"no pretrained weights for {model_name} could be loaded ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''}); give a local file with "
+            "--pretrained-file PATH (.npz Google ViT, .safetensors, .pth/.bin) or train from a random "
+            "initialisation with --no-pretrained"
+        ) from None

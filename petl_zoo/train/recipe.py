@@ -1,0 +1,149 @@
+"""Training recipes: the field's VTAB-1K protocol, overridden by a method's paper values, then by flags.
+
+The ``vtab`` recipe (NOAH / VPT / LoRA-ViT codebases): train on ``train800val200``, AdamW lr 1e-3,
+weight decay 1e-4, global batch 64, 100 epochs, per-step linear warmup over 10 epochs from 1e-6, then
+cosine to 1e-5, drop_path 0.1, the unnormalised ``vtab`` transform, test evaluation every 10 epochs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "RECIPES",
+    "RECIPE_KEYS",
+    "PRECISIONS",
+    "PROTOCOLS",
+    "SELECT_ON",
+    "resolve_recipe",
+    "validate_recipe",
+    "WarmupCosine",
+]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+PROTOCOLS = ("vtab", "default")
+SELECT_ON = ("test", "val")
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "vtab": {
+        "epochs": 100,
+        "lr": 1e-3,
+        "batch_size": 64,
+        "weight_decay": 1e-4,
+        "warmup_epochs": 10,
+        "warmup_lr": 1e-6,
+        "min_lr": 1e-5,
+        "drop_path": 0.1,
+        "protocol": "vtab",
+        "augment": False,
+        "eval_every": 10,
+        "seed": 0,
+        "select_on": "test",
+        "precision": None,  # resolved at run time: bf16 on GPU, fp32 on CPU
+    }
+}
+
+RECIPE_KEYS: tuple[str, ...] = tuple(RECIPES["vtab"])
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "epochs": (int,),
+    "lr": (int, float),
+    "batch_size": (int,),
+    "weight_decay": (int, float),
+    "warmup_epochs": (int,),
+    "warmup_lr": (int, float),
+    "min_lr": (int, float),
+    "drop_path": (int, float),
+    "protocol": (str,),
+    "augment": (bool,),
+    "eval_every": (int,),
+    "seed": (int,),
+    "select_on": (str,),
+    "precision": (str, type(None)),
+}
+
+
+def resolve_recipe(
+    name: str, method_recipe: dict[str, Any] | None, flags: dict[str, Any], method: str = ""
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The recipe values and where each came from (``recipe:<name>``, ``method:<method>`` or ``flag``).
+
+    ``flags`` maps recipe keys to command-line values; ``None`` means "not given".
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}")
+    recipe = dict(RECIPES[name])
+    sources = {k: f"recipe:{name}" for k in recipe}
+    for key, value in (method_recipe or {}).items():
+        if key not in recipe:
+            raise ValueError(
+                f"method '{method}' overrides unknown recipe key {key!r}; valid keys: {', '.join(RECIPE_KEYS)}"
+            )
+        recipe[key] = value
+        sources[key] = f"method:{method}"
+    for key, value in flags.items():
+        if key not in recipe:
+            raise ValueError(f"unknown recipe key {key!r}; valid keys: {', '.join(RECIPE_KEYS)}")
+        if value is not None:
+            recipe[key] = value
+            sources[key] = "flag"
+    validate_recipe(recipe)
+    return recipe, sources
+
+
+def validate_recipe(recipe: dict[str, Any]) -> None:
+    """Types and ranges of every recipe value; one ValueError naming the bad value and the valid ones."""
+    for key, types in _TYPES.items():
+        value = recipe[key]
+        if isinstance(value, bool) and bool not in types:
+            raise ValueError(f"recipe value {key}={value!r} must be {' or '.join(t.__name__ for t in types)}")
+        if not isinstance(value, types):
+            raise ValueError(f"recipe value {key}={value!r} must be {' or '.join(t.__name__ for t in types)}")
+
+    def need(ok: bool, key: str, valid: str) -> None:
+        if not ok:
+            raise ValueError(f"{key.replace('_', '-')} {recipe[key]!r} is invalid; valid: {valid}")
+
+    need(recipe["epochs"] >= 1, "epochs", "an integer >= 1")
+    need(math.isfinite(recipe["lr"]) and recipe["lr"] > 0, "lr", "a number > 0")
+    need(recipe["batch_size"] >= 1, "batch_size", "an integer >= 1")
+    need(recipe["weight_decay"] >= 0, "weight_decay", "a number >= 0")
+    need(0 <= recipe["warmup_epochs"] <= recipe["epochs"], "warmup_epochs", f"0..epochs ({recipe['epochs']})")
+    need(recipe["warmup_lr"] >= 0, "warmup_lr", "a number >= 0")
+    need(recipe["min_lr"] >= 0, "min_lr", "a number >= 0")
+    need(0 <= recipe["drop_path"] < 1, "drop_path", "a rate in [0, 1)")
+    need(recipe["protocol"] in PROTOCOLS, "protocol", ", ".join(PROTOCOLS))
+    need(recipe["eval_every"] >= 1, "eval_every", "an integer >= 1")
+    need(recipe["seed"] >= 0, "seed", "an integer >= 0")
+    need(recipe["select_on"] in SELECT_ON, "select_on", ", ".join(SELECT_ON))
+    need(recipe["precision"] in (None, *PRECISIONS), "precision", ", ".join(PRECISIONS))
+
+
+class WarmupCosine:
+    """Per-optimizer-step learning rate: linear warmup, then half a cosine.
+
+    ``lr(s) = warmup_lr + (lr - warmup_lr) * s / W`` for ``s < W`` (``W`` warmup steps), then
+    ``lr(s) = min_lr + (lr - min_lr) * (1 + cos(pi * (s - W) / (T - W))) / 2`` for ``T`` total steps.
+    Stateless: the rate depends only on the global step, so a resumed run continues exactly.
+    """
+
+    def __init__(self, lr: float, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float) -> None:
+        self.lr, self.total, self.warmup = float(lr), int(total_steps), int(warmup_steps)
+        self.warmup_lr, self.min_lr = float(warmup_lr), float(min_lr)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup
+        span = max(1, self.total - self.warmup)
+        t = min(1.0, (step - self.warmup) / span)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
+
+    def state_dict(self) -> dict[str, float]:
+        return {
+            "lr": self.lr,
+            "total": self.total,
+            "warmup": self.warmup,
+            "warmup_lr": self.warmup_lr,
+            "min_lr": self.min_lr,
+        }
