@@ -7,28 +7,59 @@
 
 The root is ``--data-root``, else ``$VTAB_ROOT``, else ``./data/vtab-1k``; ``python -m vtab.prepare``
 writes the folders (``--task digits`` works offline). See docs/vtab.md.
+
+The torch-side names (datasets, loaders, transforms) are imported on first use, so that
+``python -m vtab.prepare`` and the registry do not pay for importing torch and timm.
 """
 
-from .data import (
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .layout import (
     DEFAULT_ROOT,
     ENV_VAR,
     LIST_FILES,
     SPLITS,
-    VtabDataset,
     available_tasks,
     infer_num_classes,
     load_image,
-    make_loader,
-    make_loaders,
     num_classes,
     read_list,
     resolve_root,
-    seed_worker,
     split_file,
     task_dir,
 )
 from .tasks import GROUPS, TaskInfo, find_task, get_task, tasks
-from .transforms import PROTOCOLS, build_transform, input_size, transform_config
+
+if TYPE_CHECKING:
+    from .data import VtabDataset, make_loader, make_loaders, seed_worker
+    from .transforms import PROTOCOLS, build_transform, input_size, transform_config
+
+_LAZY = {
+    "VtabDataset": "data",
+    "make_loader": "data",
+    "make_loaders": "data",
+    "seed_worker": "data",
+    "PROTOCOLS": "transforms",
+    "build_transform": "transforms",
+    "input_size": "transforms",
+    "transform_config": "transforms",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vtab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "DEFAULT_ROOT",

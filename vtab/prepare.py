@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import LIST_FILES, SPLITS, resolve_root
+from .layout import LIST_FILES, SPLITS, resolve_root
 from .sources import (
     SOURCE_NAMES,
     SOURCES,
