@@ -63,12 +63,13 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     return {"result": result, "config": config, "dir": run_dir}
 
 
-def base_model_id(model: str, pretrained_file: str | None = None) -> str:
+def base_model_id(model: str, pretrained_file: str | None = None, pretrained: bool = True) -> str:
     """The Hub id of timm's default weights for ``model`` (e.g. timm/vit_base_patch16_224.augreg2_in21k_ft_in1k).
 
-    A run trained from a local ``pretrained_file`` has no Hub base: the model name is returned instead.
+    A run trained from a local ``pretrained_file`` or from random weights (``pretrained=False``) has no Hub
+    base: the model name is returned instead.
     """
-    if pretrained_file:
+    if pretrained_file or not pretrained:
         return model
     try:
         from timm.models import get_pretrained_cfg
@@ -133,7 +134,8 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
     catalog = {e.name: e for e in vtab_catalog()}
     entry = catalog.get(task)
     pretrained_file = config.get("pretrained_file")
-    base = base_model_id(model, pretrained_file)
+    pretrained = bool(config.get("pretrained", True))
+    base = base_model_id(model, pretrained_file, pretrained)
     dataset = f"vtab-1k/{task}" if entry else raw_task
     acc_best, acc_last = _pct(result.get("test_acc_best")), _pct(result.get("test_acc_last"))
     if acc_best is None or acc_last is None:
@@ -166,11 +168,14 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
     )
     params = result.get("trainable_params") or {}
     recipe = config.get("recipe") or {}
+    sources = config.get("recipe_sources") or {}
     model_kwargs = config.get("model_kwargs") or {}
     kwargs_py = "".join(f", {k}={v!r}" for k, v in model_kwargs.items())
     if pretrained_file:
         kwargs_py += f", pretrained_cfg_overlay=dict(file={str(pretrained_file)!r})"
         base_weights = f"the local file `{pretrained_file}` (not on the Hub)"
+    elif not pretrained:
+        base_weights = "none: the backbone was randomly initialised (`--no-pretrained`)"
     else:
         base_weights = f"timm's default pretrained weights, `{base}`"
     method_cfg = result.get("method_config") or config.get("method_options") or {}
@@ -203,7 +208,8 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
         params_percent=f"{float(params['percent']):.3f}%" if "percent" in params else "n/a",
         method_config_json=json.dumps(method_cfg, indent=2, sort_keys=True),
         reproduce_command=_reproduce_command(config, result),
-        recipe=sorted((str(k), json.dumps(v)) for k, v in recipe.items()),
+        recipe=sorted((str(k), json.dumps(v), str(sources.get(k, ""))) for k, v in recipe.items()),
+        pretrained=pretrained or bool(pretrained_file),
         base_weights=base_weights,
         model_kwargs_py=kwargs_py,
         mergeable=_mergeable(method),

@@ -130,6 +130,7 @@ def test_local_pretrained_file_and_custom_task(tmp_path):
 def test_base_model_id():
     assert base_model_id("vit_base_patch16_224") == "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k"
     assert base_model_id("no_such_model_xyz") == "no_such_model_xyz"
+    assert base_model_id("vit_base_patch16_224", pretrained=False) == "vit_base_patch16_224"
 
 
 def test_unfinished_run_and_cli(tmp_path):

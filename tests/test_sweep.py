@@ -263,3 +263,15 @@ def test_real_sweep_three_synthetic_tasks_then_skip_then_table(tmp_path):
     table = compute_table(build_rows(collect_results(tmp_path / "runs")), "last")
     ((row, cells),) = table.rows
     assert row.method == "lora" and all(cells[t].mean is not None for t in ("syn_a", "syn_b", "syn_c"))
+    # A card from a real run folder parses back with its result, and its adapter loads.
+    from huggingface_hub import ModelCard
+
+    from petl_zoo.cards import METRIC_LAST, write_card
+
+    run = tmp_path / "runs" / "lora" / "syn_a"
+    card = ModelCard.load(write_card(run, tmp_path / "cards" / "lora" / "syn_a"))
+    last = json.loads((run / "result.json").read_text())["test_acc_last"]
+    assert {e.metric_name: e.metric_value for e in card.data.eval_results}[METRIC_LAST] == round(
+        100 * last, 2
+    )
+    assert "--task syn_a" in card.text and "--no-pretrained" in card.text
