@@ -128,7 +128,10 @@ def test_task_dir_finds_alias_and_case_variant_folders(tmp_path):
     assert vtab.task_dir("cifar", tmp_path) == tmp_path / "cifar100"
     assert vtab.task_dir("pets", tmp_path) == tmp_path / "oxford_pet"
     assert vtab.task_dir("dtd", tmp_path) == tmp_path / "DTD"
-    assert vtab.available_tasks(tmp_path) == ["cifar", "dtd", "oxford_iiit_pet"]
+    make_task(tmp_path, "caltech", 102)
+    make_task(tmp_path, "aaa_mine", 3)
+    (tmp_path / "not_a_task").mkdir()
+    assert vtab.available_tasks(tmp_path) == ["cifar", "caltech101", "dtd", "oxford_iiit_pet", "aaa_mine"]
 
 
 def test_task_dir_uses_env_var(tmp_path, monkeypatch):
@@ -168,6 +171,15 @@ def test_split_file_names_are_accepted(tmp_path):
     make_task(tmp_path, "dtd", 47)
     assert len(vtab.VtabDataset("dtd", "train800val200", data_root=tmp_path)) == COUNTS["trainval"]
     assert vtab.VtabDataset("dtd", "val200.txt", data_root=tmp_path).split == "val"
+
+
+def test_list_files_with_crlf_and_byte_order_mark(tmp_path):
+    task = make_task(tmp_path, "dtd", 47)
+    text = (task / "test.txt").read_text()
+    (task / "test.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    ds = vtab.VtabDataset("dtd", "test", data_root=tmp_path)
+    assert len(ds) == COUNTS["test"] and ds.samples[0][0] == task / text.split(" ", 1)[0]
+    assert ds[0][0].mode == "RGB"
 
 
 def test_gray_images_become_three_identical_channels(tmp_path):

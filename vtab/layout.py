@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .tasks import find_task, normalize_name, unknown_task_message
+from .tasks import find_task, normalize_name, tasks, unknown_task_message
 
 ENV_VAR = "VTAB_ROOT"
 DEFAULT_ROOT = Path("data") / "vtab-1k"
@@ -64,15 +64,14 @@ def _custom_folders(root: Path) -> list[str]:
 
 def available_tasks(data_root: PathLike | None = None) -> list[str]:
     """Task folders present under the root: canonical names of registry tasks (found under any alias
-    folder name), then custom folders holding list files."""
+    folder name) in registry order, then custom folders holding list files."""
     root = resolve_root(data_root)
     found: list[str] = []
     for name in _custom_folders(root):
         info = find_task(name)
         found.append(info.name if info else name)
-    registry = [n for n in found if find_task(n)]
-    custom = [n for n in found if not find_task(n)]
-    return sorted(set(registry)) + custom
+    registry = [t.name for t in tasks(include_extra=True) if t.name in found]
+    return registry + [n for n in found if find_task(n) is None]
 
 
 def task_dir(task: str, data_root: PathLike | None = None) -> Path:
@@ -126,7 +125,7 @@ def read_list(path: PathLike) -> list[tuple[str, int, int]]:
     A line that does not parse, or a negative label, is a ValueError naming ``file:line``."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not a UTF-8 text list file ({err}).") from None
     entries = []

@@ -279,7 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --task NAME (repeatable, or 'all'), or --list-sources")
     names: list[str] = []
     for task in args.task:
-        names.extend(t.name for t in tasks()) if task == "all" else names.append(task)
+        if task == "all":
+            names.extend(t.name for t in tasks())
+        else:
+            names.append(task)
     out_root = resolve_root(args.out)
     download_root = Path(args.download_root).expanduser().absolute()
     try:
