@@ -1,0 +1,194 @@
+"""NEAT (later PEANuT): nonlinear weight-update networks on frozen Linear weights (Zhong et al., 2024).
+
+For a frozen ``W0`` (``[out, in]``, torch layout ``y = x W0^T + b``) the update is a small network of
+``W0`` itself::
+
+    delta_W = s * B @ act(A @ W0)                    (depth 0, the paper's vanilla form)
+
+with trainable ``A`` (``[r, out]``, PyTorch Linear default init: kaiming-uniform ``a=sqrt(5)``,
+fan-in ``out``) and ``B`` (``[out, r]``, zeros), so the model is unchanged at initialisation. The network
+reads the columns of ``W0`` across its ``out`` features: ``2 * out * r`` trainable values per matrix
+(not LoRA's ``r * (in + out)``).
+
+``depth = p`` adds ``p`` pairs of bias-free ``r x r`` layers ``E_i`` (down path) and ``D_i`` (up path)
+with U-Net residuals, in ``[in, r]`` layout::
+
+    h = act(W0^T A^T)
+    for i < p:  push(h);  h = act(h E_i^T)
+    for i < p:  h = act(h D_i^T) + pop()
+    delta_W^T = s * h B^T
+
+The authors' ``depth`` counts every linear of the network (``A``, the ``E_i``, the ``D_i``, ``B``):
+their depth ``2 + 2p`` is our ``depth=p`` (their depth 6 = ``depth=2``).
+
+Training never builds ``delta_W`` nor any per-token weight: ``H = act(A W0)`` (``[r, in]``, plus the
+hidden layers) is computed once per forward, independent of the batch, and the layer adds
+``s * (x H^T) B^T`` to its output slice, so the cost is LoRA's plus one ``r x out x in`` product.
+Merging folds ``delta_W(W0)`` into the weight, computed from the wrapper's cached copy of ``W0``.
+
+Defaults are the authors' vision setting: rank 7 on the query and value slices of the fused ``qkv``
+(ReLU, ``s = 1``): 258,048 trainable parameters on ViT-B/16 (head excluded); ``mlp=True`` adds ``fc1``
+and ``fc2`` with ``mlp_rank`` 16 (1,732,608 in all). The NEAT/PEANuT papers report no VTAB-1K numbers,
+so petl_zoo's NEAT VTAB-1K row is our own measurement with the shared VTAB recipe (``recipe = {}``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..config import MethodConfig
+from ..layers import LinearDelta, adapt_linear
+from ..registry import Method, register_method
+from ..targets import LINEAR_TARGETS, check_targets, linear_sites
+
+__all__ = ["NeatConfig", "NeatDelta", "Neat", "ACTIVATIONS", "MLP_TARGETS"]
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sin": torch.sin,
+}
+#: Targets that ``mlp=True`` adds and that use ``mlp_rank``.
+MLP_TARGETS = ("fc1", "fc2")
+
+
+@dataclass
+class NeatConfig(MethodConfig):
+    """NEAT options: ``rank`` for attention targets, ``mlp_rank`` for ``fc1``/``fc2``, ``depth`` = number
+    of ``r x r`` hidden-layer pairs (the authors' depth ``2 + 2 * depth``), ``scale`` = ``s``."""
+
+    rank: int = 7
+    mlp_rank: int = 16
+    targets: tuple[str, ...] = ("q", "v")
+    mlp: bool = False
+    act: Literal["relu", "gelu", "silu", "tanh", "sin"] = "relu"
+    scale: float = 1.0
+    depth: int = 0
+
+    def validate(self) -> None:
+        if self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank}")
+        if self.mlp_rank <= 0:
+            raise ValueError(f"mlp_rank must be a positive integer, got {self.mlp_rank}")
+        if self.depth < 0:
+            raise ValueError(f"depth must be a non-negative integer (0 = vanilla NEAT), got {self.depth}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unknown act {self.act!r}; valid activations: {', '.join(ACTIVATIONS)}")
+        if not math.isfinite(self.scale) or self.scale == 0.0:
+            raise ValueError(f"scale must be a finite non-zero float, got {self.scale}")
+        check_targets(self.targets, LINEAR_TARGETS, "neat")
+
+    @property
+    def resolved_targets(self) -> tuple[str, ...]:
+        """``targets`` plus ``fc1``/``fc2`` when ``mlp`` (each once)."""
+        extra = tuple(t for t in MLP_TARGETS if self.mlp and t not in self.targets)
+        return tuple(self.targets) + extra
+
+    def rank_for(self, target: str) -> int:
+        return self.mlp_rank if target in MLP_TARGETS else self.rank
+
+
+class NeatDelta(LinearDelta):
+    """NEAT update of one output slice: ``delta(x) = s * (x H^T) B^T`` with ``H = act(A W0)`` (+ hidden
+    pairs), so that ``delta_W = s * B H`` (``= s * B act(A W0)`` at depth 0)."""
+
+    mergeable = True
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, act: str = "relu", scale: float = 1.0, depth: int = 0
+    ) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown act {act!r}; valid activations: {', '.join(ACTIVATIONS)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.act_name = act
+        self.act = ACTIVATIONS[act]
+        self.scale = float(scale)
+        self.A = nn.Parameter(torch.empty(rank, out_features))
+        self.B = nn.Parameter(torch.empty(out_features, rank))
+        # kaiming_uniform_ on a [r, out] tensor uses fan_in = out: nn.Linear(out, r)'s default init
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)
+        self.encoders = nn.ModuleList(nn.Linear(rank, rank, bias=False) for _ in range(depth))
+        self.decoders = nn.ModuleList(nn.Linear(rank, rank, bias=False) for _ in range(depth))
+
+    @property
+    def depth(self) -> int:
+        return len(self.encoders)
+
+    def hidden(self, weight: Tensor) -> Tensor:
+        """``s * h^T`` (``[r, in]``) for the frozen slice ``weight`` (``[out, in]``).
+
+        Same computation as the ``[in, r]`` form in the module docstring, transposed:
+        ``h^T = act(A W0)``, ``h^T <- act(E_i h^T)``, ``h^T <- act(D_i h^T) + pop()``.
+        """
+        act = self.act
+        h = act(self.A @ weight)
+        stack = []
+        for encoder in self.encoders:
+            stack.append(h)
+            h = act(encoder.weight @ h)
+        for decoder in self.decoders:
+            h = act(decoder.weight @ h) + stack.pop()
+        if self.scale != 1.0:
+            h = h * self.scale
+        return h
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        # cost independent of the batch: one [r, out] x [out, in] product (+ r x r layers) per forward
+        h = self.hidden(weight)
+        return F.linear(F.linear(x, h), self.B)
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        """``delta_W = s * B act(A W0)`` (``[out, in]``) from the original frozen slice ``W0``."""
+        return self.B @ self.hidden(weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, act={self.act_name}, "
+            f"scale={self.scale}, depth={self.depth}"
+        )
+
+
+@register_method(
+    "neat",
+    "NEAT/PEANuT: nonlinear weight-update network delta_W = B act(A W0) on Linear slices (q, v); mergeable",
+)
+class Neat(Method):
+    """NEAT: ``delta_W = s * B act(A W0)`` per adapted matrix (see the module docstring).
+
+    The NEAT/PEANuT papers report no VTAB-1K numbers: petl_zoo's NEAT VTAB-1K row is our own
+    measurement with the shared VTAB recipe, hence ``recipe = {}``.
+    """
+
+    config_class = NeatConfig
+    mergeable = True
+    recipe: dict = {}
+
+    def apply(self, model: nn.Module) -> None:
+        cfg: NeatConfig = self.config
+        sites = [site for target in cfg.resolved_targets for site in linear_sites(model, target)]
+        for site in sites:
+            layer = adapt_linear(site)
+            delta = NeatDelta(
+                site.in_features,
+                site.out_features,
+                cfg.rank_for(site.target),
+                act=cfg.act,
+                scale=cfg.scale,
+                depth=cfg.depth,
+            )
+            weight = layer.base.weight
+            delta.to(device=weight.device, dtype=weight.dtype)
+            layer.add_delta(f"neat_{site.target}", delta, site.start, site.stop)
