@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_swin, tiny_vit
+from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 import petl_zoo
+import vtab
 from petl_zoo.methods.adapter import BottleneckAdapter
-from petl_zoo.methods.lora import LoraDelta
 from petl_zoo.methods.pear import FrozenCheckpoint, GatedShare, OffsetShare, plan_pruning
 from petl_zoo.registry import TrainContext
 
@@ -17,11 +25,11 @@ from petl_zoo.registry import TrainContext
 def build(family: str) -> nn.Module:
     """Tiny models with two blocks per sharing group (ViT: 4 blocks; Swin: 2 stages of 2 blocks)."""
     torch.manual_seed(0)
-    model = tiny_vit(depth=4) if family == "vit" else tiny_swin(depths=(2, 2))
+    model = tiny_vit(depth=4) if family == "vit" else tiny_swin(depths=(2, 2), patch_size=4)
     return model.eval()
 
 
-def batches(n: int = 3, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(n: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [
         (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)
@@ -51,17 +59,6 @@ def run_epoch(model: nn.Module, ctx: TrainContext, data, opt: torch.optim.Optimi
         method.on_after_backward(model, ctx)
         opt.step()
         ctx.step += 1
-
-
-def score_and_prune(model: nn.Module, data, epochs: int = 2) -> TrainContext:
-    """Train epoch 0 (the scoring epoch for prune_epoch=1) and prune at its end."""
-    method = model.petl_method
-    ctx = TrainContext(epochs=epochs, steps_per_epoch=len(data))
-    method.on_train_start(model, data, ctx)
-    run_epoch(model, ctx, data, torch.optim.SGD(trainable(model), lr=0.05))
-    model.eval()
-    method.on_epoch_end(model, 0, ctx)
-    return ctx
 
 
 def pear(family: str, **options) -> nn.Module:
@@ -165,7 +162,8 @@ def test_abs_importance_and_scoring_epoch_only():
             ctx.loss_fn(model(x), y).backward()
             method.on_after_backward(model, ctx)
             for name, pos in method.positions.items():
-                expected[name] += sum(float((p.detach() * p.grad).abs().sum()) for p in pos.module.parameters())
+                params = pos.module.parameters()
+                expected[name] += sum(float((p.detach() * p.grad).abs().sum()) for p in params)
         if epoch == 0:
             assert method._accumulator is None  # epoch 0 is not the scoring epoch for prune_epoch=2
     scores = method._accumulator.scores()
@@ -209,29 +207,57 @@ def test_plan_keeps_one_per_group_and_unequal_sizes():
 
 # -- pruning on a model --------------------------------------------------------------------------
 
-KC_VARIANTS = [
-    {"knowledge_checkpoint": False},
-    {"knowledge_checkpoint": True, "kc_shared": "gate"},
-    {"knowledge_checkpoint": True, "kc_shared": "offset"},
-]
+KC_VARIANTS = {
+    "no_kc": {"knowledge_checkpoint": False},
+    "kc_gate": {"knowledge_checkpoint": True, "kc_shared": "gate"},
+    "kc_offset": {"knowledge_checkpoint": True, "kc_shared": "offset"},
+}
 
 
-@pytest.mark.parametrize("family", ["vit", "swin"])
-@pytest.mark.parametrize("kc", KC_VARIANTS, ids=["no_kc", "kc_gate", "kc_offset"])
-def test_pruning_removes_planned_adapters_and_ties_shared_ones(family, kc):
-    model = pear(family, base="both", **kc)
+@functools.cache
+def scenario(family: str, kc: str, base: str = "both") -> SimpleNamespace:
+    """A Pear model trained for its scoring epoch and pruned at its end (built once per test session;
+    tests that change it work on a deep copy, which keeps the tying and the method's references)."""
+    model = pear(family, base=base, **KC_VARIANTS[kc])
     method = model.petl_method
     before = petl_zoo.trainable_parameters(model)
     originals = {n: p.module for n, p in method.positions.items()}
-    score_and_prune(model, batches())
+    data = batches()
+    x = data[0][0]
+    ctx = TrainContext(epochs=2, steps_per_epoch=len(data))
+    method.on_train_start(model, data, ctx)
+    run_epoch(model, ctx, data, torch.optim.SGD(trainable(model), lr=0.05))
+    model.eval()
+    with torch.no_grad():
+        unpruned = model(x)
+    method.on_epoch_end(model, 0, ctx)
+    with torch.no_grad():
+        pruned = model(x)
+    return SimpleNamespace(
+        model=model, before=before, originals=originals, data=data, unpruned=unpruned, pruned=pruned
+    )
+
+
+def pruned_copy(family: str, kc: str, base: str = "both") -> tuple[nn.Module, SimpleNamespace]:
+    s = scenario(family, kc, base)
+    return copy.deepcopy(s.model), s
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+@pytest.mark.parametrize("kc", list(KC_VARIANTS))
+def test_pruning_removes_planned_adapters_and_ties_shared_ones(family, kc):
+    s = scenario(family, kc)
+    model, originals, before = s.model, s.originals, s.before
+    method = model.petl_method
     plan = method.get_state()
+    assert method.pruned and plan["epoch"] == 0 and plan["batches"] == len(s.data)
 
     # the plan is exactly plan_pruning on the recorded scores
     pos = method.positions
     expected = plan_pruning(
         plan["scores"], {n: p.size for n, p in pos.items()}, {n: p.group for n, p in pos.items()},
         {n: p.block for n, p in pos.items()}, 0.5, "top",
-    )
+    )  # fmt: skip
     assert (plan["pruned"], plan["share"]) == expected
     assert len(plan["pruned"]) == len(pos) // 2  # equal sizes within kinds, two positions per group
     assert plan["removed_fraction"] == pytest.approx(0.5)
@@ -242,7 +268,7 @@ def test_pruning_removes_planned_adapters_and_ties_shared_ones(family, kc):
         params = list(originals[name].parameters())
         if name in plan["pruned"]:
             assert not any(id(p) in live for p in params), name
-            assert all(id(p) in stored for p in params) == kc["knowledge_checkpoint"], name
+            assert all(id(p) in stored for p in params) == (kc != "no_kc"), name
         else:
             assert all(id(p) in live for p in params), name
 
@@ -250,10 +276,10 @@ def test_pruning_removes_planned_adapters_and_ties_shared_ones(family, kc):
         p, k = pos[name], pos[source]
         assert p.group == k.group and name != source
         slot = p.container[p.slot]
-        if kc["knowledge_checkpoint"]:
+        if kc != "no_kc":
             assert isinstance(slot, FrozenCheckpoint) and slot.module is originals[name]
             extra = p.container[f"{p.slot}_shared"]
-            assert isinstance(extra, GatedShare if kc["kc_shared"] == "gate" else OffsetShare)
+            assert isinstance(extra, GatedShare if kc == "kc_gate" else OffsetShare)
             slot = extra.shared
         assert slot is k.module is method.shared_module(name)
         for a, b in zip(slot.parameters(), k.module.parameters()):
@@ -261,12 +287,11 @@ def test_pruning_removes_planned_adapters_and_ties_shared_ones(family, kc):
 
     # counts follow the ratio: half the adapter parameters stay trainable; checkpoints are stored
     after = petl_zoo.trainable_parameters(model)
-    n_pruned = len(plan["pruned"])
-    gates = n_pruned if kc == KC_VARIANTS[1] else 0
+    gates = len(plan["pruned"]) if kc == "kc_gate" else 0
     assert after["method"] == before["method"] // 2 + gates
-    if not kc["knowledge_checkpoint"]:
+    if kc == "no_kc":
         assert after["stored"] == after["method"]
-    elif kc["kc_shared"] == "gate":
+    elif kc == "kc_gate":
         assert after["stored"] == before["stored"] + gates
     else:
         sources = set(plan["share"].values())
@@ -274,37 +299,23 @@ def test_pruning_removes_planned_adapters_and_ties_shared_ones(family, kc):
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
-@pytest.mark.parametrize("kc", KC_VARIANTS[1:], ids=["kc_gate", "kc_offset"])
+@pytest.mark.parametrize("kc", ["kc_gate", "kc_offset"])
 def test_knowledge_checkpoint_keeps_the_function_at_pruning(family, kc):
-    data = batches()
-    x = data[0][0]
-    outputs = {}
-    for with_kc in (True, False):
-        model = pear(family, base="both", **(kc if with_kc else KC_VARIANTS[0]))
-        method = model.petl_method
-        ctx = TrainContext(epochs=2, steps_per_epoch=len(data))
-        run_epoch(model, ctx, data, torch.optim.SGD(trainable(model), lr=0.05))
-        model.eval()
-        with torch.no_grad():
-            unpruned = model(x)
-        method.on_epoch_end(model, 0, ctx)
-        assert method.pruned
-        with torch.no_grad():
-            outputs[with_kc] = (unpruned, model(x))
-    torch.testing.assert_close(outputs[True][1], outputs[True][0], atol=1e-6, rtol=0)
+    s = scenario(family, kc)
+    torch.testing.assert_close(s.pruned, s.unpruned, atol=1e-6, rtol=0)
     # without the checkpoint the shared adapters replace the pruned ones and the function changes
-    assert (outputs[False][1] - outputs[False][0]).abs().max() > 1e-4
+    plain = scenario(family, "no_kc")
+    torch.testing.assert_close(plain.unpruned, s.unpruned, atol=1e-6, rtol=0)  # same run up to pruning
+    assert (plain.pruned - plain.unpruned).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("kc", KC_VARIANTS, ids=["no_kc", "kc_gate", "kc_offset"])
+@pytest.mark.parametrize("kc", list(KC_VARIANTS))
 def test_one_step_moves_every_position_of_a_shared_adapter(kc):
-    model = pear("vit", base="adapter", **kc)
+    model, s = pruned_copy("vit", kc)
     method = model.petl_method
-    data = batches()
-    ctx = score_and_prune(model, data)
     plan = method.get_state()
-    source = plan["share"][plan["pruned"][0]]
-    users = [source] + [p for p, s in plan["share"].items() if s == source]
+    source = plan["share"][next(p for p in plan["pruned"] if p.startswith("mlp."))]
+    users = [source] + [p for p, k in plan["share"].items() if k == source]
     assert len(users) >= 2
 
     calls: list[torch.Tensor] = []
@@ -312,60 +323,56 @@ def test_one_step_moves_every_position_of_a_shared_adapter(kc):
     handle = shared.register_forward_hook(lambda m, a, out: calls.append(out.detach()))
 
     def position_outputs() -> dict[str, torch.Tensor]:
-        """What each user position adds to its MLP output on the batch (shared adapter part)."""
+        """What the shared adapter adds at each position it serves, on a fixed batch."""
         caught = {}
         hooks = []
         for name in users:
             pos = method.positions[name]
-            slot = f"{pos.slot}_shared" if name != source and kc["knowledge_checkpoint"] else pos.slot
+            slot = f"{pos.slot}_shared" if name != source and kc != "no_kc" else pos.slot
             catch = lambda m, a, out, n=name: caught.__setitem__(n, out.detach())  # noqa: E731
             hooks.append(pos.container[slot].register_forward_hook(catch))
         model.eval()
         with torch.no_grad():
-            model(data[0][0])
+            model(s.data[0][0])
         for h in hooks:
             h.remove()
         return caught
 
     before = position_outputs()
-    calls.clear()
     opt = torch.optim.SGD(trainable(model), lr=0.5)
-    ctx.epoch = 1
+    ctx = TrainContext(epochs=2, epoch=1)
     for _ in range(2):  # with a gate at 0 the first step moves the gate, the second the shared weights
-        run_epoch(model, ctx, data[:1], opt)
+        run_epoch(model, ctx, s.data[:1], opt)
     calls.clear()
     after = position_outputs()
     handle.remove()
     for name in users:
         assert (after[name] - before[name]).abs().max() > 1e-6, name
-    # one module object is called once per position it serves
-    assert len(calls) == len(users)
+    assert len(calls) == len(users)  # one module object, called once per position it serves
 
 
 def test_shared_gradient_is_the_sum_over_its_positions():
-    model = pear("vit", base="adapter", knowledge_checkpoint=False)
+    model, s = pruned_copy("vit", "no_kc")
     method = model.petl_method
-    data = batches()
-    score_and_prune(model, data)
     plan = method.get_state()
-    source = plan["share"][plan["pruned"][0]]
+    source = plan["share"][next(p for p in plan["pruned"] if p.startswith("mlp."))]
     shared = method.positions[source].module
-    x, y = data[0]
+    x, y = s.data[0]
     model.train()
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
     total = shared.up.weight.grad.clone()
-    # untie: give the pruned position its own copy (same values), the gradients split between the two
-    pruned = [p for p, s in plan["share"].items() if s == source]
-    copies = {}
-    for name in pruned:
+    # untie: give each pruned position its own copy (same values); the gradient splits among them
+    copies = []
+    for name in (p for p, k in plan["share"].items() if k == source):
         pos = method.positions[name]
-        copies[name] = BottleneckAdapter(48, 8, 0.1)
-        copies[name].load_state_dict(shared.state_dict())
-        pos.container[pos.slot] = copies[name]
+        copies.append(BottleneckAdapter(48, 8, 0.1))
+        copies[-1].load_state_dict(shared.state_dict())
+        pos.container[pos.slot] = copies[-1]
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
-    split = shared.up.weight.grad + sum(c.up.weight.grad for c in copies.values())
+    split = shared.up.weight.grad + sum(c.up.weight.grad for c in copies)
+    assert (split - shared.up.weight.grad).abs().max() > 1e-6  # the copies did get gradients
     torch.testing.assert_close(total, split, atol=1e-6, rtol=1e-5)
 
 
@@ -373,21 +380,19 @@ def test_shared_gradient_is_the_sum_over_its_positions():
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
-@pytest.mark.parametrize("kc", KC_VARIANTS, ids=["no_kc", "kc_gate", "kc_offset"])
+@pytest.mark.parametrize("kc", list(KC_VARIANTS))
 def test_save_load_after_pruning_is_exact(family, kc, tmp_path):
-    model = pear(family, base="both", **kc)
+    model, s = pruned_copy(family, kc)
     method = model.petl_method
-    data = batches()
-    ctx = score_and_prune(model, data)
-    ctx.epoch = 1
-    run_epoch(model, ctx, data, torch.optim.SGD(trainable(model), lr=0.05))  # gates and offsets move
+    ctx = TrainContext(epochs=2, epoch=1)
+    run_epoch(model, ctx, s.data, torch.optim.SGD(trainable(model), lr=0.05))  # gates and offsets move
     model.eval()
-    x = data[0][0]
+    x = s.data[0][0]
     with torch.no_grad():
         tuned = model(x)
     petl_zoo.save_adapter(model, tmp_path / "ad")
     saved = petl_zoo.read_adapter_config(tmp_path / "ad")
-    assert saved["state"]["pruned"] == method.get_state()["pruned"]
+    assert saved["state"] == method.get_state()
 
     fresh = build(family)
     petl_zoo.load_adapter(fresh, tmp_path / "ad")
@@ -404,13 +409,11 @@ def test_save_load_after_pruning_is_exact(family, kc, tmp_path):
 
 
 def test_set_state_rejects_a_plan_for_another_model():
-    model = pear("vit")
-    score_and_prune(model, batches())
-    state = model.petl_method.get_state()
+    state = scenario("vit", "kc_gate").model.petl_method.get_state()
     other = petl_zoo.create("pear", tiny_vit(depth=2), prune_epoch=1)
     with pytest.raises(ValueError, match="saved plan is for positions"):
         other.petl_method.set_state(other, state)
-    fresh = petl_zoo.create("pear", build("vit"), prune_epoch=1, knowledge_checkpoint=False)
+    fresh = petl_zoo.create("pear", build("vit"), prune_epoch=1, knowledge_checkpoint=False, base="both")
     with pytest.raises(ValueError, match="knowledge_checkpoint=True, the config has False"):
         fresh.petl_method.set_state(fresh, state)
 
@@ -427,22 +430,22 @@ def test_unpruned_save_load_round_trip(tmp_path):
         torch.testing.assert_close(fresh(x), tuned, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kc", KC_VARIANTS, ids=["no_kc", "kc_gate", "kc_offset"])
+@pytest.mark.parametrize("kc", ["kc_gate", "kc_offset"])
 def test_lora_base_merges_checkpoints_into_the_weight(kc):
-    model = pear("vit", base="lora", **kc)
-    data = batches()
-    ctx = score_and_prune(model, data)
-    ctx.epoch = 1
-    run_epoch(model, ctx, data, torch.optim.SGD(trainable(model), lr=0.05))
+    model, s = pruned_copy("vit", kc, base="lora")
+    run_epoch(model, TrainContext(epochs=2, epoch=1), s.data, torch.optim.SGD(trainable(model), lr=0.05))
     model.eval()
-    x = data[0][0]
+    x = s.data[0][0]
+    qkv = model.blocks[0].attn.qkv
+    w0 = qkv.base.weight.detach().clone()
     with torch.no_grad():
         tuned = model(x)
         petl_zoo.merge(model)
+        assert (qkv.base.weight - w0).abs().max() > 0
         torch.testing.assert_close(model(x), tuned, atol=1e-5, rtol=0)
         petl_zoo.unmerge(model)
         torch.testing.assert_close(model(x), tuned, atol=1e-6, rtol=0)
-    assert all(isinstance(m, LoraDelta) for m in model.petl_method.positions.values() for m in [m.module])
+    assert torch.equal(qkv.base.weight, w0)
 
 
 def test_adapter_base_is_not_mergeable():
@@ -485,3 +488,55 @@ def test_two_epoch_loop_with_optimizer_rebuild():
             opt = torch.optim.AdamW(trainable(model), lr=1e-3)
     assert method.pruned and method.get_state()["epoch"] == 0
     assert method.get_state()["batches"] == len(data)
+
+
+# -- the trainer ---------------------------------------------------------------------------------
+
+
+def write_tiny_task(root, name: str = "tiny") -> None:
+    """A custom task folder (random 32x32 images, 3 classes) in the VTAB-1K list-file layout."""
+    rng = np.random.default_rng(0)
+    lines: dict[str, list[str]] = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 8)):
+        lines[split] = []
+        for i in range(n):
+            rel = f"images/{split}/{i}.png"
+            (root / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / rel)
+            lines[split].append(f"{rel} {i % 3}")
+    lines["trainval"] = lines["train"] + lines["val"]
+    for split, file in vtab.SPLITS.items():
+        (root / name / file).write_text("\n".join(lines[split]) + "\n", encoding="utf-8")
+
+
+def test_trainer_prunes_after_epoch_one_and_resumes_the_pruned_structure(tmp_path):
+    from petl_zoo.train import main
+
+    write_tiny_task(tmp_path / "data")
+    common = [
+        "--method", "pear", "--model", "vit_tiny_patch16_224",
+        "--model-kwargs", "img_size=32", "patch_size=8", "depth=2", "embed_dim=48", "num_heads=3",
+        "--no-pretrained", "--task", "tiny", "--data-root", str(tmp_path / "data"), "--epochs", "2",
+        "--warmup-epochs", "0", "--batch-size", "4", "--opt", "prune_epoch=1", "--device", "cpu",
+        "--no-progress",
+    ]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "run")]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    state = saved["state"]
+    assert state["epoch"] == 0 and state["batches"] == 4 and len(state["pruned"]) == 1
+    per_adapter = 48 * 8 + 8 + 8 * 48 + 48
+    assert result["trainable_params"]["method"] == per_adapter + 1  # one adapter + the pruned position's gate
+    assert result["trainable_params"]["stored"] == 2 * per_adapter + 1
+    assert result["test_acc_best"] is not None and result["test_acc_last"] is not None
+
+    # killed after the pruning epoch, then resumed: set_state rebuilds the pruned structure exactly
+    assert main([*common, "--out", str(tmp_path / "killed"), "--stop-after-epoch", "1"]) == 137
+    assert main([*common, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "killed" / "adapter_config.json").read_text())["state"]
+    assert resumed == state
+    a = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
