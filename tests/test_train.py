@@ -525,3 +525,29 @@ def test_train_from_a_pretrained_file(data_root, tmp_path, capsys):
     assert read(tmp_path / "pre", "result.json")["trainable_params"]["method"] == 0
     rc, _, line = _eval_acc(capsys, ["--adapter", str(tmp_path / "pre"), "--no-progress", "--check"])
     assert rc == 0 and "matches" in line
+
+
+def test_output_folder_rules(tmp_path):
+    from petl_zoo.train import UserError
+    from petl_zoo.train.checkpoint import prepare_out_dir
+
+    out = tmp_path / "run"
+    assert prepare_out_dir(out, resume=False, overwrite=False, is_main=True) is False  # new folder
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        prepare_out_dir(out, resume=False, overwrite=False, is_main=True)
+    with pytest.raises(UserError, match="contradict"):
+        prepare_out_dir(out, resume=True, overwrite=True, is_main=True)
+    # killed before its first checkpoint: --resume starts again
+    assert prepare_out_dir(out, resume=True, overwrite=False, is_main=True) is False
+    assert not (out / "config.json").exists() and (out / "notes.txt").exists()
+    (out / "last.pt").write_bytes(b"")
+    assert prepare_out_dir(out, resume=True, overwrite=False, is_main=True) is True
+    (out / "result.json").write_text("{}")
+    with pytest.raises(UserError, match="already finished"):
+        prepare_out_dir(out, resume=True, overwrite=False, is_main=True)
+    (out / ".last.pt.abc.tmp").write_bytes(b"")
+    assert prepare_out_dir(out, resume=False, overwrite=True, is_main=True) is False
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only run files are deleted

@@ -45,8 +45,9 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
     """Check (and with ``overwrite`` clear) the run folder; True when a checkpoint will be resumed.
 
     A folder holding ``config.json`` or ``result.json`` is another run: refused unless ``--resume``
-    (which needs its ``last.pt``) or ``--overwrite`` (which deletes the run files listed in
-    ``RUN_FILES`` and leftover temporary files, nothing else).
+    (which continues from its ``last.pt``; a run killed before its first checkpoint starts again, a
+    finished one is refused) or ``--overwrite`` (which deletes the run files listed in ``RUN_FILES``
+    and leftover temporary files, nothing else).
     """
     from .args import UserError
 
@@ -57,16 +58,14 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
     has_run = any((out / name).is_file() for name in ("config.json", "result.json"))
     has_ckpt = (out / CHECKPOINT).is_file()
     if resume:
-        if has_ckpt:
-            return True
         if (out / "result.json").is_file():
             raise UserError(f"--resume: the run in {out} already finished (result.json); use --overwrite to redo it")
-        if has_run:
-            raise UserError(
-                f"--resume: {out} holds a run without {CHECKPOINT} (killed before its first epoch ended); "
-                "use --overwrite to start it again"
-            )
-        return False  # nothing to resume: start fresh
+        if has_ckpt:
+            return True
+        # A run killed before its first checkpoint has nothing to continue: it starts again.
+        if is_main and has_run:
+            _clear(out)
+        return False
     if has_run or has_ckpt:
         if not overwrite:
             raise UserError(
@@ -74,14 +73,19 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
                 "replace it, or another --out"
             )
         if is_main:
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-            for tmp in out.glob(".*.tmp"):
-                if tmp.is_dir():
-                    shutil.rmtree(tmp)
-                else:
-                    tmp.unlink()
+            _clear(out)
     return False
+
+
+def _clear(out: Path) -> None:
+    """Delete the run files (and leftover temporary files of atomic writes), nothing else."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for tmp in out.glob(".*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink()
 
 
 def capture_rng() -> dict[str, Any]:
