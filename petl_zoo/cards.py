@@ -3,7 +3,7 @@
 The card is built with ``huggingface_hub.ModelCard.from_template`` from ``ModelCardData`` and our Jinja
 template (``model_cards/TEMPLATE.md``). Metadata: ``library_name: timm`` (the library the Hub knows for
 these backbones; ``petl_zoo`` is a tag), tags [petl, petl_zoo, <method>, timm, vtab-1k,
-image-classification], ``base_model`` (the timm Hub id from timm's pretrained_cfg, or the model name when
+image-classification] (vtab-1k only for the 19 tasks), ``base_model`` (the timm Hub id from timm's pretrained_cfg, or the model name when
 the run used a local ``--pretrained-file``), ``datasets``, ``metrics: [accuracy]`` and a ``model-index``
 with one result holding two accuracy metrics in percent: best epoch first (the papers' convention),
 then last epoch.
@@ -154,7 +154,7 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
         )
         for name, value in ((METRIC_BEST, acc_best), (METRIC_LAST, acc_last))
     ]
-    tags = ["petl", "petl_zoo", method, "timm", "vtab-1k", "image-classification"]
+    tags = ["petl", "petl_zoo", method, "timm"] + (["vtab-1k"] if entry else []) + ["image-classification"]
     card_data = ModelCardData(
         library_name="timm",
         tags=list(dict.fromkeys(tags)),

@@ -123,7 +123,7 @@ def test_local_pretrained_file_and_custom_task(tmp_path):
     make_run(run, task="digits", pretrained_file="/work/shared/proxy/vit_tiny_fmnist32.safetensors")
     card = ModelCard.load(write_card(run, tmp_path / "card"))
     assert card.data.base_model == "vit_tiny_patch16_224"  # local weights: no Hub base to point at
-    assert card.data.datasets == ["digits"]
+    assert card.data.datasets == ["digits"] and "vtab-1k" not in card.data.tags
     assert "vit_tiny_fmnist32.safetensors" in card.text and "pretrained_cfg_overlay" in card.text
 
 
