@@ -3,8 +3,9 @@
 The card is built with ``huggingface_hub.ModelCard.from_template`` from ``ModelCardData`` and our Jinja
 template (``model_cards/TEMPLATE.md``). Metadata: ``library_name: timm`` (the library the Hub knows for
 these backbones; ``petl_zoo`` is a tag), tags [petl, petl_zoo, <method>, timm, vtab-1k,
-image-classification] (vtab-1k only for the 19 tasks), ``base_model`` (the timm Hub id from timm's pretrained_cfg, or the model name when
-the run used a local ``--pretrained-file``), ``datasets``, ``metrics: [accuracy]`` and a ``model-index``
+image-classification] (vtab-1k only for the 19 tasks), ``base_model`` (the timm Hub id from timm's
+pretrained_cfg, or the model name when the run used a local ``--pretrained-file`` or ``--no-pretrained``),
+``datasets``, ``metrics: [accuracy]`` and a ``model-index``
 with one result holding two accuracy metrics in percent: best epoch first (the papers' convention),
 then last epoch.
 """
