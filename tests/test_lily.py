@@ -56,7 +56,8 @@ def path(model: nn.Module, block: int, target: str) -> LilyDelta:
 
 
 def test_vit_base_counts_match_the_closed_form():
-    base = timm.create_model("vit_base_patch16_224")
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        base = timm.create_model("vit_base_patch16_224")
     for options, expected in [
         ({}, 792_576),  # r=32, ne=4 (defaults), stride 3 -> 4 LPs
         ({"rank": 8, "num_experts": 4}, 198_144),
@@ -187,11 +188,11 @@ def test_sample_mixing_is_batch_independent(family):
     model = petl_zoo.create("lily", BUILDERS[family](**kwargs), rank=4, num_experts=3, mixing="sample")
     perturb_(model)
     model.eval()
-    x = images(5)
-    perm = torch.tensor([3, 0, 4, 1, 2])
+    x = images(4)
+    perm = torch.tensor([3, 0, 2, 1])
     with torch.no_grad():
         full = model(x)
-        split = torch.cat([model(x[:1]), model(x[1:3]), model(x[3:])])
+        split = torch.cat([model(x[:1]), model(x[1:])])
         permuted = model(x[perm])
     torch.testing.assert_close(split, full, atol=1e-6, rtol=0)
     torch.testing.assert_close(permuted, full[perm], atol=1e-6, rtol=0)
@@ -201,7 +202,7 @@ def test_sample_mixing_is_batch_independent(family):
         d.mixing = "batch"
     with torch.no_grad():
         full = model(x)
-        split = torch.cat([model(x[:1]), model(x[1:3]), model(x[3:])])
+        split = torch.cat([model(x[:1]), model(x[1:])])
     assert (split - full).abs().max() > 1e-4
 
 
