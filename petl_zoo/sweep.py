@@ -2,7 +2,7 @@
 
 Run folders: ``<out_root>/<method>/<task>/`` for a single seed, ``<out_root>/<method>/<task>/seed<k>/``
 when several seeds are given. A run with ``result.json`` is skipped, one with ``last.pt`` and no
-``result.json`` (killed) is resumed with ``--resume``, anything else starts fresh. Runs are subprocesses,
+``result.json`` (killed; also ``config.json`` alone, killed before its first checkpoint) gets ``--resume``, anything else starts fresh. Runs are subprocesses,
 one after the other, so a crash in one does not stop the others; failures are listed at the end.
 """
 
@@ -65,7 +65,9 @@ class SweepRun:
 def _status(out: Path) -> str:
     if (out / "result.json").is_file():
         return "done"
-    if (out / "last.pt").is_file():
+    # A killed run: last.pt, or config.json alone when killed before its first checkpoint (train.py
+    # refuses such a folder without --resume and restarts it under --resume).
+    if (out / "last.pt").is_file() or (out / "config.json").is_file():
         return "resume"
     return "fresh"
 

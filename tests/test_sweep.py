@@ -33,7 +33,7 @@ FAKE_TRAIN = textwrap.dedent(
         f.write(json.dumps(sys.argv[1:]) + "\\n")
     if a.task == os.environ.get("FAIL_TASK"):
         sys.exit(3)
-    if a.resume and not os.path.exists(os.path.join(a.out, "last.pt")):
+    if a.resume and not any(os.path.exists(os.path.join(a.out, f)) for f in ("last.pt", "config.json")):
         sys.exit(4)
     os.makedirs(a.out, exist_ok=True)
     res = {"method": a.method, "model": a.model, "task": a.task, "seed": int(a.seed or 0),
@@ -113,12 +113,14 @@ def test_killed_run_resumes_and_failures_are_reported(tmp_path, fake, monkeypatc
     runs = tmp_path / "runs"
     (runs / "adapter" / "syn_b").mkdir(parents=True)
     (runs / "adapter" / "syn_b" / "last.pt").write_bytes(b"")
+    (runs / "adapter" / "syn_d").mkdir(parents=True)
+    (runs / "adapter" / "syn_d" / "config.json").write_text("{}")  # killed before its first checkpoint
     monkeypatch.setenv("FAIL_TASK", "syn_a")
     proc = sweep(
         "--method",
         "adapter",
         "--tasks",
-        "syn_a,syn_b,syn_c",
+        "syn_a,syn_b,syn_c,syn_d",
         "--out-root",
         str(runs),
         "--train-script",
@@ -127,6 +129,7 @@ def test_killed_run_resumes_and_failures_are_reported(tmp_path, fake, monkeypatc
     assert proc.returncode == 1
     by_task = {c[c.index("--task") + 1]: c for c in calls(log)}
     assert "--resume" in by_task["syn_b"] and "--resume" not in by_task["syn_c"]
+    assert "--resume" in by_task["syn_d"]
     assert (runs / "adapter" / "syn_c" / "result.json").is_file()  # the sweep went on after the crash
     assert "1 failed" in proc.stdout and "FAILED" in proc.stdout and "exit status 3" in proc.stdout
 
