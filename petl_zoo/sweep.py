@@ -1,9 +1,10 @@
 """Run (or print) one ``tools/train.py`` command per (task, seed): the VTAB-1K sweep.
 
 Run folders: ``<out_root>/<method>/<task>/`` for a single seed, ``<out_root>/<method>/<task>/seed<k>/``
-when several seeds are given. A run with ``result.json`` is skipped, one with ``last.pt`` and no
-``result.json`` (killed; also ``config.json`` alone, killed before its first checkpoint) gets ``--resume``, anything else starts fresh. Runs are subprocesses,
-one after the other, so a crash in one does not stop the others; failures are listed at the end.
+when several seeds are given. A run with ``result.json`` is skipped; one with ``last.pt`` and no
+``result.json`` (killed; also ``config.json`` alone, killed before its first checkpoint) gets
+``--resume``; anything else starts fresh. Runs are subprocesses, one after the other, so a crash in one
+does not stop the others; failures are listed at the end.
 """
 
 from __future__ import annotations
