@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
 from conftest import tiny_swin, tiny_vit
 from PIL import Image
@@ -100,6 +101,19 @@ def test_identity_at_init_and_counts_before_pruning():
     per_block = (d * k + k + k * d + d) + 2 * r * (d + d)
     counts = petl_zoo.trainable_parameters(model)
     assert counts["method"] == counts["stored"] == 4 * per_block
+
+
+def test_vit_base_counts_before_and_after_pruning():
+    """ViT-B/16, 12 MLP adapters of dim 8: 156,768 trainable; pruning half leaves 6 adapters + 6 gates,
+    and the 6 frozen knowledge checkpoints stay in the stored count."""
+    model = timm.create_model("vit_base_patch16_224", num_classes=100)
+    petl_zoo.create("pear", model)
+    method = model.petl_method
+    assert petl_zoo.trainable_parameters(model)["method"] == 12 * (768 * 8 + 8 + 8 * 768 + 768) == 156_768
+    method.prune({name: float(i % 4) for i, name in enumerate(method.positions)})
+    counts = petl_zoo.trainable_parameters(model)
+    assert counts["method"] == 156_768 // 2 + 6 == 78_390
+    assert counts["stored"] == 156_768 + 6
 
 
 # -- importance ----------------------------------------------------------------------------------

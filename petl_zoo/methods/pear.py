@@ -285,8 +285,8 @@ class Pear(Method):
     def on_train_start(self, model: nn.Module, loader: Any, ctx: TrainContext) -> None:
         if not self.pruned and self.config.prune_epoch >= ctx.epochs:
             raise ValueError(
-                f"pear: prune_epoch={self.config.prune_epoch} but training runs {ctx.epochs} epoch(s), so "
-                f"pruning would never happen; valid: 1 <= prune_epoch <= {ctx.epochs - 1}"
+                f"pear: prune_epoch={self.config.prune_epoch} but training runs {ctx.epochs} epoch(s); the "
+                f"pruned model needs at least one epoch to train; valid: 1 <= prune_epoch <= {ctx.epochs - 1}"
             )
 
     def on_after_backward(self, model: nn.Module, ctx: TrainContext) -> None:
