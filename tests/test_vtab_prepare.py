@@ -546,3 +546,4 @@ def test_loader_throughput_tool_runs(capsys):
     out = capsys.readouterr().out
     assert "synthetic 40x30 jpg (12 images, split trainval) -> 224x224 protocol=vtab" in out
     assert float(out.split("batch=4: ")[1].split(" images/s")[0]) > 0
+    assert float(out.split("CPU cost ")[1].split(" ms/image")[0]) > 0

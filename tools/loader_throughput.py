@@ -5,8 +5,10 @@
     python tools/loader_throughput.py --synthetic 1000 --synthetic-size 500 375 --workers 0 2
 
 The model is only used for its input size and data config (built on the meta device: no weights).
-The first pass over the data starts the (persistent) workers and is not timed; the figure is the
-mean over the timed passes.
+Two figures: the CPU cost per image (process time on one thread, nearly independent of other load
+on the machine) and the wall-clock images/s of ``vtab.make_loader`` for each ``--workers`` value
+(the first pass starts the persistent workers and is not timed; the figure is over the timed
+passes, so it reflects whatever else the machine is running).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 import vtab
 
@@ -61,6 +64,23 @@ def measure(
     return images / (time.perf_counter() - start)
 
 
+def cpu_cost(dataset: torch.utils.data.Dataset, batch_size: int, limit: int = 512) -> float:
+    """CPU milliseconds per image (decode + transform + collate) in this process on one thread:
+    unlike images/s it hardly depends on what else the machine is running. ``2 * 1000 / cost``
+    is what 2 workers can deliver on 2 free cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        n = min(len(dataset), limit)
+        dataset[0]  # warm caches
+        start = time.process_time()
+        for first in range(0, n, batch_size):
+            default_collate([dataset[i] for i in range(first, min(n, first + batch_size))])
+        return (time.process_time() - start) * 1000 / n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default=None, help="a prepared task (default: a synthetic folder)")
@@ -89,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             root, task, what = args.data_root, args.task, args.task
         dataset = vtab.VtabDataset(task, args.split, transform, data_root=root)
+        cost = cpu_cost(dataset, args.batch_size)
+        print(
+            f"{what} -> {size[0]}x{size[1]} protocol={args.protocol}: CPU cost {cost:.2f} ms/image "
+            f"(one thread) = {1000 / cost:.0f} images/s per free core",
+            flush=True,
+        )
         for workers in args.workers:
             rate = measure(dataset, args.batch_size, workers, args.passes)
             print(
