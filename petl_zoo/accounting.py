@@ -108,6 +108,25 @@ def count_gmacs(model: nn.Module, x: torch.Tensor | None = None) -> float:
     return total / x.shape[0] / 1e9
 
 
+def _missing_sdpa_formulas() -> dict:
+    """FLOP formulas for SDPA kernels the installed torch's counter does not know.
+
+    torch <= 2.14 counts the CUDA flash/efficient kernels but not the CPU one
+    (``aten._scaled_dot_product_flash_attention_for_cpu``), so on the CPU the attention products
+    ``Q K^T`` and ``A V`` would silently count as zero. The formula is the counter's own
+    ``sdpa_flop_count`` (``4 B H Nq Nk D`` FLOPs)."""
+    from torch.utils import flop_counter
+
+    cpu_op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_op is None or cpu_op in flop_counter.flop_registry:
+        return {}
+
+    def cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {cpu_op: cpu_flash_flops}  # FlopCounterMode wraps it with shape_wrapper
+
+
 def count_gmacs_torch(model: nn.Module, x: torch.Tensor | None = None) -> float:
     """Inference GMACs per image from ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -117,7 +136,7 @@ def count_gmacs_torch(model: nn.Module, x: torch.Tensor | None = None) -> float:
     was_training = model.training
     model.eval()
     try:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=_missing_sdpa_formulas())
         with torch.no_grad(), counter:
             model(x)
     finally:
