@@ -376,7 +376,7 @@ def import_tfds() -> Any:
     except ImportError as err:
         raise ImportError(
             "Source 'tfds' needs TensorFlow Datasets (and TensorFlow to read it): "
-            "pip install 'petl_zoo[tfds]' tensorflow-cpu   (or use --source torchvision where it has the task; "
+            "pip install 'petl_zoo[tfds]'   (or use --source torchvision where it has the task; "
             f"see --list-sources). Import failed: {err}"
         ) from None
     return tfds
