@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             what = f"synthetic {args.synthetic_size[0]}x{args.synthetic_size[1]} {args.synthetic_format}"
         else:
             root, task, what = args.data_root, args.task, args.task
-        dataset = vtab.VtabDataset(task, args.split, transform, data_root=root)
+        try:
+            dataset = vtab.VtabDataset(task, args.split, transform, data_root=root)
+        except (FileNotFoundError, ValueError) as err:  # unknown/unprepared task, bad list file
+            parser.error(" ".join(str(err).split()))
         cost = cpu_cost(dataset, args.batch_size)
         print(
             f"{what} -> {size[0]}x{size[1]} protocol={args.protocol}: CPU cost {cost:.2f} ms/image "
