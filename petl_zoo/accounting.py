@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import ADAPTER_WEIGHTS, classifier_parameters, create, merge, method_of, save_adapter
+from .api import ADAPTER_WEIGHTS, classifier_parameters, create, is_mergeable, merge, method_of, save_adapter
 from .api import trainable_parameters as _trainable_parameters
-from .config import parse_cli_value
+from .config import parse_cli_value, split_key_value
 from .registry import Method, TrainContext, get_method, method_names
 
 __all__ = [
@@ -190,9 +190,9 @@ def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """
     out: dict[str, dict[str, Any]] = {}
     for item in items:
-        head, sep, value = item.partition("=")
+        head, value = split_key_value(item, "--opt (METHOD:KEY=VALUE, e.g. neat:rank=8)")
         method, colon, key = head.partition(":")
-        if not sep or not colon or not method or not key:
+        if not colon or not method.strip() or not key.strip():
             raise ValueError(f"bad --opt {item!r}: expected METHOD:KEY=VALUE, e.g. neat:rank=8")
         out.setdefault(method.strip(), {})[key.strip()] = parse_cli_value(value)
     return out
@@ -447,14 +447,14 @@ def run_benchmark(
             note=note,
         )
         method = method_of(model)
-        row.mergeable = name == BASE or bool(method is not None and method.mergeable)
+        row.mergeable = name == BASE or bool(method is not None and is_mergeable(model))
         if name != BASE:
             row.stored_bytes, row.stored_bytes_no_head = stored_bytes(model)
         if flops:
             x1 = _example_input(model, 1, dev)
             row.gmacs = count_gmacs(model, x1)
             row.gmacs_torch = count_gmacs_torch(model, x1)
-        if method is not None and method.mergeable:
+        if method is not None and is_mergeable(model):
             merged = merge(copy.deepcopy(model), unload=True)
             merged_models[name] = merged.eval()
             if flops:

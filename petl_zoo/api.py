@@ -27,6 +27,7 @@ __all__ = [
     "merge",
     "unmerge",
     "is_merged",
+    "is_mergeable",
     "read_adapter_config",
     "load_adapter_weights",
     "ADAPTER_WEIGHTS",
@@ -263,6 +264,11 @@ def load_adapter_weights(
                     f"the model expects {tuple(target.shape)}"
                 )
             target.copy_(tensor.to(dtype=target.dtype, device=target.device))
+
+
+def is_mergeable(model: nn.Module) -> bool:
+    """Whether :func:`merge` can fold the method attached to ``model`` into its weights."""
+    return bool(_require_method(model).mergeable)
 
 
 def merge(model: nn.Module, unload: bool = False) -> nn.Module:

@@ -8,7 +8,7 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["MethodConfig", "coerce_value", "parse_cli_value"]
+__all__ = ["MethodConfig", "coerce_value", "parse_cli_value", "parse_key_values", "split_key_value"]
 
 C = TypeVar("C", bound="MethodConfig")
 
@@ -77,6 +77,25 @@ def parse_cli_value(text: str) -> Any:
         return json.loads(text)
     except (json.JSONDecodeError, ValueError):
         return text
+
+
+def split_key_value(item: str, what: str) -> tuple[str, str]:
+    """``'rank=8'`` -> ``('rank', '8')``; a ValueError naming ``what`` (the flag) when there is no ``=``."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{what} {item!r} is not KEY=VALUE")
+    return key.strip(), value
+
+
+def parse_key_values(items: list[str], what: str) -> dict[str, Any]:
+    """``['a=1', 'b=x,y']`` -> ``{'a': 1, 'b': 'x,y'}`` (values through :func:`parse_cli_value`; JSON lists
+    become tuples). The one KEY=VALUE parser of every tool; ``what`` names the flag in errors."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, value = split_key_value(item, what)
+        parsed = parse_cli_value(value)
+        out[key] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
 
 
 def coerce_value(value: Any, tp: Any) -> Any:

@@ -17,17 +17,7 @@ from pathlib import Path
 import torch
 
 from petl_zoo import accounting
-from petl_zoo.config import parse_cli_value
-
-
-def _kwargs(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"bad --model-kwargs {item!r}: expected KEY=VALUE, e.g. img_size=32")
-        out[key] = parse_cli_value(value)
-    return out
+from petl_zoo.config import parse_key_values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         methods = accounting.default_methods(args.methods)
         options = accounting.parse_method_options(args.opt)
+        model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
     except ValueError as err:
         p.error(str(err))
-    model_kwargs = _kwargs(args.model_kwargs)
     model_kwargs.setdefault("num_classes", args.num_classes)
     rows = accounting.run_benchmark(
         args.model, methods, batch=args.batch, device=args.device, model_kwargs=model_kwargs,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..config import MethodConfig, coerce_value, parse_cli_value
+from ..config import MethodConfig, coerce_value, parse_cli_value, parse_key_values, split_key_value
 from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SELECT_ON
 
 __all__ = [
@@ -118,18 +118,6 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_key_values(items: list[str], what: str) -> dict[str, Any]:
-    """``['a=1', 'b=x,y']`` -> ``{'a': 1, 'b': 'x,y'}`` (values through ``parse_cli_value``)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"{what} {item!r} is not KEY=VALUE")
-        parsed = parse_cli_value(value)
-        out[key.strip()] = tuple(parsed) if isinstance(parsed, list) else parsed
-    return out
-
-
 def read_options_file(path: str | Path) -> dict[str, Any]:
     """A YAML or JSON file holding a dict of method options."""
     path = Path(path)
@@ -170,8 +158,6 @@ def method_options(method_cls: Any, opts: list[str], config_file: str | None) ->
     """The method's validated config from ``--method-config FILE`` then ``--opt KEY=VALUE`` (later wins)."""
     options: dict[str, Any] = dict(read_options_file(config_file)) if config_file else {}
     for item in opts:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--opt {item!r} is not KEY=VALUE")
-        options[key.strip()] = _coerce_option(method_cls.config_class, key.strip(), value)
+        key, value = split_key_value(item, "--opt")
+        options[key] = _coerce_option(method_cls.config_class, key, value)
     return method_cls.config_class.from_options(method_cls.name, **options)
