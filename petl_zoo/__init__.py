@@ -24,6 +24,7 @@ from .api import (
     unmerge,
 )
 from .config import MethodConfig
+from .hub import from_pretrained, push_to_hub
 from .layers import AdaptedLinear, AdaptedModule, LinearDelta, PetlModule
 from .registry import Method, TrainContext, get_method, list_methods, method_names, register_method
 
@@ -42,6 +43,7 @@ __all__ = [
     "adapter_state_dict",
     "classifier_parameters",
     "create",
+    "from_pretrained",
     "get_method",
     "is_merged",
     "is_mergeable",
@@ -53,6 +55,7 @@ __all__ = [
     "method_of",
     "read_adapter_config",
     "register_method",
+    "push_to_hub",
     "save_adapter",
     "trainable_parameters",
     "unmerge",

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .io import atomic_write, atomic_write_json
+from .io import atomic_write, atomic_write_json, sha256_file
 from .layers import PetlModule, adapted_linears, unload_wrappers
 from .registry import Method, get_method
 from .targets import model_family
@@ -30,6 +30,7 @@ __all__ = [
     "is_mergeable",
     "read_adapter_config",
     "load_adapter_weights",
+    "base_model_record",
     "ADAPTER_WEIGHTS",
     "ADAPTER_CONFIG",
 ]
@@ -159,10 +160,33 @@ def _model_signature(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+def base_model_record(model: nn.Module, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What :func:`petl_zoo.from_pretrained` needs to rebuild the base model: timm's architecture and
+    pretrained tag (``name`` = ``architecture.tag``), the Hub id of those weights when timm knows one, the
+    class count and the extra ``timm.create_model`` keyword arguments (``img_size=32`` ...)."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    architecture = cfg.get("architecture")
+    tag = cfg.get("tag") or None
+    name = f"{architecture}.{tag}" if architecture and tag else architecture
+    return {
+        "name": name,
+        "architecture": architecture,
+        "tag": tag,
+        "hf_hub_id": cfg.get("hf_hub_id") or None,
+        "num_classes": getattr(model, "num_classes", None),
+        "model_kwargs": json.loads(json.dumps(dict(model_kwargs or {}))),
+    }
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, model_kwargs: dict[str, Any] | None = None
+) -> Path:
     """Write ``adapter.safetensors`` (method tensors + head) and ``adapter_config.json`` to ``directory``.
 
-    Both files are written atomically (temporary file, then rename).
+    ``adapter_config.json`` records the base model (:func:`base_model_record`; pass the ``model_kwargs``
+    the model was created with so that :func:`petl_zoo.from_pretrained` can rebuild it) and the SHA-256 of
+    the weights file, checked by :func:`load_adapter`. Both files are written atomically (temporary file,
+    then rename).
     """
     method = _require_method(model)
     directory = Path(directory)
@@ -174,12 +198,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "config": method.config.to_dict(),
         "state": method.get_state(),
         "model": _model_signature(model),
+        "base_model": base_model_record(model, model_kwargs),
         "num_classes": getattr(model, "num_classes", None),
         "tensors": {k: list(v.shape) for k, v in state.items()},
         "trainable_parameters": trainable_parameters(model),
         "timm_version": _timm_version(),
     }
     atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"method": method.name}))
+    config["weights_sha256"] = sha256_file(directory / ADAPTER_WEIGHTS)
     atomic_write_json(directory / ADAPTER_CONFIG, config)
     return directory
 
@@ -211,6 +237,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
+    expected_hash = config.get("weights_sha256")
+    if expected_hash and sha256_file(weights) != expected_hash:
+        raise ValueError(
+            f"{weights} does not match the SHA-256 recorded in {ADAPTER_CONFIG} (a corrupt or replaced file)"
+        )
     existing = method_of(model)
     if existing is not None:
         raise ValueError(

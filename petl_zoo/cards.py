@@ -1,7 +1,7 @@
 """Hugging Face model cards for finished runs: ``README.md`` (YAML metadata + body), adapter files, recipe.
 
 The card is built with ``huggingface_hub.ModelCard.from_template`` from ``ModelCardData`` and our Jinja
-template (``model_cards/TEMPLATE.md``). Metadata: ``library_name: timm`` (the library the Hub knows for
+template (``petl_zoo/templates/model_card.md``, package data). Metadata: ``library_name: timm`` (the library the Hub knows for
 these backbones; ``petl_zoo`` is a tag), tags [petl, petl_zoo, <method>, timm, vtab-1k,
 image-classification] (vtab-1k only for the 19 tasks), ``base_model`` (the timm Hub id from timm's
 pretrained_cfg, or the model name when the run used a local ``--pretrained-file`` or ``--no-pretrained``),
@@ -12,10 +12,13 @@ then last epoch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
 import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +35,11 @@ __all__ = [
     "push_card",
     "card_index",
     "write_index",
+    "main",
 ]
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "TEMPLATE.md"
+#: The card template, shipped inside the package (package data).
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 METRIC_BEST = "top-1 accuracy (best epoch)"
 METRIC_LAST = "top-1 accuracy (last epoch)"
 COPIED_FILES = {
@@ -119,35 +124,52 @@ def _count(n: Any) -> str:
     return f"{n / 1e6:.3f} M" if n >= 1e5 else f"{int(n):,}"
 
 
-def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | None = None):
-    """The ``huggingface_hub.ModelCard`` of a finished run folder."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+def _resolve_template(template_path: str | os.PathLike | None) -> Path:
+    template = Path(template_path) if template_path else DEFAULT_TEMPLATE
+    if not template.is_file():
+        raise ValueError(
+            f"card template '{template}' does not exist (the packaged one is {DEFAULT_TEMPLATE})"
+        )
+    return template
 
-    from .registry import list_methods
+
+def _run_identity(run: dict[str, Any]) -> dict[str, Any]:
+    """Method, model, task (catalog name) and the task's catalog entry (None for a custom task)."""
     from .table import canonical_task, vtab_catalog
 
-    run = read_run(run_dir)
     result, config = run["result"], run["config"]
-    method = str(result.get("method") or config.get("method"))
-    model = str(result.get("model") or config.get("model"))
     raw_task = str(result.get("task") or config.get("task"))
     task = canonical_task(raw_task)
-    catalog = {e.name: e for e in vtab_catalog()}
-    entry = catalog.get(task)
-    pretrained_file = config.get("pretrained_file")
-    pretrained = bool(config.get("pretrained", True))
-    base = base_model_id(model, pretrained_file, pretrained)
-    dataset = f"vtab-1k/{task}" if entry else raw_task
-    acc_best, acc_last = _pct(result.get("test_acc_best")), _pct(result.get("test_acc_last"))
-    if acc_best is None or acc_last is None:
+    entry = {e.name: e for e in vtab_catalog()}.get(task)
+    return {
+        "method": str(result.get("method") or config.get("method")),
+        "model": str(result.get("model") or config.get("model")),
+        "raw_task": raw_task,
+        "task": task,
+        "entry": entry,
+        "dataset": f"vtab-1k/{task}" if entry else raw_task,
+    }
+
+
+def _accuracies(run: dict[str, Any]) -> tuple[float, float]:
+    result = run["result"]
+    best, last = _pct(result.get("test_acc_best")), _pct(result.get("test_acc_last"))
+    if best is None or last is None:
         raise ValueError(f"{run['dir'] / 'result.json'} lacks test_acc_best/test_acc_last")
-    header = entry.header if entry else raw_task
-    dataset_name = f"VTAB-1K {header}" if entry else raw_task
+    return best, last
+
+
+def _card_data(ident: dict[str, Any], base: str, acc_best: float, acc_last: float):
+    """The card's YAML metadata: tags, base model, dataset and the model-index (best, then last)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    entry = ident["entry"]
+    dataset_name = f"VTAB-1K {entry.header}" if entry else ident["raw_task"]
     evals = [
         EvalResult(
             task_type="image-classification",
             task_name="Image Classification",
-            dataset_type=dataset,
+            dataset_type=ident["dataset"],
             dataset_name=dataset_name,
             metric_type="accuracy",
             metric_value=value,
@@ -155,45 +177,59 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
         )
         for name, value in ((METRIC_BEST, acc_best), (METRIC_LAST, acc_last))
     ]
+    method = ident["method"]
     tags = ["petl", "petl_zoo", method, "timm"] + (["vtab-1k"] if entry else []) + ["image-classification"]
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="timm",
         tags=list(dict.fromkeys(tags)),
         base_model=base,
-        datasets=[dataset],
+        datasets=[ident["dataset"]],
         metrics=["accuracy"],
         pipeline_tag="image-classification",
         license=None,
-        model_name=f"{model}-{method}-{task}",
+        model_name=f"{ident['model']}-{method}-{ident['task']}",
         eval_results=evals,
     )
-    params = result.get("trainable_params") or {}
-    recipe = config.get("recipe") or {}
-    sources = config.get("recipe_sources") or {}
-    model_kwargs = config.get("model_kwargs") or {}
-    kwargs_py = "".join(f", {k}={v!r}" for k, v in model_kwargs.items())
+
+
+def _weights_file_label(pretrained_file: str) -> str:
+    """A local weights file by name and hash, never by its path on the training machine."""
+    from .io import sha256_file
+
+    path = Path(pretrained_file)
+    digest = f", sha256 `{sha256_file(path)[:16]}...`" if path.is_file() else ""
+    return f"`{path.name}`{digest}"
+
+
+def _base_weights(config: dict[str, Any], base: str) -> tuple[str, str, bool]:
+    """(how the card names the base weights, extra create_model/from_pretrained text, pretrained?)"""
+    pretrained_file = config.get("pretrained_file")
     if pretrained_file:
-        kwargs_py += f", pretrained_cfg_overlay=dict(file={str(pretrained_file)!r})"
-        base_weights = f"the local file `{pretrained_file}` (not on the Hub)"
-    elif not pretrained:
-        base_weights = "none: the backbone was randomly initialised (`--no-pretrained`)"
-    else:
-        base_weights = f"timm's default pretrained weights, `{base}`"
-    method_cfg = result.get("method_config") or config.get("method_options") or {}
+        name = Path(pretrained_file).name
+        return f"the local file {_weights_file_label(pretrained_file)} (not on the Hub)", name, True
+    if not bool(config.get("pretrained", True)):
+        return "none: the backbone was randomly initialised (`--no-pretrained`)", "", False
+    return f"timm's default pretrained weights, `{base}`", "", True
+
+
+def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> dict[str, Any]:
+    """Everything the Jinja template shows besides the metadata."""
+    from .registry import list_methods
+
+    result, config = run["result"], run["config"]
+    entry, recipe = ident["entry"], config.get("recipe") or {}
+    sources = config.get("recipe_sources") or {}
+    params = result.get("trainable_params") or {}
+    acc_best, acc_last = _accuracies(run)
     sel = result.get("test_acc_selected")
-    template = Path(template_path) if template_path else DEFAULT_TEMPLATE
-    if not template.is_file():
-        raise ValueError(
-            f"card template '{template}' does not exist: pass template_path=model_cards/TEMPLATE.md"
-        )
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        method=method,
-        method_description=list_methods().get(method, "method not registered in this install"),
-        model=model,
-        task=task,
-        task_header=header,
+    base_weights, weights_file, pretrained = _base_weights(config, base)
+    model_kwargs = config.get("model_kwargs") or {}
+    return dict(
+        method=ident["method"],
+        method_description=list_methods().get(ident["method"], "method not registered in this install"),
+        model=ident["model"],
+        task=ident["task"],
+        task_header=entry.header if entry else ident["raw_task"],
         task_kind=f"VTAB-1K {entry.group}" if entry else "custom",
         num_classes=result.get("num_classes", "?"),
         epochs=result.get("epochs", recipe.get("epochs", "?")),
@@ -207,18 +243,36 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
         params_total=_count(params.get("total")),
         params_backbone=_count(params.get("backbone")),
         params_percent=f"{float(params['percent']):.3f}%" if "percent" in params else "n/a",
-        method_config_json=json.dumps(method_cfg, indent=2, sort_keys=True),
+        method_config_json=json.dumps(
+            result.get("method_config") or config.get("method_options") or {}, indent=2, sort_keys=True
+        ),
         reproduce_command=_reproduce_command(config, result),
         recipe=sorted((str(k), json.dumps(v), str(sources.get(k, ""))) for k, v in recipe.items()),
-        pretrained=pretrained or bool(pretrained_file),
+        pretrained=pretrained,
         base_weights=base_weights,
-        model_kwargs_py=kwargs_py,
-        mergeable=_mergeable(method),
+        weights_file=weights_file,
+        model_kwargs_py="".join(f", {k}={v!r}" for k, v in model_kwargs.items()),
+        mergeable=_mergeable(run["dir"], ident["method"]),
         has_metrics=(run["dir"] / "metrics.jsonl").is_file(),
     )
 
 
-def _mergeable(method: str) -> bool:
+def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | None = None):
+    """The ``huggingface_hub.ModelCard`` of a finished run folder."""
+    from huggingface_hub import ModelCard
+
+    run = read_run(run_dir)
+    template = _resolve_template(template_path)
+    ident = _run_identity(run)
+    config = run["config"]
+    base = base_model_id(ident["model"], config.get("pretrained_file"), bool(config.get("pretrained", True)))
+    card_data = _card_data(ident, base, *_accuracies(run))
+    return ModelCard.from_template(
+        card_data, template_path=str(template), **_template_values(run, ident, base)
+    )
+
+
+def _mergeable(run_dir: Path, method: str) -> bool:
     from .registry import get_method
 
     try:
@@ -247,18 +301,10 @@ def write_card(
 def push_card(
     out_dir: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False
 ) -> str:
-    """Upload a card folder to the Hub (needs network and a token); returns the commit URL."""
-    from huggingface_hub import create_repo, upload_folder
+    """Upload a card folder (card, adapter, run records) to the Hub; returns the commit URL."""
+    from .hub import push_to_hub
 
-    create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
-    info = upload_folder(
-        repo_id=repo_id,
-        folder_path=str(out_dir),
-        token=token,
-        repo_type="model",
-        commit_message="petl_zoo card",
-    )
-    return str(getattr(info, "commit_url", info))
+    return push_to_hub(out_dir, repo_id, token=token, private=private, commit_message="petl_zoo card")
 
 
 INDEX_BEGIN = "<!-- cards:begin (generated by tools/model_card.py --index; edit outside these markers) -->"
@@ -303,3 +349,50 @@ def write_index(cards_root: str | os.PathLike) -> Path:
     after = rest.split(INDEX_END, 1)[1]
     atomic_write_text(path, before + INDEX_BEGIN + "\n" + card_index(cards_root) + INDEX_END + after)
     return path
+
+
+def _parser(prog: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Write a Hugging Face model card (README.md + adapter files + recipe) for one finished run.",
+        epilog="--push-to-hub uploads the card folder with huggingface_hub (needs network and a token, "
+        "e.g. HF_TOKEN); petl_zoo.from_pretrained(REPO) loads it back.",
+    )
+    p.add_argument(
+        "run_dir", nargs="?", help="a finished run folder (result.json, adapter files, config.json)"
+    )
+    p.add_argument("--out", help="card folder to write")
+    p.add_argument("--template", default=None, help="Jinja card template (default: the packaged one)")
+    p.add_argument(
+        "--push-to-hub", default=None, metavar="REPO", help="upload the card folder to this Hub repo"
+    )
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repo")
+    p.add_argument("--index", action="store_true", help="refresh the card list in <cards-root>/README.md")
+    p.add_argument("--cards-root", default="model_cards", help="folder whose README.md lists the cards")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``petl-zoo card`` / ``tools/model_card.py``: returns the exit status."""
+    p = _parser(prog)
+    args = p.parse_args(argv)
+    if args.run_dir is None and not args.index:
+        p.error("give a run folder and --out, or --index")
+    if args.run_dir is not None and not args.out:
+        p.error("--out is required with a run folder (e.g. --out model_cards/neat/dtd)")
+    if args.push_to_hub and args.run_dir is None:
+        p.error("--push-to-hub needs a run folder and --out")
+    try:
+        if args.run_dir is not None:
+            print(f"wrote {write_card(args.run_dir, args.out, args.template)}")
+        if args.index:
+            print(f"updated {write_index(args.cards_root)}")
+    except ValueError as e:
+        p.error(str(e))
+    if args.push_to_hub:
+        print(f"pushed: {push_card(args.out, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,7 @@
-"""Run (or print) one ``tools/train.py`` command per (task, seed): the VTAB-1K sweep.
+"""Run (or print) one trainer command per (task, seed): the VTAB-1K sweep (``petl-zoo sweep``).
+
+Each run is ``python -m petl_zoo.train ...`` (or ``<launcher> -m petl_zoo.train ...``, e.g. torchrun), so
+the sweep works from an installed package as well as from a checkout.
 
 Run folders: ``<out_root>/<method>/<task>/`` for a single seed, ``<out_root>/<method>/<task>/seed<k>/``
 when several seeds are given. A run with ``result.json`` is skipped; one with ``last.pt`` and no
@@ -9,20 +12,25 @@ does not stop the others; failures are listed at the end.
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .table import GROUPS, canonical_task, vtab_catalog
 
-__all__ = ["resolve_tasks", "SweepRun", "plan_sweep", "command_line", "run_sweep", "SweepReport"]
+__all__ = ["resolve_tasks", "SweepRun", "plan_sweep", "command_line", "run_sweep", "SweepReport", "main"]
 
-DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "train.py"
+logger = logging.getLogger(__name__)
+
+#: The trainer as a module, runnable by ``python -m`` and by ``torchrun -m`` alike.
+TRAIN_MODULE = "petl_zoo.train"
 
 
 def resolve_tasks(spec: str | Sequence[str]) -> list[str]:
@@ -82,15 +90,20 @@ def plan_sweep(
     data_root: str | None = None,
     extra_args: Sequence[str] = (),
     launcher: str | None = None,
-    train_script: str | os.PathLike = DEFAULT_TRAIN_SCRIPT,
+    train_script: str | os.PathLike | None = None,
     python: str = sys.executable,
 ) -> list[SweepRun]:
-    """One SweepRun per (task, seed) with its status and full argv (launcher prefix or ``python``)."""
+    """One SweepRun per (task, seed) with its status and full argv.
+
+    The command is ``<launcher or python> -m petl_zoo.train ...``; ``train_script`` replaces
+    ``-m petl_zoo.train`` by a script path (a stand-in trainer, e.g. in tests).
+    """
     if not method:
         raise ValueError("method '' is empty: give a registered method name, e.g. lora")
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds {list(seeds)} repeat a value: give distinct seeds")
     prefix = shlex.split(launcher) if launcher else [python]
+    prefix += [str(train_script)] if train_script is not None else ["-m", TRAIN_MODULE]
     seed_list: list[int | None] = list(seeds) if seeds else [None]
     runs = []
     for task in tasks:
@@ -99,7 +112,7 @@ def plan_sweep(
             if len(seed_list) > 1:
                 out = out / f"seed{seed}"
             status = _status(out)
-            argv = prefix + [str(train_script), "--method", method, "--model", model, "--task", task]
+            argv = prefix + ["--method", method, "--model", model, "--task", task]
             if data_root:
                 argv += ["--data-root", str(data_root)]
             if seed is not None:
@@ -136,7 +149,9 @@ class SweepReport:
         return "\n".join(lines)
 
 
-def run_sweep(runs: Sequence[SweepRun], log=print, env: dict[str, str] | None = None) -> SweepReport:
+def run_sweep(
+    runs: Sequence[SweepRun], log: Callable[[str], None] = logger.info, env: dict[str, str] | None = None
+) -> SweepReport:
     """Run every non-done run as a subprocess, one after the other; never raises for a failed run."""
     report = SweepReport()
     todo = [r for r in runs if r.status != "done"]
@@ -170,3 +185,75 @@ def run_sweep(runs: Sequence[SweepRun], log=print, env: dict[str, str] | None = 
             report.done.append(run)
             log(f"  done in {took:.0f} s")
     return report
+
+
+def _parser(prog: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run every VTAB-1K task (x seeds) for one method, or print one command per run.",
+        epilog="Flags after '--' go to every trainer run, e.g. -- --opt rank=8 --epochs 100. Runs land in "
+        "<out-root>/<method>/<task>/ (one seed) or .../<task>/seed<k>/ (several); finished runs are "
+        "skipped, killed ones resumed. Exit status 1 if any run failed.",
+    )
+    p.add_argument("--method", required=True)
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--tasks", default="all", help="all | natural | specialized | structured | comma list")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="one folder per seed when several")
+    p.add_argument("--out-root", default="runs")
+    p.add_argument("--data-root", default=None)
+    p.add_argument(
+        "--print-commands", action="store_true", help="print one shell command per run, run nothing"
+    )
+    p.add_argument("--all", action="store_true", help="with --print-commands: also print finished runs")
+    p.add_argument(
+        "--launcher", default=None, help="command prefix replacing python, e.g. 'torchrun --nproc_per_node 8'"
+    )
+    p.add_argument("--train-script", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-method-check", action="store_true", help="do not check --method against the registry"
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``petl-zoo sweep`` / ``tools/sweep.py``: returns the exit status."""
+    from .registry import get_method
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    p = _parser(prog)
+    args = p.parse_args(argv)
+    try:
+        if not args.no_method_check:
+            get_method(args.method)  # fail once, here, rather than once per run
+        runs = plan_sweep(
+            args.method,
+            args.model,
+            resolve_tasks(args.tasks),
+            seeds=args.seeds,
+            out_root=args.out_root,
+            data_root=args.data_root,
+            extra_args=extra,
+            launcher=args.launcher,
+            train_script=args.train_script,
+        )
+    except ValueError as e:
+        p.error(str(e))
+    if args.print_commands:
+        try:
+            for run in runs:
+                if run.status != "done" or args.all:
+                    print(command_line(run), flush=True)
+        except BrokenPipeError:  # `... --print-commands | head` closed the pipe: not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # silence the flush at exit
+        return 0
+    report = run_sweep(runs, log=lambda s: print(s, flush=True))
+    print(report.summary(), flush=True)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -164,7 +164,7 @@ def test_seeds_get_folders_and_print_commands(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 7 * 2 - 1  # the finished dtd seed1 is left out
     argv = shlex.split(lines[0])
-    assert argv[:3] == ["torchrun", "--nproc_per_node", "8"] and argv[3].endswith("train.py")
+    assert argv[:5] == ["torchrun", "--nproc_per_node", "8", "-m", "petl_zoo.train"]
     assert argv[argv.index("--task") + 1] == "cifar" and argv[argv.index("--seed") + 1] == "0"
     assert argv[argv.index("--out") + 1] == str(runs / "lora" / "cifar" / "seed0")
     assert argv[argv.index("--data-root") + 1] == "/data/vtab" and argv[-2:] == ["--opt", "rank=8"]

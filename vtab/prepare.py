@@ -162,24 +162,9 @@ def write_task(
     train_idx, val_idx = _draw(splits, seed, n_train, n_val)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".partial", dir=out_root))
+    start = time.time()
     try:
-        start = time.time()
-        args = (tmp, fmt, jpeg_quality, num_classes, log)
-        if splits.val is None:
-            lines = _write_pool(splits.train, {"train": train_idx, "val": val_idx}, *args)
-        else:
-            lines = _write_pool(splits.train, {"train": train_idx}, *args)
-            lines.update(_write_pool(splits.val, {"val": val_idx}, *args))
-        lines.update(_write_pool(splits.test, {"test": list(range(len(splits.test)))}, *args))
-        content = {
-            "train": lines["train"],
-            "val": lines["val"],
-            "trainval": lines["train"] + lines["val"],
-            "test": lines["test"],
-        }
-        for split, entries in content.items():
-            text = "".join(f"{rel} {label}\n" for rel, label in entries)
-            (tmp / SPLITS[split]).write_text(text, encoding="utf-8")
+        lines = _write_images(splits, train_idx, val_idx, tmp, fmt, jpeg_quality, num_classes, log)
         meta = {
             "task": folder_name,
             "source": source,
@@ -188,22 +173,63 @@ def write_task(
             "format": fmt,
             "jpeg_quality": jpeg_quality if fmt == "jpg" else None,
             "num_classes": num_classes,
-            "counts": {SPLITS[s]: len(e) for s, e in content.items()},
         }
-        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if final.exists():
-            old = out_root / f".{folder_name}.{uuid.uuid4().hex[:8]}.old"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        meta["counts"] = _write_lists(tmp, lines, meta)
+        _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
     log(f"{folder_name}: wrote {final} ({counts}) in {time.time() - start:.1f} s")
     return final
+
+
+def _write_images(
+    splits: TaskSplits,
+    train_idx: list[int],
+    val_idx: list[int],
+    tmp: Path,
+    fmt: str,
+    jpeg_quality: int,
+    num_classes: int | None,
+    log: Callable[[str], None],
+) -> dict[str, list[tuple[str, int]]]:
+    """The images of every split under ``tmp``; returns (relative path, label) per split."""
+    args = (tmp, fmt, jpeg_quality, num_classes, log)
+    if splits.val is None:
+        lines = _write_pool(splits.train, {"train": train_idx, "val": val_idx}, *args)
+    else:
+        lines = _write_pool(splits.train, {"train": train_idx}, *args)
+        lines.update(_write_pool(splits.val, {"val": val_idx}, *args))
+    lines.update(_write_pool(splits.test, {"test": list(range(len(splits.test)))}, *args))
+    return lines
+
+
+def _write_lists(tmp: Path, lines: dict[str, list[tuple[str, int]]], meta: dict) -> dict[str, int]:
+    """The four list files (train800val200 = train800 then val200) and the metadata file; the counts."""
+    content = {
+        "train": lines["train"],
+        "val": lines["val"],
+        "trainval": lines["train"] + lines["val"],
+        "test": lines["test"],
+    }
+    for split, entries in content.items():
+        text = "".join(f"{rel} {label}\n" for rel, label in entries)
+        (tmp / SPLITS[split]).write_text(text, encoding="utf-8")
+    counts = {SPLITS[s]: len(e) for s, e in content.items()}
+    (tmp / METADATA).write_text(json.dumps({**meta, "counts": counts}, indent=2) + "\n", encoding="utf-8")
+    return counts
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``final``, replacing an old one only once ``tmp`` is whole."""
+    if final.exists():
+        old = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.old"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
 
 
 def build_splits(task: str, source: str, download_root: Path, download: bool, seed: int) -> TaskSplits:
@@ -232,9 +258,9 @@ def sources_table() -> str:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m vtab.prepare",
+        prog=prog or "python -m vtab.prepare",
         description="Write VTAB-1K task folders (train800/val200/train800val200/test lists + images).",
     )
     parser.add_argument(
@@ -268,9 +294,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    parser = _parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Command-line entry point (``python -m vtab.prepare``, ``petl-zoo prepare``); returns the exit status."""
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.list_sources:
         print(sources_table())
