@@ -129,6 +129,21 @@ def command_line(run: SweepRun) -> str:
     return shlex.join(run.argv)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the sweep dies (even by ``kill -9``), so
+    that no orphaned trainer keeps writing into a run folder. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # the sweep died between fork and prctl
+        os._exit(1)
+
+
 @dataclass
 class SweepReport:
     done: list[SweepRun] = field(default_factory=list)
@@ -171,7 +186,7 @@ def run_sweep(
         log(f"[{i}/{len(todo)}] {run.status} {run.out}\n  $ {command_line(run)}")
         start = time.time()
         try:
-            proc = subprocess.run(run.argv, env=env, check=False)
+            proc = subprocess.run(run.argv, env=env, check=False, preexec_fn=_die_with_parent)
             rc = proc.returncode
         except OSError as e:
             report.failed.append((run, f"could not start: {e}"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .images import to_rgb
 from .tasks import find_task, normalize_name, tasks, unknown_task_message
 
 ENV_VAR = "VTAB_ROOT"
@@ -24,6 +25,17 @@ LIST_FILES: tuple[str, ...] = tuple(SPLITS.values())
 TRAIN_SPLITS = ("train", "trainval")
 
 PathLike = str | os.PathLike
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what a plain ``open(path, "w")`` (0o666) or ``mkdir`` (0o777) gets.
+
+    ``mkstemp``/``mkdtemp`` create private (0600/0700) entries; files the tools write are meant to be
+    shared like any other (a run folder on a cluster), so they are given this mode before the rename.
+    """
+    current = os.umask(0)
+    os.umask(current)
+    return mode & ~current
 
 
 def resolve_root(data_root: PathLike | None = None) -> Path:
@@ -174,7 +186,7 @@ def load_image(path: Path, where: str = "") -> Image.Image:
     listed = f" (listed at {where})" if where else ""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image {path}{listed} does not exist.") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .layout import LIST_FILES, SPLITS, resolve_root
+from .images import to_8bit
+from .layout import LIST_FILES, SPLITS, resolve_root, umask_mode
 from .sources import (
     SOURCE_NAMES,
     SOURCES,
@@ -45,7 +46,9 @@ DEFAULT_DOWNLOAD_ROOT = Path("data") / "downloads"
 
 
 def _savable(image: Image.Image) -> Image.Image:
-    """Gray stays gray ('L'); everything else becomes RGB (the loader converts gray to RGB)."""
+    """Gray stays gray ('L', 16-bit gray scaled to 8 bits); everything else becomes RGB (the loader
+    converts gray to RGB)."""
+    image = to_8bit(image)
     if image.mode == "L" or image.mode == "RGB":
         return image
     if image.mode == "1":
@@ -222,7 +225,11 @@ def _write_lists(tmp: Path, lines: dict[str, list[tuple[str, int]]], meta: dict)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``final``, replacing an old one only once ``tmp`` is whole."""
+    """Rename the finished ``tmp`` folder to ``final``, replacing an old one only once ``tmp`` is whole.
+
+    ``mkdtemp`` made ``tmp`` private (0700); the task folder gets the umask's mode like any ``mkdir``.
+    """
+    tmp.chmod(umask_mode(0o777))
     if final.exists():
         old = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.old"
         final.rename(old)

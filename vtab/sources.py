@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .images import to_rgb
 from .tasks import get_task
 
 # Seed of the fixed permutations that define pools where a source has no such split (e.g. the test
@@ -220,7 +221,7 @@ def _tv_sun397(root: Path, download: bool) -> TaskSplits:
 
     def get(i: int) -> tuple[Image.Image, int]:
         with Image.open(files[i]) as im:
-            return im.convert("RGB"), labels[i]
+            return to_rgb(im), labels[i]
 
     tr, va, te = _cut(_permuted(len(files)), 70, 80)
     note = "torchvision SUN397: 70/10/20 train/val/test over a fixed permutation (the sizes of sun397/tfds)"
@@ -249,7 +250,7 @@ def _tv_caltech101(root: Path, download: bool) -> TaskSplits:
 
     def get(i: int) -> tuple[Image.Image, int]:
         with Image.open(files[i]) as im:
-            return im.convert("RGB"), labels[i]
+            return to_rgb(im), labels[i]
 
     note = "torchvision Caltech101 files, 102 classes: 30 random images per class train (90/10 train/val), rest test"
     return TaskSplits(IndexedPool(get, tr), IndexedPool(get, va), IndexedPool(get, test), note=note)
@@ -272,7 +273,7 @@ def _tv_clevr(task: str) -> Builder:
                 else:
                     label = clevr_dist_label([o["pixel_coords"][2] for o in objects])
                 with Image.open(files[i]) as im:
-                    return im.convert("RGB"), label
+                    return to_rgb(im), label
 
             return IndexedPool(get, len(files) if positions is None else positions)
 
