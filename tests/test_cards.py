@@ -182,3 +182,41 @@ def test_index_lists_cards_and_repo_index_is_current(tmp_path):
     # The repo's own index matches the cards it holds.
     repo_readme = (ROOT / "model_cards" / "README.md").read_text()
     assert card_index(ROOT / "model_cards") in repo_readme
+
+
+def test_card_folder_carries_no_machine_paths(tmp_path):
+    weights = tmp_path / "secret_place" / "backbone.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"not really weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    make_run(run, pretrained_file=str(weights))
+    config = json.loads((run / "config.json").read_text())
+    config["argv"] += ["--pretrained-file", str(weights), "--data-root", "/data/vtab"]
+    (run / "config.json").write_text(json.dumps(config))
+    card_dir = tmp_path / "card"
+    write_card(run, card_dir)
+    for path in card_dir.iterdir():
+        text = path.read_text(errors="replace")
+        assert str(tmp_path) not in text and "/data/vtab" not in text, path.name
+    published = json.loads((card_dir / "train_config.json").read_text())
+    assert published["pretrained_file"] == "backbone.safetensors" and "data_root" not in published
+    assert len(published["pretrained_file_sha256"]) == 64
+    assert "backbone.safetensors" in (card_dir / "README.md").read_text()
+
+
+def test_index_refuses_or_marks_short_runs(tmp_path):
+    cards = tmp_path / "model_cards"
+    run = tmp_path / "runs" / "dtd"
+    run.mkdir(parents=True)
+    make_run(run)
+    config = json.loads((run / "config.json").read_text())
+    config["recipe_sources"] = {"epochs": "flag", "lr": "recipe:vtab"}  # --epochs 10 of the recipe's 100
+    (run / "config.json").write_text(json.dumps(config))
+    card = write_card(run, cards / "lora" / "dtd")
+    assert "Short run" in card.read_text() and "10 of the recipe's 100 epochs" in card.read_text()
+    with pytest.raises(ValueError, match="short run"):
+        write_index(cards)
+    assert not (cards / "README.md").exists()  # nothing written
+    text = write_index(cards, allow_short=True).read_text()
+    assert "short run: 10 of the recipe's 100 epochs" in text
