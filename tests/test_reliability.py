@@ -104,3 +104,24 @@ def test_killed_sweep_leaves_no_orphan_trainer(tmp_path):
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive, "the trainer outlived the killed sweep"
+
+
+def test_unreachable_source_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.datasets as tvd
+
+    from vtab.prepare import main
+
+    class Unreachable:
+        def __init__(self, root, download=False, **_):
+            (Path(root) / "dtd").mkdir(parents=True)
+            (Path(root) / "dtd" / "dtd-r1.0.1.tar.gz").write_bytes(b"partial")
+            raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(tvd, "DTD", Unreachable)
+    downloads = tmp_path / "downloads"
+    code = main(["--task", "dtd", "--out", str(tmp_path / "vtab"), "--download-root", str(downloads)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "source is unreachable" in err[0] and "Traceback" not in err[0]
+    assert not downloads.exists() and not (tmp_path / "vtab" / "dtd").exists()

@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -251,7 +252,25 @@ def build_splits(task: str, source: str, download_root: Path, download: bool, se
         )
     if name == "digits":
         return sklearn_digits(seed)
-    return SOURCES[source][name](download_root, download)
+    with _removed_on_failure(download_root):
+        return SOURCES[source][name](download_root, download)
+
+
+@contextmanager
+def _removed_on_failure(download_root: Path) -> Iterator[None]:
+    """On an exception, delete what the failed download created under ``download_root`` (the root too,
+    when it did not exist before): an unreachable source leaves nothing half-made behind."""
+    existed = download_root.exists()
+    before = set(download_root.iterdir()) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(download_root, ignore_errors=True)
+        elif download_root.is_dir():
+            for entry in set(download_root.iterdir()) - before:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        raise
 
 
 def sources_table() -> str:

@@ -176,6 +176,12 @@ def _tv_dataset(task: str, cls_name: str, root: Path, download: bool, **kwargs: 
         raise FileNotFoundError(
             f"torchvision's {cls_name} found no data for task {task!r} under {root}: {err}{hint}"
         ) from None
+    except OSError as err:  # urllib's URLError, a refused connection, a timeout: the source is unreachable
+        reason = " ".join(str(getattr(err, "reason", None) or err).split())
+        raise FileNotFoundError(
+            f"could not download torchvision's {cls_name} for task {task!r}: the source is unreachable "
+            f"({reason}); put its files under {root} and pass --no-download, or run where the network reaches it"
+        ) from None
 
 
 def _tv_pool(dataset: Any, positions: Sequence[int] | None = None) -> IndexedPool:
