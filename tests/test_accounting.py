@@ -255,3 +255,61 @@ def test_module_entry_point_and_prog(tmp_path):
     with pytest.raises(SystemExit) as err:
         cli_main(TINY_ARGV + ["--model-kwargs", "num_classes=3"], prog="petl-zoo bench")
     assert err.value.code == 2
+
+
+def bench_neat_module():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_neat
+
+    return bench_neat
+
+
+def test_bench_neat_builds_its_backbone_through_build_backbone(tmp_path):
+    bench_neat = bench_neat_module()
+    ref = tiny_weights(tmp_path / "w.safetensors", num_classes=7)
+    args = bench_neat.build_parser().parse_args(
+        TINY_ARGV + ["--pretrained-file", str(tmp_path / "w.safetensors")]
+    )
+    args.model_kwargs = ARCH
+    state = bench_neat.build(args).state_dict()
+    body = [k for k in ref if not k.startswith("head.")]
+    assert all(torch.equal(state[k], ref[k]) for k in body)  # the file's weights
+    assert state["head.weight"].shape == (10, 48)  # --num-classes 10: build_backbone drops the 7-class head
+    args.model_kwargs = {**ARCH, "embed_dim": 64, "num_heads": 4}
+    with pytest.raises(ValueError, match="cannot load pretrained file"):
+        bench_neat.build(args)
+    assert bench_neat.backbone_spec("proxy", {"depth": 2}) == (
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 4, "depth": 2},
+    )
+
+
+def test_bench_neat_runs_with_a_file_and_notes_random_weights_without(tmp_path, capsys):
+    bench_neat = bench_neat_module()
+    tiny_weights(tmp_path / "w.safetensors")
+    cheap = [
+        "--batch",
+        "2",
+        "--rank",
+        "2",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--num-classes",
+        "5",
+    ]
+    out = tmp_path / "out"
+    argv = TINY_ARGV + cheap + ["--pretrained-file", str(tmp_path / "w.safetensors"), "--out", str(out)]
+    assert bench_neat.main(argv) == 0
+    result = json.loads((out / "bench_neat.json").read_text())
+    assert result["setting"]["pretrained_file"] == str(tmp_path / "w.safetensors")
+    assert set(result["median_ms"]) == set(bench_neat.VARIANTS) and result["trainable"]["neat"] > 0
+    assert "random weights" not in capsys.readouterr().err
+    assert bench_neat.main(TINY_ARGV + cheap) == 0
+    assert "random weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_neat.main(TINY_ARGV + cheap + ["--pretrained-file", str(tmp_path / "missing.safetensors")])
+    assert "does not exist" in capsys.readouterr().err
