@@ -12,19 +12,25 @@ on it. Best (``test_acc_best``, the papers' convention) and last (``test_acc_las
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import vtab
+
+from .io import atomic_write_text
+
 __all__ = [
-    "VTAB_TASKS",
     "GROUPS",
+    "HEADERS",
     "TaskEntry",
     "vtab_catalog",
     "canonical_task",
@@ -35,48 +41,32 @@ __all__ = [
     "compute_table",
     "render",
     "vtab_table",
+    "main",
 ]
 
-GROUPS = ("natural", "specialized", "structured")
+GROUPS = vtab.GROUPS
 
-# (name, group, short header) in the VTAB-1K order used by VPT/NOAH/NEAT tables.
-VTAB_TASKS: tuple[tuple[str, str, str], ...] = (
-    ("cifar", "natural", "CIFAR-100"),
-    ("caltech101", "natural", "Caltech101"),
-    ("dtd", "natural", "DTD"),
-    ("oxford_flowers102", "natural", "Flowers102"),
-    ("oxford_iiit_pet", "natural", "Pets"),
-    ("svhn", "natural", "SVHN"),
-    ("sun397", "natural", "Sun397"),
-    ("patch_camelyon", "specialized", "Camelyon"),
-    ("eurosat", "specialized", "EuroSAT"),
-    ("resisc45", "specialized", "Resisc45"),
-    ("diabetic_retinopathy", "specialized", "Retinopathy"),
-    ("clevr_count", "structured", "Clevr-Count"),
-    ("clevr_dist", "structured", "Clevr-Dist"),
-    ("dmlab", "structured", "DMLab"),
-    ("kitti", "structured", "KITTI-Dist"),
-    ("dsprites_loc", "structured", "dSpr-Loc"),
-    ("dsprites_ori", "structured", "dSpr-Ori"),
-    ("smallnorb_azi", "structured", "sNORB-Azim"),
-    ("smallnorb_ele", "structured", "sNORB-Elev"),
-)
-
-_LOCAL_ALIASES = {
-    "cifar100": "cifar",
-    "caltech": "caltech101",
-    "flowers102": "oxford_flowers102",
-    "oxford_flowers": "oxford_flowers102",
-    "pets": "oxford_iiit_pet",
-    "sun": "sun397",
-    "camelyon": "patch_camelyon",
-    "retinopathy": "diabetic_retinopathy",
-    "clevr_distance": "clevr_dist",
-    "kitti_dist": "kitti",
-    "dsprites_location": "dsprites_loc",
-    "dsprites_orientation": "dsprites_ori",
-    "smallnorb_azimuth": "smallnorb_azi",
-    "smallnorb_elevation": "smallnorb_ele",
+# The short column header of each VTAB-1K task (the names, groups and order are vtab's: vtab.tasks()).
+HEADERS: dict[str, str] = {
+    "cifar": "CIFAR-100",
+    "caltech101": "Caltech101",
+    "dtd": "DTD",
+    "oxford_flowers102": "Flowers102",
+    "oxford_iiit_pet": "Pets",
+    "svhn": "SVHN",
+    "sun397": "Sun397",
+    "patch_camelyon": "Camelyon",
+    "eurosat": "EuroSAT",
+    "resisc45": "Resisc45",
+    "diabetic_retinopathy": "Retinopathy",
+    "clevr_count": "Clevr-Count",
+    "clevr_dist": "Clevr-Dist",
+    "dmlab": "DMLab",
+    "kitti": "KITTI-Dist",
+    "dsprites_loc": "dSpr-Loc",
+    "dsprites_ori": "dSpr-Ori",
+    "smallnorb_azi": "sNORB-Azim",
+    "smallnorb_ele": "sNORB-Elev",
 }
 
 
@@ -88,38 +78,15 @@ class TaskEntry:
 
 
 def vtab_catalog() -> list[TaskEntry]:
-    """The 19 VTAB-1K tasks in table order (names and groups from ``vtab.tasks()`` when it is importable)."""
-    headers = {name: header for name, _, header in VTAB_TASKS}
-    try:
-        import vtab
-
-        infos = list(vtab.tasks())
-    except (ImportError, AttributeError):
-        return [TaskEntry(n, g, h) for n, g, h in VTAB_TASKS]
-    by_name = {info.name: info for info in infos}
-    order = {name: i for i, (name, _, _) in enumerate(VTAB_TASKS)}
-    entries = [
-        TaskEntry(info.name, str(info.group).lower(), headers.get(info.name, info.name)) for info in infos
-    ]
-    # Keep the papers' column order for the names we know; unknown vtab names follow in vtab's order.
-    entries.sort(key=lambda e: order.get(e.name, len(order)))
-    if len(by_name) != len(VTAB_TASKS):
-        warnings.warn(f"vtab.tasks() lists {len(by_name)} tasks, expected 19", stacklevel=2)
-    return entries
+    """The 19 VTAB-1K tasks in table order: names, groups and order from ``vtab.tasks()``, with headers."""
+    return [TaskEntry(t.name, t.group, HEADERS.get(t.name, t.name)) for t in vtab.tasks()]
 
 
 def canonical_task(name: str) -> str:
-    """The catalog name of a task given a name or alias; unknown (custom) names come back unchanged."""
-    key = name.strip().lower().replace("-", "_")
-    known = {e.name for e in vtab_catalog()}
-    if key in known:
-        return key
-    try:
-        import vtab
-
-        return vtab.get_task(key).name
-    except Exception:  # noqa: BLE001 - vtab missing or the name is a custom task
-        return _LOCAL_ALIASES.get(key, name)
+    """The catalog name of a task given a name or alias (``vtab.find_task``); unknown (custom) names
+    come back unchanged."""
+    info = vtab.find_task(name)
+    return info.name if info is not None else name
 
 
 def _as_percent(value: Any) -> float | None:
@@ -320,56 +287,72 @@ def _title(table: Table) -> str:
     return f"VTAB-1K top-1 accuracy (%), {what}"
 
 
+def _markdown(table: Table, headers: list[str]) -> str:
+    lines = [f"**{_title(table)}**", "", "| " + " | ".join(headers) + " |"]
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * len(table.columns)) + "|")
+    for row, cells in table.rows:
+        vals = [row.name, row.model] + [_cell_text(k, cells[k]) for k, _ in table.columns]
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_number(key: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.4f}" if key == "params_m" else f"{value:.2f}"
+
+
+def _csv(table: Table) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    head = ["metric", "method", "label", "model"]
+    for k, _ in table.columns:
+        head += [k] if k in ("params_m", "tasks") else [k, f"{k}_std", f"{k}_n"]
+    writer.writerow(head)
+    for row, cells in table.rows:
+        vals: list[Any] = [table.metric, row.method, row.label, row.model]
+        for k, _ in table.columns:
+            c = cells[k]
+            if k == "tasks":
+                vals.append(int(c.mean) if c.mean is not None else "")
+                continue
+            vals.append(_csv_number(k, c.mean))
+            if k != "params_m":
+                vals += [_csv_number(k, c.std), c.n if c.mean is not None else ""]
+        writer.writerow(vals)
+    return buf.getvalue()
+
+
+def _latex(table: Table, headers: list[str]) -> str:
+    spec = "ll" + "r" * len(table.columns)
+    lines = [
+        f"% {_title(table)}",
+        r"\begin{tabular}{" + spec + "}",
+        r"\toprule",
+        " & ".join(_latex_escape(h) for h in headers) + r" \\",
+        r"\midrule",
+    ]
+    for row, cells in table.rows:
+        vals = [_latex_escape(row.name), _latex_escape(row.model)]
+        vals += [_cell_text(k, cells[k], pm=r" $\pm$ ") for k, _ in table.columns]
+        lines.append(" & ".join(vals) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+FORMATS = ("markdown", "csv", "latex")
+
+
 def render(table: Table, fmt: Literal["markdown", "csv", "latex"] = "markdown") -> str:
     """The table as Markdown, CSV (numbers, with ``<col>_std`` and ``<col>_n`` columns) or LaTeX (booktabs)."""
     headers = ["Method", "Model"] + [h for _, h in table.columns]
     if fmt == "markdown":
-        lines = [f"**{_title(table)}**", "", "| " + " | ".join(headers) + " |"]
-        lines.append("|" + "|".join(["---"] * 2 + ["---:"] * len(table.columns)) + "|")
-        for row, cells in table.rows:
-            vals = [row.name, row.model] + [_cell_text(k, cells[k]) for k, _ in table.columns]
-            lines.append("| " + " | ".join(vals) + " |")
-        return "\n".join(lines) + "\n"
+        return _markdown(table, headers)
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        head = ["metric", "method", "label", "model"]
-        for k, _ in table.columns:
-            head += [k] if k in ("params_m", "tasks") else [k, f"{k}_std", f"{k}_n"]
-        writer.writerow(head)
-        for row, cells in table.rows:
-            vals: list[Any] = [table.metric, row.method, row.label, row.model]
-            for k, _ in table.columns:
-                c = cells[k]
-                if k == "tasks":
-                    vals.append(int(c.mean) if c.mean is not None else "")
-                    continue
-                fmtv = (
-                    (lambda v: "" if v is None else f"{v:.4f}")
-                    if k == "params_m"
-                    else (lambda v: "" if v is None else f"{v:.2f}")
-                )
-                vals.append(fmtv(c.mean))
-                if k != "params_m":
-                    vals += [fmtv(c.std), c.n if c.mean is not None else ""]
-            writer.writerow(vals)
-        return buf.getvalue()
+        return _csv(table)
     if fmt == "latex":
-        spec = "ll" + "r" * len(table.columns)
-        lines = [
-            f"% {_title(table)}",
-            r"\begin{tabular}{" + spec + "}",
-            r"\toprule",
-            " & ".join(_latex_escape(h) for h in headers) + r" \\",
-            r"\midrule",
-        ]
-        for row, cells in table.rows:
-            vals = [_latex_escape(row.name), _latex_escape(row.model)]
-            vals += [_cell_text(k, cells[k], pm=r" $\pm$ ") for k, _ in table.columns]
-            lines.append(" & ".join(vals) + r" \\")
-        lines += [r"\bottomrule", r"\end{tabular}"]
-        return "\n".join(lines) + "\n"
-    raise ValueError(f"format '{fmt}' is not one of ['csv', 'latex', 'markdown']")
+        return _latex(table, headers)
+    raise ValueError(f"format '{fmt}' is not one of {sorted(FORMATS)}")
 
 
 def vtab_table(root: str | os.PathLike, fmt: Literal["markdown", "csv", "latex"] = "markdown") -> str:
@@ -381,3 +364,35 @@ def vtab_table(root: str | os.PathLike, fmt: Literal["markdown", "csv", "latex"]
     if fmt == "csv":
         return tables[0] + "".join(tables[1].splitlines(keepends=True)[1:])
     return "\n".join(tables)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The table's command line: print (or ``--out``: write atomically) the best and last tables."""
+    prog = prog or os.path.basename(sys.argv[0])
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Aggregate every result.json below a folder into the VTAB-1K table (best and last, separately).\n\n"
+            f"    {prog} runs/ [--format markdown|csv|latex] [--out FILE]\n\n"
+            "Blank cells are missing runs; a group mean with a missing task is blank (see the Tasks column)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("root", help="folder searched recursively for result.json")
+    p.add_argument("--format", choices=list(FORMATS), default="markdown")
+    p.add_argument("--out", default=None, help="write here (atomically) instead of stdout")
+    args = p.parse_args(argv)
+    try:
+        text = vtab_table(args.root, args.format)
+    except ValueError as e:
+        p.error(str(e))
+    if args.out:
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m petl_zoo.table"))

@@ -5,18 +5,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from petl_zoo.table import VTAB_TASKS, build_rows, collect_results, compute_table, render, vtab_table
+from petl_zoo.table import build_rows, collect_results, compute_table, render, vtab_catalog, vtab_table
 
 ROOT = Path(__file__).resolve().parents[1]
-NATURAL = [t for t, g, _ in VTAB_TASKS if g == "natural"]
-SPECIALIZED = [t for t, g, _ in VTAB_TASKS if g == "specialized"]
-STRUCTURED = [t for t, g, _ in VTAB_TASKS if g == "structured"]
+NATURAL = [e.name for e in vtab_catalog() if e.group == "natural"]
+SPECIALIZED = [e.name for e in vtab_catalog() if e.group == "specialized"]
+STRUCTURED = [e.name for e in vtab_catalog() if e.group == "structured"]
 
 # Hand numbers (percent): natural 10..70 -> 40.0; specialized 80, 82, 84, 86 -> 83.0;
 # structured 20..90 -> 55.0; mean of group means (40 + 83 + 55) / 3 = 59.333...; 19-task mean 1052 / 19.
@@ -196,3 +197,27 @@ def test_csv_and_cli(tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and "no result.json" in proc.stderr
+
+
+def test_catalog_is_vtabs_and_every_task_has_a_header():
+    import vtab
+    from petl_zoo.table import HEADERS, canonical_task
+
+    assert [(e.name, e.group) for e in vtab_catalog()] == [(t.name, t.group) for t in vtab.tasks()]
+    assert set(HEADERS) == {t.name for t in vtab.tasks()}
+    assert canonical_task("CIFAR-100") == "cifar" and canonical_task("pets") == "oxford_iiit_pet"
+    assert canonical_task("my_custom_task") == "my_custom_task"
+
+
+def test_module_entry_point_and_prog(capsys):
+    from petl_zoo.table import main
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "petl_zoo.table", "--help"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m petl_zoo.table") and "--format" in proc.stdout
+    with pytest.raises(SystemExit) as err:
+        main(["--help"], prog="petl-zoo table")
+    assert err.value.code == 0 and capsys.readouterr().out.startswith("usage: petl-zoo table")

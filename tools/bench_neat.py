@@ -1,8 +1,13 @@
 """Train-step time of NEAT against LoRA (same rank and targets) and a naive NEAT that builds delta_W.
 
-    python tools/bench_neat.py                                   # proxy ViT (img 32, depth 6), batch 64
+    python tools/bench_neat.py --pretrained-file ../shared/proxy/vit_tiny_fmnist32.safetensors
     python tools/bench_neat.py --model vit_small_patch16_224 --batch 8
-    python tools/bench_neat.py --profile                         # torch.profiler table of one neat step
+    python tools/bench_neat.py --profile                  # torch.profiler table of one step per variant
+
+``--model proxy`` (the default) is the shared proxy ViT's architecture (``vit_tiny_patch16_224`` at img 32,
+patch 4, depth 6); ``--model-kwargs KEY=VALUE ...`` adds or overrides architecture options. The backbone
+is built by ``petl_zoo.train.backbone.build_backbone``: with ``--pretrained-file`` its weights come from
+that file, without it they are random (the step time hardly depends on the weights).
 
 A train step is forward + cross-entropy + backward + AdamW step. Variants:
 
@@ -28,6 +33,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -35,11 +41,22 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import petl_zoo
+from petl_zoo.config import parse_key_values
 from petl_zoo.layers import AdaptedLinear, adapted_linears
 from petl_zoo.methods.neat import NeatDelta
+from petl_zoo.train.backbone import build_backbone
 
-PROXY = "/work/shared/proxy/vit_tiny_fmnist32.safetensors"
+# The architecture of the shared proxy ViT (its weights: ../shared/proxy/vit_tiny_fmnist32.safetensors).
+PROXY_MODEL = "vit_tiny_patch16_224"
+PROXY_KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 4, "depth": 6}
 VARIANTS = ("lora", "neat", "naive", "naive_peft")
+RATIOS = (
+    ("neat", "lora"),
+    ("naive", "lora"),
+    ("naive_peft", "lora"),
+    ("naive", "neat"),
+    ("naive_peft", "neat"),
+)
 
 
 class NaiveNeatLinear(nn.Module):
@@ -72,16 +89,21 @@ class NaiveNeatLinear(nn.Module):
         return F.linear(x, torch.cat(parts), self.base.bias)
 
 
+def backbone_spec(model: str, model_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(timm name, architecture options)``: ``proxy`` is the proxy ViT's architecture."""
+    if model == "proxy":
+        return PROXY_MODEL, {**PROXY_KWARGS, **model_kwargs}
+    return model, dict(model_kwargs)
+
+
 def build(args: argparse.Namespace) -> nn.Module:
-    kwargs = dict(num_classes=args.num_classes)
-    if args.model == "proxy":
-        kwargs.update(img_size=32, patch_size=4, depth=6, pretrained=True,
-                      pretrained_cfg_overlay=dict(file=PROXY))
-        return timm.create_model("vit_tiny_patch16_224", **kwargs)
-    return timm.create_model(args.model, **kwargs)
+    """The backbone through ``build_backbone``: weights from ``--pretrained-file``, else random."""
+    name, kwargs = backbone_spec(args.model, args.model_kwargs)
+    return build_backbone(name, args.num_classes, args.pretrained_file, pretrained=False, model_kwargs=kwargs)
 
 
 def make_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """The four variants, each on its own backbone with the same weights and the same NEAT/LoRA init."""
     targets = tuple(args.targets.split(","))
     variants = {}
     for name in VARIANTS:
@@ -104,15 +126,90 @@ def make_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     return variants
 
 
+def check_agreement(variants: dict[str, nn.Module], x: Tensor) -> None:
+    """The naive variants must give NEAT's logits (same parameters), or the comparison means nothing."""
+    with torch.no_grad():
+        ref = variants["neat"].eval()(x)
+        for name in ("naive", "naive_peft"):
+            err = (variants[name].eval()(x) - ref).abs().max().item()
+            print(f"neat vs {name} max |logit diff| = {err:.2e} (same parameters)")
+            if err > 1e-3:
+                raise SystemExit(f"{name} and neat disagree: the comparison would be meaningless")
+
+
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     opt.step()
 
 
-def main(argv: list[str] | None = None) -> int:
+def profile_steps(
+    variants: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], x: Tensor, y: Tensor
+):
+    """Print a torch.profiler table of one train step per variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in VARIANTS:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step(variants[name], opts[name], x, y)
+        print(f"--- {name}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def time_rounds(
+    variants: dict[str, nn.Module],
+    opts: dict[str, torch.optim.Optimizer],
+    x: Tensor,
+    y: Tensor,
+    rounds: int,
+    steps: int,
+) -> dict[str, list[float]]:
+    """Milliseconds per train step of every variant, one value per round (shuffled order per round)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(variants[name], opts[name], x, y)
+            times[name].append((time.perf_counter() - t0) / steps * 1e3)
+    return times
+
+
+def report(args: argparse.Namespace, counts: dict[str, int], times: dict[str, list[float]]) -> dict[str, Any]:
+    """Print the table and the ratios; return the result written to ``bench_neat.json``."""
+    med = {name: statistics.median(v) for name, v in times.items()}
+    ratio = {f"{a}/{b}": statistics.median(ta / tb for ta, tb in zip(times[a], times[b])) for a, b in RATIOS}
+    label = f"{args.model} batch {args.batch}, rank {args.rank}, targets {args.targets}, depth {args.depth}"
+    print(f"\n{label}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
+    print("| variant | trainable (head excl.) | ms / train step (median) | min | max |")
+    print("|---|---:|---:|---:|---:|")
+    for name in VARIANTS:
+        t = times[name]
+        print(f"| {name} | {counts[name]:,} | {med[name]:.1f} | {min(t):.1f} | {max(t):.1f} |")
+    print("ratios (median of per-round ratios): " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
+    return {
+        "setting": vars(args),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "trainable": counts,
+        "ms_per_step": times,
+        "median_ms": med,
+        "ratios": ratio,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="proxy", help="'proxy' (the shared small ViT) or a timm model name")
+    p.add_argument(
+        "--model", default="proxy", help="'proxy' (the proxy ViT's architecture) or a timm model name"
+    )
+    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="architecture options")
+    p.add_argument("--pretrained-file", default=None, help="backbone weights (.safetensors, .pth, .npz)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--depth", type=int, default=0, help="NEAT hidden pairs")
@@ -122,24 +219,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per variant")
+    p.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table of one step per variant"
+    )
     p.add_argument("--out", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    variants = make_variants(args)
+    try:
+        args.model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
+        variants = make_variants(args)
+    except (ValueError, FileNotFoundError) as err:  # bad model, options or weights file
+        p.error(" ".join(str(err).split()))
+    if args.pretrained_file is None:
+        print("note: no --pretrained-file, so the backbone has random weights", file=sys.stderr)
     size = variants["neat"].patch_embed.img_size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, *size, generator=g)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g)
-    with torch.no_grad():
-        ref = variants["neat"].eval()(x)
-        for name in ("naive", "naive_peft"):
-            err = (variants[name].eval()(x) - ref).abs().max().item()
-            print(f"neat vs {name} max |logit diff| = {err:.2e} (same parameters)")
-            if err > 1e-3:
-                raise SystemExit(f"{name} and neat disagree: the comparison would be meaningless")
+    check_agreement(variants, x)
     counts = {name: petl_zoo.trainable_parameters(m)["method"] for name, m in variants.items()}
     opts = {}
     for name, model in variants.items():
@@ -147,54 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         opts[name] = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         for _ in range(args.warmup):
             train_step(model, opts[name], x, y)
-
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        for name in VARIANTS:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                train_step(variants[name], opts[name], x, y)
-            print(f"--- {name}")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    rng = random.Random(0)
-    for _ in range(args.rounds):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(variants[name], opts[name], x, y)
-            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
-
-    med = {name: statistics.median(v) for name, v in times.items()}
-    ratio = {
-        f"{a}/{b}": statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
-        for a, b in (("neat", "lora"), ("naive", "lora"), ("naive_peft", "lora"), ("naive", "neat"),
-                     ("naive_peft", "neat"))
-    }
-    label = f"{args.model} batch {args.batch}, rank {args.rank}, targets {args.targets}, depth {args.depth}"
-    print(f"\n{label}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
-    print("| variant | trainable (head excl.) | ms / train step (median) | min | max |")
-    print("|---|---:|---:|---:|---:|")
-    for name in VARIANTS:
-        print(f"| {name} | {counts[name]:,} | {med[name]:.1f} | {min(times[name]):.1f} | {max(times[name]):.1f} |")
-    print("ratios (median of per-round ratios): " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
+        profile_steps(variants, opts, x, y)
+    result = report(args, counts, time_rounds(variants, opts, x, y, args.rounds, args.steps))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        result = {
-            "setting": vars(args),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "machine": platform.processor() or platform.machine(),
-            "trainable": counts,
-            "ms_per_step": times,
-            "median_ms": med,
-            "ratios": ratio,
-        }
         (out / "bench_neat.json").write_text(json.dumps(result, indent=2))
     return 0
 

@@ -1,79 +1,13 @@
 """Benchmark every registered method: params, stored bytes, GMACs, training throughput, memory, latency.
 
     python tools/benchmark.py --model vit_base_patch16_224 --methods all --batch 64 [--device cuda --amp bfloat16]
-    python tools/benchmark.py --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 depth=6 \
-        --methods lora,neat,full --opt neat:rank=8 --batch 64 --plot
 
-Writes benchmark.json, benchmark.csv, checks.json (and benchmark.png with --plot) to --out. See
-docs/benchmark.md; the logic lives in petl_zoo.accounting.
+The same as ``python -m petl_zoo.accounting``; the logic lives in petl_zoo.accounting (docs/benchmark.md).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-from petl_zoo import accounting
-from petl_zoo.config import parse_key_values
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--pretrained-file", default=None)
-    p.add_argument("--num-classes", type=int, default=100, help="head width (default 100)")
-    p.add_argument("--methods", default="all", help="'all' or a comma list (also lora_qkv, peft_lora)")
-    p.add_argument("--opt", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="per-method option, repeatable (e.g. neat:rank=8; peft_lora:rank=R sets the rank "
-                        "of both peft_lora and lora_qkv)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"], help="autocast dtype")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
-    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
-    p.add_argument("--memory", default="child", choices=["child", "inprocess", "off"],
-                   help="CPU peak-RSS measurement: fresh child process per method (honest), in process, or off")
-    p.add_argument("--out", default="runs/benchmark")
-    p.add_argument("--plot", action="store_true")
-    args = p.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        methods = accounting.default_methods(args.methods)
-        options = accounting.parse_method_options(args.opt)
-        model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
-    except ValueError as err:
-        p.error(str(err))
-    model_kwargs.setdefault("num_classes", args.num_classes)
-    rows = accounting.run_benchmark(
-        args.model, methods, batch=args.batch, device=args.device, model_kwargs=model_kwargs,
-        pretrained_file=args.pretrained_file, options=options, warmup=args.warmup, repeats=args.repeats,
-        steps=args.steps, amp=args.amp, flops=not args.no_flops, memory=args.memory,
-        log=lambda s: print(s, file=sys.stderr),
-    )
-    checks = accounting.compute_checks(rows)
-    meta = {
-        "model": args.model, "model_kwargs": model_kwargs, "batch": args.batch, "device": args.device,
-        "amp": args.amp, "threads": torch.get_num_threads(), "repeats": args.repeats, "steps": args.steps,
-        "torch": torch.__version__,
-    }
-    out = accounting.write_outputs(rows, checks, args.out, meta)
-    title = f"{args.model} {model_kwargs} batch {args.batch} {args.device} {args.amp or 'fp32'}"
-    if args.plot:
-        accounting.plot_results(rows, Path(out) / "benchmark.png", title)
-    print(title)
-    print(accounting.format_table(rows, checks))
-    print(f"wrote {out}")
-    return 0
-
+from petl_zoo.accounting.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

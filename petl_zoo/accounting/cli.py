@@ -1,0 +1,128 @@
+"""The benchmark's command line: ``python -m petl_zoo.accounting`` (and ``tools/benchmark.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import parse_key_values
+from .report import compute_checks, format_table, plot_results, write_outputs
+from .runner import MEMORY_MODES, run_benchmark
+from .variants import default_methods, parse_method_options
+
+__all__ = ["main", "build_parser"]
+
+_DESCRIPTION = """\
+Benchmark every registered method: params, stored bytes, GMACs, training throughput, memory, latency.
+
+    {prog} --model vit_base_patch16_224 --methods all --batch 64 --device cuda --amp bfloat16
+    {prog} --model vit_tiny_patch16_224 --model-kwargs img_size=32 patch_size=4 depth=6 \\
+        --methods lora,neat,full --opt neat:rank=8 --batch 64 --plot
+
+Writes benchmark.json, benchmark.csv, checks.json (and benchmark.png with --plot) to --out; prints the
+table and the checks. See docs/benchmark.md.
+"""
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The benchmark's argument parser; ``prog`` defaults to the basename of ``sys.argv[0]``."""
+    prog = prog or os.path.basename(sys.argv[0])
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=_DESCRIPTION.format(prog=prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pretrained-file", default=None, help="backbone weights (default: random, seed 0)")
+    p.add_argument("--num-classes", type=int, default=100, help="head width (default 100)")
+    p.add_argument("--methods", default="all", help="'all' or a comma list (also lora_qkv, peft_lora)")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="per-method option, repeatable (e.g. neat:rank=8; peft_lora:rank=R sets the rank "
+        "of both peft_lora and lora_qkv)",
+    )
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"], help="autocast dtype")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument(
+        "--memory",
+        default="child",
+        choices=list(MEMORY_MODES),
+        help="CPU peak-RSS measurement: fresh child process per method (honest), in process, or off",
+    )
+    p.add_argument("--out", default="runs/benchmark")
+    p.add_argument("--plot", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the benchmark from command-line arguments; progress on stderr, the table on stdout."""
+    p = build_parser(prog)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        methods = default_methods(args.methods)
+        options = parse_method_options(args.opt)
+        model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
+    except ValueError as err:
+        p.error(str(err))
+    if "num_classes" in model_kwargs:
+        p.error(
+            f"--model-kwargs num_classes={model_kwargs['num_classes']}: give the head width with --num-classes"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        rows = run_benchmark(
+            args.model,
+            methods,
+            batch=args.batch,
+            device=args.device,
+            num_classes=args.num_classes,
+            model_kwargs=model_kwargs,
+            pretrained_file=args.pretrained_file,
+            options=options,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            steps=args.steps,
+            amp=args.amp,
+            flops=not args.no_flops,
+            memory=args.memory,
+        )
+    except (ValueError, FileNotFoundError) as err:  # bad model, weights file or method option
+        p.error(" ".join(str(err).split()))
+    checks = compute_checks(rows)
+    meta = {
+        "model": args.model,
+        "num_classes": args.num_classes,
+        "model_kwargs": model_kwargs,
+        "batch": args.batch,
+        "device": args.device,
+        "amp": args.amp,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "torch": torch.__version__,
+    }
+    out = write_outputs(rows, checks, args.out, meta)
+    title = f"{args.model} {model_kwargs} {args.num_classes} classes batch {args.batch} {args.device} {args.amp or 'fp32'}"
+    if args.plot:
+        plot_results(rows, Path(out) / "benchmark.png", title)
+    print(title)
+    print(format_table(rows, checks))
+    print(f"wrote {out}")
+    return 0

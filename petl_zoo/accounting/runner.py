@@ -1,0 +1,210 @@
+"""The benchmark runner: every variant built on one backbone, timed interleaved, memory measured apart.
+
+:func:`run_benchmark` builds every requested method on a fresh copy of the backbone, times the
+training steps (forward + backward + ``on_after_backward`` + AdamW step) and inference of all
+variants interleaved in one process (round-robin over repeats, median), so load on a shared machine
+hits every method alike, and measures peak memory (CUDA ``max_memory_allocated`` growth, or the
+growth of the peak RSS of a fresh child process on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import is_mergeable, merge, method_of
+from .flops import count_gmacs, count_gmacs_torch, example_input
+from .memory import measure_memory, memory_in_child
+from .params import param_counts, stored_bytes
+from .timing import make_inference, make_train_step, timed
+from .variants import BASE, build_variant, model_factory
+
+__all__ = ["BenchRow", "run_benchmark"]
+
+logger = logging.getLogger(__name__)
+
+MEMORY_MODES = ("child", "inprocess", "off")
+
+
+@dataclass
+class BenchRow:
+    """One benchmark row: counts, bytes, GMACs, medians of the timings, peak memory."""
+
+    method: str
+    trainable_params: int = 0
+    method_params: int = 0
+    head_params: int = 0
+    stored_bytes: int | None = None
+    stored_bytes_no_head: int | None = None
+    gmacs: float | None = None
+    gmacs_torch: float | None = None
+    gmacs_merged: float | None = None
+    gmacs_torch_merged: float | None = None
+    train_ms: float | None = None
+    train_img_per_s: float | None = None
+    peak_mem_mb: float | None = None
+    infer_ms: float | None = None
+    infer_ms_merged: float | None = None
+    mergeable: bool = False
+    note: str = ""
+    train_times: list[float] = field(default_factory=list, repr=False)
+    infer_times: list[float] = field(default_factory=list, repr=False)
+    merged_times: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class _Built:
+    row: BenchRow
+    model: nn.Module
+    merged: nn.Module | None = None
+
+
+def _build(
+    name: str,
+    factory: Callable[[], nn.Module],
+    options: dict[str, dict[str, Any]],
+    device: torch.device,
+    flops: bool,
+) -> _Built:
+    """Build variant ``name`` and fill its static columns: counts, bytes, GMACs (unmerged and merged)."""
+    model, note = build_variant(name, factory, options)
+    model.to(device)
+    counts = param_counts(model)
+    row = BenchRow(
+        method=name,
+        trainable_params=counts["total"],
+        method_params=counts["method"],
+        head_params=counts["head"],
+        note=note,
+    )
+    mergeable = method_of(model) is not None and is_mergeable(model)
+    row.mergeable = name == BASE or mergeable
+    if name != BASE:
+        row.stored_bytes, row.stored_bytes_no_head = stored_bytes(model)
+    if flops:
+        x1 = example_input(model, 1, device)
+        row.gmacs = count_gmacs(model, x1)
+        row.gmacs_torch = count_gmacs_torch(model, x1)
+    built = _Built(row, model)
+    if mergeable:
+        built.merged = merge(copy.deepcopy(model), unload=True).eval()
+        if flops:
+            row.gmacs_merged = count_gmacs(built.merged, x1)
+            row.gmacs_torch_merged = count_gmacs_torch(built.merged, x1)
+    logger.info("built %s: %s trainable", name, f"{counts['total']:,}")
+    return built
+
+
+def _time_interleaved(
+    built: dict[str, _Built],
+    batch: int,
+    device: torch.device,
+    amp: torch.dtype | None,
+    warmup: int,
+    repeats: int,
+    steps: int,
+) -> None:
+    """Append one timing per round to every row: train step (not ``base``), inference, merged inference."""
+    x = example_input(built[BASE].model, batch, device)
+    num_classes = max(1, int(getattr(built[BASE].model, "num_classes", 2)))
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    trainers = {n: make_train_step(b.model.train(), x, y, amp) for n, b in built.items() if n != BASE}
+    inferers = {n: make_inference(b.model, x, amp) for n, b in built.items()}
+    merged = {n: make_inference(b.merged, x, amp) for n, b in built.items() if b.merged is not None}
+    for fn in trainers.values():
+        for _ in range(warmup):
+            fn()
+    for b in built.values():
+        b.model.eval()
+    for fn in list(inferers.values()) + list(merged.values()):
+        for _ in range(warmup):
+            fn()
+    for r in range(repeats):
+        for n, b in built.items():
+            if n in trainers:
+                b.model.train()
+                b.row.train_times.append(timed(trainers[n], steps, device))
+            b.model.eval()
+            b.row.infer_times.append(timed(inferers[n], steps, device))
+            if n in merged:
+                b.row.merged_times.append(timed(merged[n], steps, device))
+        logger.info("round %d/%d done", r + 1, repeats)
+
+
+def _summarise(rows: dict[str, BenchRow], batch: int) -> None:
+    """Medians of the per-round timings; ``base`` is its own merged model."""
+    for row in rows.values():
+        if row.train_times:
+            row.train_ms = 1e3 * statistics.median(row.train_times)
+            row.train_img_per_s = batch / (row.train_ms / 1e3)
+        row.infer_ms = 1e3 * statistics.median(row.infer_times)
+        if row.merged_times:
+            row.infer_ms_merged = 1e3 * statistics.median(row.merged_times)
+    if rows[BASE].infer_ms is not None:
+        rows[BASE].infer_ms_merged = rows[BASE].infer_ms
+
+
+def run_benchmark(
+    model_name: str,
+    methods: Sequence[str],
+    batch: int = 64,
+    device: str = "cpu",
+    num_classes: int = 100,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained_file: str | os.PathLike | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    steps: int = 3,
+    amp: str | None = None,
+    flops: bool = True,
+    memory: str = "child",
+) -> list[BenchRow]:
+    """Benchmark ``methods`` (plus a ``base`` row) on one timm model with a ``num_classes`` head.
+
+    Timings: each variant gets ``warmup`` steps, then ``repeats`` rounds; in each round every variant
+    runs ``steps`` timed steps in turn (interleaved), and the median over rounds is reported.
+    ``memory``: ``'child'`` (fresh process per method on CPU), ``'inprocess'`` or ``'off'``.
+    Progress goes to this module's logger.
+    """
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory mode {memory!r} is not one of {', '.join(MEMORY_MODES)}")
+    model_kwargs = dict(model_kwargs or {})
+    options = options or {}
+    dev = torch.device(device)
+    amp_dtype = getattr(torch, amp) if amp else None
+    pretrained_file = os.fspath(pretrained_file) if pretrained_file is not None else None
+    factory = model_factory(model_name, num_classes, model_kwargs, pretrained_file)
+    names = [BASE] + [m for m in methods if m != BASE]
+    built = {name: _build(name, factory, options, dev, flops) for name in names}
+    _time_interleaved(built, batch, dev, amp_dtype, warmup, repeats, steps)
+    rows = {name: b.row for name, b in built.items()}
+    _summarise(rows, batch)
+    del built
+    if memory != "off":
+        spec = {
+            "model": model_name,
+            "num_classes": num_classes,
+            "model_kwargs": model_kwargs,
+            "pretrained_file": pretrained_file,
+            "batch": batch,
+            "device": device,
+            "amp": amp,
+            "options": options,
+            "threads": torch.get_num_threads(),
+        }
+        for name in names[1:]:
+            if memory == "child" and dev.type == "cpu":
+                rows[name].peak_mem_mb = memory_in_child(spec, name)
+            else:
+                rows[name].peak_mem_mb = measure_memory(name, factory, batch, dev, amp_dtype, options)
+            logger.info("memory %s: %s", name, rows[name].peak_mem_mb)
+    return list(rows.values())

@@ -1,0 +1,149 @@
+"""What a benchmark compares: the backbone factory, the method list and each patched variant.
+
+Besides the registered methods there are three extra rows: ``base`` (the un-patched model, the
+inference reference), ``lora_qkv`` (our LoRA on the fused ``qkv``) and ``peft_lora`` (Hugging Face
+peft's LoRA on the same Linear, same rank) for the apples-to-apples LoRA comparison.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import classifier_parameters, create
+from ..config import parse_cli_value, split_key_value
+from ..registry import Method, get_method, method_names
+
+__all__ = [
+    "BASE",
+    "PEFT_LORA",
+    "LORA_QKV",
+    "model_factory",
+    "parse_method_options",
+    "default_methods",
+    "build_variant",
+]
+
+PEFT_LORA = "peft_lora"
+BASE = "base"  # the un-patched model: inference reference only
+LORA_QKV = "lora_qkv"
+DEFAULT_QKV_RANK = 8
+
+
+def model_factory(
+    model_name: str,
+    num_classes: int,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained_file: str | os.PathLike | None = None,
+) -> Callable[[], nn.Module]:
+    """A zero-argument callable that builds the backbone, with the same weights on every call.
+
+    The weights come from ``pretrained_file`` (through :func:`petl_zoo.train.backbone.build_backbone`)
+    or, without one, from a random initialisation under seed 0.
+    """
+    from ..train.backbone import build_backbone  # imports all of timm's models: only when building
+
+    kwargs = dict(model_kwargs or {})
+    torch.manual_seed(0)
+    reference = build_backbone(
+        model_name, num_classes, pretrained_file, pretrained=pretrained_file is not None, model_kwargs=kwargs
+    )
+    state = reference.state_dict()
+
+    def build() -> nn.Module:
+        model = build_backbone(model_name, num_classes, pretrained=False, model_kwargs=kwargs)
+        model.load_state_dict(state)
+        return model
+
+    return build
+
+
+def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``['neat:rank=8', 'lora:targets=q,v']`` -> ``{'neat': {'rank': 8}, 'lora': {'targets': 'q,v'}}``.
+
+    Values are parsed like the train tool's ``--opt`` (JSON when it parses, else the string); the
+    method's config dataclass coerces and validates them.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, value = split_key_value(item, "--opt (METHOD:KEY=VALUE, e.g. neat:rank=8)")
+        method, colon, key = head.partition(":")
+        if not colon or not method.strip() or not key.strip():
+            raise ValueError(f"bad --opt {item!r}: expected METHOD:KEY=VALUE, e.g. neat:rank=8")
+        out.setdefault(method.strip(), {})[key.strip()] = parse_cli_value(value)
+    return out
+
+
+def default_methods(requested: str) -> list[str]:
+    """``'all'`` -> every registered method plus ``lora_qkv`` and ``peft_lora``; else the comma list."""
+    if requested.strip() == "all":
+        names = list(method_names()) + [LORA_QKV]
+        try:
+            import peft  # noqa: F401
+
+            names.append(PEFT_LORA)
+        except ImportError:
+            pass
+        return names
+    names = [n.strip() for n in requested.split(",") if n.strip()]
+    valid = set(method_names()) | {BASE, PEFT_LORA, LORA_QKV}
+    for n in names:
+        if n not in valid:
+            raise ValueError(f"unknown method {n!r}; valid: all, {', '.join(sorted(valid))}")
+    return names
+
+
+def _note(cls: type[Method]) -> str:
+    """Methods that decide their structure during training are benchmarked in their initial state."""
+    hooks = [h for h in ("on_train_start", "on_epoch_end") if getattr(cls, h) is not getattr(Method, h)]
+    return "initial (unpruned/unmasked) structure; decided during training" if hooks else ""
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _qkv_rank(options: dict[str, dict[str, Any]]) -> int:
+    """The rank of both fused-``qkv`` LoRA rows (``--opt peft_lora:rank=R``)."""
+    return int(options.get(PEFT_LORA, {}).get("rank", DEFAULT_QKV_RANK))
+
+
+def _peft_lora(model: nn.Module, rank: int) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["qkv"], lora_dropout=0.0)
+    model = inject_adapter_in_model(config, _freeze(model))
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    for p in classifier_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def build_variant(
+    name: str, factory: Callable[[], nn.Module], options: dict[str, dict[str, Any]] | None = None
+) -> tuple[nn.Module, str]:
+    """A fresh backbone from ``factory`` patched as ``name``; returns ``(model, note)``.
+
+    ``name`` is a registered method, ``base`` (un-patched), ``peft_lora`` (HF peft LoRA on the fused
+    ``qkv``, rank from ``--opt peft_lora:rank=R``, default 8) or ``lora_qkv`` (our LoRA on the fused
+    ``qkv``, same rank: the apples-to-apples row against peft).
+    """
+    options = options or {}
+    model = factory()
+    if name == BASE:
+        return _freeze(model), "un-patched model (inference reference)"
+    if name == PEFT_LORA:
+        rank = _qkv_rank(options)
+        return _peft_lora(model, rank), f"HF peft LoRA r={rank} on fused qkv"
+    if name == LORA_QKV:
+        rank = _qkv_rank(options)
+        return create("lora", model, rank=rank, targets=("qkv",)), f"petl_zoo lora r={rank} on fused qkv"
+    cls = get_method(name)
+    return create(name, model, **options.get(name, {})), _note(cls)
