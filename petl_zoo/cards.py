@@ -213,17 +213,35 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
         pretrained=pretrained or bool(pretrained_file),
         base_weights=base_weights,
         model_kwargs_py=kwargs_py,
-        mergeable=_mergeable(method),
+        mergeable=_mergeable(run["dir"], model, model_kwargs),
         has_metrics=(run["dir"] / "metrics.jsonl").is_file(),
     )
 
 
-def _mergeable(method: str) -> bool:
-    from .registry import get_method
+def _mergeable(run_dir: Path, model: str, model_kwargs: dict[str, Any]) -> bool:
+    """Whether the run's adapter merges, as ``save_adapter`` recorded it in ``adapter_config.json``.
 
+    Folders written before that was recorded: rebuild the saved structure on a meta-device ``model``
+    (shapes only, no memory) and ask ``is_mergeable``; False (no merge line) when that is impossible.
+    """
+    import logging
+
+    import timm
+    import torch
+
+    from .api import create, is_mergeable, method_of, read_adapter_config
+
+    adapter = read_adapter_config(run_dir)
+    if "mergeable" in adapter:
+        return bool(adapter["mergeable"])
     try:
-        return bool(get_method(method).mergeable)
-    except ValueError:
+        with torch.device("meta"):
+            net = timm.create_model(model, pretrained=False, **model_kwargs)
+            create(adapter["method"], net, **adapter.get("config", {}))
+            method_of(net).set_state(net, adapter.get("state", {}))
+        return is_mergeable(net)
+    except Exception as err:  # noqa: BLE001 - unknown model or method, or an older format: say nothing
+        logging.getLogger(__name__).warning("%s: cannot tell whether the adapter merges (%s)", run_dir, err)
         return False
 
 
