@@ -57,6 +57,11 @@ def perturb_(
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
 
 
+def pre_hook_count(model: torch.nn.Module) -> int:
+    """Forward pre-hooks registered anywhere in ``model``."""
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
 @pytest.fixture
 def isolated_registry():
     """Methods that the test registers are unregistered when it ends (pass or fail)."""

@@ -21,7 +21,7 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb_, tiny_swin, tiny_vit
+from conftest import perturb_, pre_hook_count, tiny_swin, tiny_vit
 from torch import nn
 
 import petl_zoo
@@ -59,10 +59,6 @@ def method_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The method's trainable tensors (the head excluded)."""
     head = head_ids(model)
     return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
-
-
-def pre_hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_pre_hooks) for m in model.modules())
 
 
 def settle_structure(model: nn.Module, data) -> None:
@@ -137,7 +133,7 @@ def check_merge(
         assert torch.equal(model(x), tuned)
 
     plain = petl_zoo.merge(copy.deepcopy(model), unload=True)
-    assert petl_zoo.method_of(plain) is None and pre_hooks(plain) == 0
+    assert petl_zoo.method_of(plain) is None and pre_hook_count(plain) == 0
     assert not any(isinstance(m, (AdaptedLinear, AdaptedModule)) for m in plain.modules())
     assert plain.state_dict().keys() == pristine.state_dict().keys()  # a plain timm model again
     with torch.no_grad():

@@ -7,7 +7,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import BUILDERS, perturb_, tiny_swin, tiny_vit
+from conftest import BUILDERS, perturb_, pre_hook_count, tiny_swin, tiny_vit
 from torch import nn
 from torch.nn import functional as F
 
@@ -420,31 +420,27 @@ def test_options_are_validated():
         model.petl_method.set_state(model, {"masks": []})
 
 
-def pre_hooks(model: nn.Module) -> int:
-    return sum(len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_head_gate_hooks_have_one_owner_and_merge_unload_folds_them(images):
     model = heat_model("vit", mask="head").eval()
     perturb_(model)
     method = model.petl_method
     method.set_state(model, {"kept_heads": [[0, 2], [1]]})
-    assert len(method.hooks) == pre_hooks(model) == 2
+    assert len(method.hooks) == pre_hook_count(model) == 2
     with torch.no_grad():
         tuned = model(images)
 
     petl_zoo.merge(model)  # a merge that keeps the method keeps the gates
-    assert pre_hooks(model) == 2
+    assert pre_hook_count(model) == 2
     petl_zoo.unmerge(model)
 
     plain = petl_zoo.merge(copy.deepcopy(model), unload=True)
-    assert pre_hooks(plain) == 0 and petl_zoo.method_of(plain) is None
+    assert pre_hook_count(plain) == 0 and petl_zoo.method_of(plain) is None
     assert not any(hasattr(b.attn, "heat_gate") for b in plain.blocks)
     assert not any(isinstance(m, AdaptedLinear) for m in plain.modules())
     proj = plain.blocks[0].attn.proj.weight
     assert torch.equal(proj[:, 16:32], torch.zeros_like(proj[:, 16:32]))  # head 1's input columns
     with torch.no_grad():
         torch.testing.assert_close(plain(images), tuned, atol=1e-5, rtol=0)
-    assert pre_hooks(model) == 2  # the copy's hooks were its own
+    assert pre_hook_count(model) == 2  # the copy's hooks were its own
 
-    assert method.hooks.remove() == 2 and pre_hooks(model) == 0 and len(method.hooks) == 0
+    assert method.hooks.remove() == 2 and pre_hook_count(model) == 0 and len(method.hooks) == 0

@@ -8,7 +8,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import BUILDERS, perturb_, tiny_swin, tiny_vit
+from conftest import BUILDERS, perturb_, pre_hook_count, tiny_swin, tiny_vit
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
@@ -319,12 +319,13 @@ def test_merge_is_refused_clearly():
 
 
 def test_swin_image_count_hooks_have_one_owner():
-    pre_hooks = lambda m: sum(len(x._forward_pre_hooks) for x in m.modules())  # noqa: E731
-    assert pre_hooks(petl_zoo.create("lily", tiny_swin(), rank=4, num_experts=2)) == 0  # batch mixing: none
+    assert (
+        pre_hook_count(petl_zoo.create("lily", tiny_swin(), rank=4, num_experts=2)) == 0
+    )  # batch mixing: none
     model = petl_zoo.create("lily", tiny_swin(depths=(2, 2)), rank=4, num_experts=2, mixing="sample")
     method = model.petl_method
-    assert len(method.hooks) == pre_hooks(model) == 4  # one per block
+    assert len(method.hooks) == pre_hook_count(model) == 4  # one per block
     clone = copy.deepcopy(model)
     assert clone.petl_method.hooks.remove() == 4
-    assert pre_hooks(clone) == 0 and pre_hooks(model) == 4  # the copy's handles point at the copy
-    assert method.hooks.remove() == 4 and pre_hooks(model) == 0
+    assert pre_hook_count(clone) == 0 and pre_hook_count(model) == 4  # the copy's handles point at the copy
+    assert method.hooks.remove() == 4 and pre_hook_count(model) == 0
