@@ -1,5 +1,7 @@
 """petl_zoo: parameter-efficient transfer learning methods for timm ViT and Swin.
 
+Usage::
+
     import timm, petl_zoo
     model = timm.create_model('vit_base_patch16_224', num_classes=47)
     model = petl_zoo.create('lora', model, rank=8, targets=('q', 'v'))
@@ -25,8 +27,16 @@ from .api import (
 )
 from .config import MethodConfig
 from .hub import from_pretrained, push_to_hub
-from .layers import AdaptedLinear, AdaptedModule, LinearDelta, PetlModule
-from .registry import Method, TrainContext, get_method, list_methods, method_names, register_method
+from .layers import AdaptedLinear, AdaptedModule, Delta, HookRegistry, LinearDelta, PetlModule
+from .registry import (
+    Method,
+    TrainContext,
+    get_method,
+    list_methods,
+    method_names,
+    register_method,
+    unregister_method,
+)
 
 __version__ = "0.1.0"
 
@@ -35,6 +45,8 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "AdaptedLinear",
     "AdaptedModule",
+    "Delta",
+    "HookRegistry",
     "LinearDelta",
     "Method",
     "MethodConfig",
@@ -59,4 +71,5 @@ __all__ = [
     "save_adapter",
     "trainable_parameters",
     "unmerge",
+    "unregister_method",
 ]

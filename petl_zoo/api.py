@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .io import atomic_write, atomic_write_json, sha256_file
-from .layers import PetlModule, adapted_linears, unload_wrappers
+from .layers import PetlModule, adapted_linears, unload_wrappers, unmergeable_deltas
 from .registry import Method, get_method
 from .targets import model_family
 
@@ -114,8 +114,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, tensor in named:
         if id(tensor) in seen:
             continue
-        if id(tensor) in method_ids or id(tensor) in head_ids or (
-            isinstance(tensor, nn.Parameter) and tensor.requires_grad
+        if (
+            id(tensor) in method_ids
+            or id(tensor) in head_ids
+            or (isinstance(tensor, nn.Parameter) and tensor.requires_grad)
         ):
             seen.add(id(tensor))
             state[name] = tensor
@@ -202,9 +204,12 @@ def save_adapter(
         "num_classes": getattr(model, "num_classes", None),
         "tensors": {k: list(v.shape) for k, v in state.items()},
         "trainable_parameters": trainable_parameters(model),
+        "mergeable": is_mergeable(model),
         "timm_version": _timm_version(),
     }
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"method": method.name}))
+    atomic_write(
+        directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"method": method.name})
+    )
     config["weights_sha256"] = sha256_file(directory / ADAPTER_WEIGHTS)
     atomic_write_json(directory / ADAPTER_CONFIG, config)
     return directory
@@ -281,9 +286,7 @@ def load_adapter_weights(
             parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s), e.g. {unexpected[0]!r}")
-        raise ValueError(
-            f"{source} does not fit this model with method '{method.name}': " + "; ".join(parts)
-        )
+        raise ValueError(f"{source} does not fit this model with method '{method.name}': " + "; ".join(parts))
     with torch.no_grad():
         for name, tensor in tensors.items():
             if name not in expected:
@@ -298,30 +301,39 @@ def load_adapter_weights(
 
 
 def is_mergeable(model: nn.Module) -> bool:
-    """Whether :func:`merge` can fold the method attached to ``model`` into its weights."""
-    return bool(_require_method(model).mergeable)
+    """Whether :func:`merge` can fold the method attached to ``model`` into its weights.
+
+    Derived from what is attached: every delta on a Linear has a weight-space form, and no delta sits on
+    a module (those depend on the input). A method that attaches nothing (``linear``, ``full``,
+    ``bitfit``) merges trivially.
+    """
+    _require_method(model)
+    return not unmergeable_deltas(model)
 
 
 def merge(model: nn.Module, unload: bool = False) -> nn.Module:
     """Fold weight-space updates into the frozen base weights (zero inference overhead).
 
-    With ``unload=True`` the wrappers are also replaced by the plain timm layers (irreversible: the
-    model no longer carries the method). A second merge of a merged model is a ValueError.
+    With ``unload=True`` the wrappers are also replaced by the plain timm layers and the method's hooks
+    are folded or removed (irreversible: the model no longer carries the method). A model that is not
+    :func:`is_mergeable` and a second merge of a merged model are ValueErrors.
     """
     method = _require_method(model)
-    if not method.mergeable:
+    blockers = unmergeable_deltas(model)
+    if blockers:
+        more = f" and {len(blockers) - 1} more" if len(blockers) > 1 else ""
         raise ValueError(
             f"method '{method.name}' cannot be merged: its update depends on the input, not only on the "
-            "weights, so it has no weight-space form"
+            f"weights, so it has no weight-space form ({blockers[0]}{more})"
         )
-    layers = [layer for _, layer in adapted_linears(model)]
     if getattr(model, "petl_merged", False):
         raise ValueError("model is already merged; call petl_zoo.unmerge(model) first")
-    for layer in layers:
+    for _, layer in adapted_linears(model):
         layer.merge()
     model.petl_merged = True
     if unload:
         unload_wrappers(model)
+        method.unload(model)
         model.petl_method = None
         model.petl_merged = False
     return model
@@ -340,4 +352,3 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def is_merged(model: nn.Module) -> bool:
     return bool(getattr(model, "petl_merged", False))
-

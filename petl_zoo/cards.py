@@ -313,7 +313,7 @@ def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> d
         base_weights=base_weights,
         weights_file=weights_file,
         model_kwargs_py="".join(f", {k}={v!r}" for k, v in model_kwargs.items()),
-        mergeable=_mergeable(run["dir"], ident["method"]),
+        mergeable=_mergeable(run["dir"], ident["model"], model_kwargs),
         short_run=short_run(config, result),
         has_metrics=(run["dir"] / "metrics.jsonl").is_file(),
     )
@@ -334,12 +334,30 @@ def build_card(run_dir: str | os.PathLike, template_path: str | os.PathLike | No
     )
 
 
-def _mergeable(run_dir: Path, method: str) -> bool:
-    from .registry import get_method
+def _mergeable(run_dir: Path, model: str, model_kwargs: dict[str, Any]) -> bool:
+    """Whether the run's adapter merges, as ``save_adapter`` recorded it in ``adapter_config.json``.
 
+    Folders written before that was recorded: rebuild the saved structure on a meta-device ``model``
+    (shapes only, no memory) and ask ``is_mergeable``; False (no merge line) when that is impossible.
+    """
+    import logging
+
+    import timm
+    import torch
+
+    from .api import create, is_mergeable, method_of, read_adapter_config
+
+    adapter = read_adapter_config(run_dir)
+    if "mergeable" in adapter:
+        return bool(adapter["mergeable"])
     try:
-        return bool(get_method(method).mergeable)
-    except ValueError:
+        with torch.device("meta"):
+            net = timm.create_model(model, pretrained=False, **model_kwargs)
+            create(adapter["method"], net, **adapter.get("config", {}))
+            method_of(net).set_state(net, adapter.get("state", {}))
+        return is_mergeable(net)
+    except Exception as err:  # noqa: BLE001 - unknown model or method, or an older format: say nothing
+        logging.getLogger(__name__).warning("%s: cannot tell whether the adapter merges (%s)", run_dir, err)
         return False
 
 

@@ -1,10 +1,18 @@
-"""Wrappers that attach method modules to timm layers without rewriting timm's forwards.
+"""How methods attach to timm layers without rewriting timm's forwards: one delta protocol, two wrappers.
 
-- :class:`AdaptedLinear` keeps a frozen ``nn.Linear`` and adds :class:`LinearDelta` updates to output
-  slices of it: ``y = x W0^T + b`` then ``y[..., start:stop] += delta(x, W0[start:stop])``. A delta that
-  lives in weight space can be folded into ``W0`` (:meth:`AdaptedLinear.merge`) and taken out exactly.
-- :class:`AdaptedModule` keeps a timm sub-module (``Mlp``, ``Attention``, a block) and adds parallel
-  adapters (``out = base(x) + a(x)``) and sequential ones (``out = a(base(x))``).
+Every method module is a :class:`Delta`: ``forward(x, weight)`` returns an **additive update**.
+
+- On a Linear (:class:`AdaptedLinear`), ``weight`` is the frozen weight slice ``W0[start:stop]`` and the
+  update is added to that output slice: ``y = x W0^T + b`` then ``y[..., start:stop] += d(x, W0[start:stop])``.
+  A delta with a weight-space form sets ``mergeable = True`` and implements ``delta_weight(weight)``: it
+  can be folded into ``W0`` (:meth:`AdaptedLinear.merge`) and taken out exactly.
+- On a timm sub-module (:class:`AdaptedModule`: an ``Mlp``, ``Attention`` or block), ``weight`` is None.
+  Parallel deltas see the module's input, ``out = base(x) + d(x, None)``; sequential ones its output,
+  ``out = m + d(m, None)`` with ``m = base(x)``. These depend on the input and never merge.
+
+Whether a model merges is derived from what is attached (:func:`unmergeable_deltas`), never declared by
+the method. Forward pre-hooks that a method puts on timm modules are owned by one :class:`HookRegistry`
+(``Method.hooks``), which removes them all.
 
 Every tensor that lives under a :class:`PetlModule` belongs to the method: it is saved by
 ``save_adapter`` and counted as the method's.
@@ -12,21 +20,26 @@ Every tensor that lives under a :class:`PetlModule` belongs to the method: it is
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .targets import LinearSite, ModuleSite
 
 __all__ = [
     "PetlModule",
+    "Delta",
     "LinearDelta",
     "AdaptedLinear",
     "AdaptedModule",
+    "HookRegistry",
     "adapt_linear",
     "adapt_module",
     "adapted_linears",
+    "unmergeable_deltas",
     "unload_wrappers",
 ]
 
@@ -35,21 +48,51 @@ class PetlModule(nn.Module):
     """Marker base class: parameters and persistent buffers below it are the method's own."""
 
 
-class LinearDelta(PetlModule):
-    """A trainable update of the output slice of a frozen Linear.
+class Delta(PetlModule):
+    """A method's trainable update; the one protocol of every method module (see the module docstring).
 
-    ``forward(x, weight)`` returns the slice's additive update for input ``x`` (shape ``[..., stop-start]``),
-    given the frozen weight slice ``weight`` (``[stop-start, in]``). Deltas that live in weight space set
+    ``forward(x, weight)`` returns the additive update for input ``x``: ``weight`` is the frozen weight
+    slice (``[stop-start, in]``) on a Linear and None on a module. Deltas that live in weight space set
     ``mergeable = True`` and implement ``delta_weight(weight)`` (``[stop-start, in]``).
     """
 
     mergeable: bool = False
 
-    def forward(self, x: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         raise ValueError(f"{type(self).__name__} has no weight-space form and cannot be merged")
+
+
+#: The former name of :class:`Delta` (a delta on a Linear slice), kept for existing code.
+LinearDelta = Delta
+
+
+class HookRegistry:
+    """The forward pre-hooks one method registered on timm modules, removable together.
+
+    Handles survive ``copy.deepcopy`` of the model that holds the method (they then point at the copy).
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add_forward_pre_hook(self, module: nn.Module, hook: Callable[..., Any]) -> RemovableHandle:
+        handle = module.register_forward_pre_hook(hook)
+        self._handles.append(handle)
+        return handle
+
+    def remove(self) -> int:
+        """Remove every hook registered through this registry; returns how many there were."""
+        count = len(self._handles)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return count
+
+    def __len__(self) -> int:
+        return len(self._handles)
 
 
 class _Wrapper(nn.Module):
@@ -77,7 +120,7 @@ class AdaptedLinear(_Wrapper):
         self.merged = False
         self._original_weight: Tensor | None = None
 
-    def add_delta(self, name: str, delta: LinearDelta, start: int, stop: int) -> None:
+    def add_delta(self, name: str, delta: Delta, start: int, stop: int) -> None:
         if name in self.deltas:
             raise ValueError(f"a delta named {name!r} is already attached to this layer")
         if not 0 <= start < stop <= self.base.out_features:
@@ -85,7 +128,7 @@ class AdaptedLinear(_Wrapper):
         self.deltas[name] = delta
         self.slices[name] = (start, stop)
 
-    def remove_delta(self, name: str) -> LinearDelta:
+    def remove_delta(self, name: str) -> Delta:
         delta = self.deltas.pop(name)
         del self.slices[name]
         return delta
@@ -104,10 +147,6 @@ class AdaptedLinear(_Wrapper):
             else:
                 y[..., start:stop] += update
         return y
-
-    @property
-    def mergeable(self) -> bool:
-        return all(d.mergeable for d in self.deltas.values())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -136,7 +175,7 @@ class AdaptedLinear(_Wrapper):
 
 
 class AdaptedModule(_Wrapper):
-    """A timm sub-module plus parallel adapters (on its input) and sequential ones (on its output)."""
+    """A timm sub-module plus parallel deltas (on its input) and sequential ones (on its output)."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -146,18 +185,21 @@ class AdaptedModule(_Wrapper):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base(x, *args, **kwargs)
-        for adapter in self.parallel.values():
-            out = out + adapter(x)
-        for adapter in self.sequential.values():
-            out = adapter(out)
+        for delta in self.parallel.values():
+            out = out + delta(x, None)
+        for delta in self.sequential.values():
+            out = out + delta(out, None)
         return out
 
 
 def adapt_linear(site: LinearSite) -> AdaptedLinear:
-    """The :class:`AdaptedLinear` at ``site``, wrapping the Linear there on first use."""
+    """The :class:`AdaptedLinear` at ``site``, wrapping the Linear there on first use (after the site's
+    ``before_adapt`` step, which makes the host's forward call the Linear: see :mod:`petl_zoo.targets`)."""
     current = site.linear
     if isinstance(current, AdaptedLinear):
         return current
+    if site.before_adapt is not None:
+        site.before_adapt()
     wrapper = AdaptedLinear(current)
     setattr(site.parent, site.attr, wrapper)
     return wrapper
@@ -179,6 +221,26 @@ def adapted_linears(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
             yield name, module
 
 
+def unmergeable_deltas(model: nn.Module) -> list[str]:
+    """Why the updates attached to ``model`` have no weight-space form: one entry per delta that blocks a
+    merge (a delta on a Linear without one, or any delta on a module); empty when the model merges."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLinear):
+            found += [
+                f"{name}.deltas.{key} ({type(d).__name__})"
+                for key, d in module.deltas.items()
+                if not d.mergeable
+            ]
+        elif isinstance(module, AdaptedModule):
+            for kind in ("parallel", "sequential"):
+                found += [
+                    f"{name}.{kind}.{key} ({type(d).__name__} on a module)"
+                    for key, d in getattr(module, kind).items()
+                ]
+    return found
+
+
 def unload_wrappers(model: nn.Module) -> int:
     """Replace every wrapper by the timm module it wraps (its updates must be merged first).
 
@@ -192,7 +254,7 @@ def unload_wrappers(model: nn.Module) -> int:
         if isinstance(module, AdaptedLinear) and len(module.deltas) and not module.merged:
             raise ValueError(f"{name} holds unmerged updates; merge before unloading")
         if isinstance(module, AdaptedModule) and (len(module.parallel) or len(module.sequential)):
-            raise ValueError(f"{name} holds input-dependent adapters that cannot be unloaded")
+            raise ValueError(f"{name} holds input-dependent deltas that cannot be unloaded")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module.base)

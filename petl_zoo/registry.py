@@ -12,8 +12,17 @@ import torch
 from torch import nn
 
 from .config import MethodConfig
+from .layers import HookRegistry
 
-__all__ = ["Method", "TrainContext", "register_method", "get_method", "list_methods", "method_names"]
+__all__ = [
+    "Method",
+    "TrainContext",
+    "register_method",
+    "unregister_method",
+    "get_method",
+    "list_methods",
+    "method_names",
+]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -42,9 +51,12 @@ class Method:
     """Base class of a PETL method: a typed config plus an injector that patches one model in place.
 
     Subclasses set ``config_class`` (a :class:`MethodConfig` dataclass whose defaults are the paper's
-    VTAB-1K setting) and implement :meth:`apply`. ``create`` freezes the backbone before ``apply`` and
-    makes the classifier head trainable after it, so parameters that ``apply`` adds are trainable
-    unless the method sets ``requires_grad=False`` on them.
+    VTAB-1K setting) and implement :meth:`apply`, which attaches :class:`~petl_zoo.layers.Delta` modules
+    through :mod:`petl_zoo.layers`. ``create`` freezes the backbone before ``apply`` and makes the
+    classifier head trainable after it, so parameters that ``apply`` adds are trainable unless the method
+    sets ``requires_grad=False`` on them. Whether the model merges follows from the attached deltas
+    (``petl_zoo.is_mergeable``); ``identity_at_init`` says that the patched model computes exactly what
+    the unpatched one did (the contract test checks it). Forward pre-hooks go through ``self.hooks``.
 
     Methods whose structure changes during training (pruning, masking) return that structure from
     :meth:`get_state` (JSON-ready) and rebuild it in :meth:`set_state`; ``save_adapter`` stores it and
@@ -56,15 +68,23 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
-    mergeable: ClassVar[bool] = False
+    #: True when the patched model's outputs equal the unpatched model's until training moves them.
+    identity_at_init: ClassVar[bool] = False
     #: Training-recipe values from the paper that override the shared VTAB recipe (e.g. {"lr": 1e-3}).
     recipe: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+        self.hooks = HookRegistry()
 
     def apply(self, model: nn.Module) -> None:
         raise NotImplementedError
+
+    def unload(self, model: nn.Module) -> None:
+        """Called by ``merge(unload=True)`` once the deltas are folded and the wrappers replaced: leave a
+        plain timm model. Removes the method's hooks; a method whose hooks are part of the function folds
+        them into the weights first (HEAT's head gates)."""
+        self.hooks.remove()
 
     def get_state(self) -> dict[str, Any]:
         """Structural state created during training (JSON-ready); empty for static methods."""
@@ -114,6 +134,13 @@ def register_method(name: str, description: str | None = None) -> Callable[[M], 
         return cls
 
     return decorator
+
+
+def unregister_method(name: str) -> type[Method]:
+    """Remove a registered method (tests that register a toy method undo it); returns its class."""
+    if name not in _REGISTRY:
+        raise ValueError(f"no method named {name!r} is registered; registered: {', '.join(method_names())}")
+    return _REGISTRY.pop(name)
 
 
 def method_names() -> list[str]:

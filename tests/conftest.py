@@ -1,10 +1,14 @@
-"""Shared tiny models for the test suite (depth 2, small widths, 32x32 inputs)."""
+"""Shared tiny models and helpers for the test suite (depth 2, small widths, 32x32 inputs)."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import pytest
 import timm
 import torch
+
+import petl_zoo
 
 
 def tiny_vit(num_classes: int = 5, **kwargs) -> torch.nn.Module:
@@ -39,3 +43,29 @@ def family(request) -> str:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def perturb_(
+    model: torch.nn.Module, seed: int = 1, std: float = 0.05, params: Iterable[torch.Tensor] | None = None
+) -> None:
+    """Add N(0, std^2) noise to every trainable tensor of ``model`` (or to ``params``), so that round trips
+    and merges are not trivially at the zero initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    with torch.no_grad():
+        for p in chosen:
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def pre_hook_count(model: torch.nn.Module) -> int:
+    """Forward pre-hooks registered anywhere in ``model``."""
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture
+def isolated_registry():
+    """Methods that the test registers are unregistered when it ends (pass or fail)."""
+    before = set(petl_zoo.method_names())
+    yield
+    for name in set(petl_zoo.method_names()) - before:
+        petl_zoo.unregister_method(name)

@@ -19,9 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL_KWARGS = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 
 
-def make_run(folder: Path, task: str = "dtd", pretrained_file: str | None = None) -> torch.nn.Module:
+def make_run(
+    folder: Path,
+    task: str = "dtd",
+    pretrained_file: str | None = None,
+    method: str = "lora",
+    options: dict | None = None,
+) -> torch.nn.Module:
+    options = {"rank": 2} if options is None else options
     torch.manual_seed(0)
-    model = petl_zoo.create("lora", tiny_vit(num_classes=5), rank=2)
+    model = petl_zoo.create(method, tiny_vit(num_classes=5), **options)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -31,21 +38,20 @@ def make_run(folder: Path, task: str = "dtd", pretrained_file: str | None = None
     argv = [
         "tools/train.py",
         "--method",
-        "lora",
+        method,
         "--model",
         "vit_tiny_patch16_224",
         "--model-kwargs",
         *[f"{k}={v}" for k, v in MODEL_KWARGS.items()],
         "--task",
         task,
-        "--opt",
-        "rank=2",
+        *[a for k, v in options.items() for a in ("--opt", f"{k}={v}")],
         "--out",
         str(folder),
     ]
     config = {
-        "method": "lora",
-        "method_options": {"rank": 2},
+        "method": method,
+        "method_options": options,
         "model": "vit_tiny_patch16_224",
         "model_kwargs": MODEL_KWARGS,
         "task": task,
@@ -55,7 +61,7 @@ def make_run(folder: Path, task: str = "dtd", pretrained_file: str | None = None
         "argv": argv,
     }
     result = {
-        "method": "lora",
+        "method": method,
         "model": "vit_tiny_patch16_224",
         "task": task,
         "seed": 0,
@@ -116,6 +122,30 @@ def test_card_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "method,options,mergeable",
+    [
+        ("heat", {"base": "adapter"}, False),  # input-dependent adapters on q/v: no merge line
+        ("pear", {"base": "lora"}, True),  # every Pear delta is a LoRA delta: the merge works
+        ("adapter", {}, False),
+    ],
+)
+def test_merge_line_follows_the_saved_adapter(tmp_path, caplog, method, options, mergeable):
+    run = tmp_path / "run"
+    model = make_run(run, method=method, options=options)
+    assert petl_zoo.is_mergeable(model) is mergeable
+    saved = petl_zoo.read_adapter_config(run)
+    assert saved["mergeable"] is mergeable
+    card = ModelCard.load(write_card(run, tmp_path / "card"))
+    assert ("petl_zoo.merge(model)" in card.text) is mergeable
+    # a folder saved before adapter_config.json recorded it: derived from the rebuilt structure
+    del saved["mergeable"]
+    (run / "adapter_config.json").write_text(json.dumps(saved))
+    card = ModelCard.load(write_card(run, tmp_path / "old_card"))
+    assert ("petl_zoo.merge(model)" in card.text) is mergeable
+    assert not [r for r in caplog.records if "cannot tell whether" in r.getMessage()]  # really rebuilt
 
 
 def test_local_pretrained_file_and_custom_task(tmp_path):

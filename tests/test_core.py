@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import timm
 import torch
-from conftest import BUILDERS, tiny_swin, tiny_vit
+from conftest import BUILDERS, perturb_, tiny_swin, tiny_vit
 from torch import nn
 
 import petl_zoo
@@ -27,7 +28,6 @@ CASES = [
     ("full", {}),
     ("bitfit", {}),
 ]
-IDENTITY_AT_INIT = {"lora", "adapter", "linear", "full", "bitfit"}
 
 
 def closed_form_count(method: str, options: dict, model: nn.Module) -> int:
@@ -38,8 +38,15 @@ def closed_form_count(method: str, options: dict, model: nn.Module) -> int:
         total = 0
         for b in blocks:
             d = b.dim
-            widths = {"q": (d, d), "k": (d, d), "v": (d, d), "qkv": (d, 3 * d), "proj": (d, d),
-                      "fc1": (d, 4 * d), "fc2": (4 * d, d)}
+            widths = {
+                "q": (d, d),
+                "k": (d, d),
+                "v": (d, d),
+                "qkv": (d, 3 * d),
+                "proj": (d, d),
+                "fc1": (d, 4 * d),
+                "fc2": (4 * d, d),
+            }
             for t in options.get("targets", ("q", "v")):
                 fan_in, fan_out = widths[t]
                 total += r * (fan_in + fan_out)
@@ -64,15 +71,6 @@ def closed_form_count(method: str, options: dict, model: nn.Module) -> int:
     raise AssertionError(method)
 
 
-def perturb_(model: nn.Module, seed: int = 1) -> None:
-    """Give every trainable tensor random values (so round trips are not trivially zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 @pytest.mark.parametrize("method,options", CASES, ids=lambda v: str(v))
 def test_method_contract(family, images, method, options, tmp_path):
     torch.manual_seed(0)
@@ -87,7 +85,7 @@ def test_method_contract(family, images, method, options, tmp_path):
     petl_zoo.create(method, model, **options)
     out = model(images)
     assert out.shape == (2, 5)
-    if method in IDENTITY_AT_INIT:
+    if petl_zoo.get_method(method).identity_at_init:
         torch.testing.assert_close(out, base_out, atol=1e-6, rtol=0)
 
     counts = petl_zoo.trainable_parameters(model)
@@ -126,10 +124,14 @@ def test_method_contract(family, images, method, options, tmp_path):
         torch.testing.assert_close(fresh(images), tuned, atol=1e-6, rtol=0)
     assert petl_zoo.trainable_parameters(fresh) == counts
 
-    # merge where the method is mergeable
-    if petl_zoo.get_method(method).mergeable:
-        originals = {n: m.base.weight.detach().clone() for n, m in model.named_modules()
-                     if isinstance(m, AdaptedLinear)}
+    # merge where the method is mergeable (the adapter's update depends on the input)
+    assert petl_zoo.is_mergeable(model) == (method != "adapter")
+    if petl_zoo.is_mergeable(model):
+        originals = {
+            n: m.base.weight.detach().clone()
+            for n, m in model.named_modules()
+            if isinstance(m, AdaptedLinear)
+        }
         petl_zoo.merge(model)
         with torch.no_grad():
             torch.testing.assert_close(model(images), tuned, atol=1e-5, rtol=0)
@@ -142,7 +144,10 @@ def test_method_contract(family, images, method, options, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(images), tuned, atol=1e-6, rtol=0)
     else:
-        with pytest.raises(ValueError, match="cannot be merged"):
+        with pytest.raises(
+            ValueError,
+            match=r"method 'adapter' cannot be merged: .*blocks\.0\.\w+\.\w+\.adapter \(BottleneckAdapter on a module\)",
+        ):
             petl_zoo.merge(model)
 
 
@@ -215,7 +220,8 @@ def test_resolver_on_swin_stages_and_vit_variants():
     assert [(b.stage, b.dim, b.num_heads, b.head_dim) for b in blocks] == [(0, 16, 1, 16), (1, 32, 2, 16)]
     sites = linear_sites(swin, "v")
     assert [(s.path, s.start, s.stop) for s in sites] == [
-        ("layers.0.blocks.0.attn.qkv", 32, 48), ("layers.1.blocks.0.attn.qkv", 64, 96)
+        ("layers.0.blocks.0.attn.qkv", 32, 48),
+        ("layers.1.blocks.0.attn.qkv", 64, 96),
     ]
     small = timm.create_model("vit_small_patch16_224", img_size=32, depth=2, num_classes=3)
     assert [b.dim for b in iter_blocks(small)] == [384, 384]
@@ -237,19 +243,27 @@ def test_options_are_validated_and_parsed():
         petl_zoo.create("lora", tiny_vit(), ranks=4)
     with pytest.raises(ValueError, match=r"bad value 'big' for option 'rank'"):
         petl_zoo.create("lora", tiny_vit(), rank="big")
-    with pytest.raises(ValueError, match=r"bad value 'diagonal' for option 'style'.*'parallel', 'sequential'"):
+    with pytest.raises(
+        ValueError, match=r"bad value 'diagonal' for option 'style'.*'parallel', 'sequential'"
+    ):
         petl_zoo.create("adapter", tiny_vit(), style="diagonal")
     with pytest.raises(ValueError, match="already carries method 'lora'"):
         petl_zoo.create("adapter", model)
 
 
-def test_target_missing_and_unsupported_architecture():
+def test_swiglu_fc1_and_unsupported_architecture():
     swiglu = tiny_vit(mlp_layer=timm.layers.SwiGLU)
-    with pytest.raises(ValueError, match=r"target 'fc1' is missing in SwiGLU of block blocks.0"):
-        petl_zoo.create("lora", swiglu, targets=("fc1",))
+    petl_zoo.create("lora", swiglu, targets=("fc1",))  # SwiGLU's fc1 is its two input projections
+    wrapped = sorted(n for n, m in swiglu.named_modules() if isinstance(m, petl_zoo.AdaptedLinear))
+    assert wrapped == [f"blocks.{i}.mlp.{p}" for i in range(2) for p in ("fc1_g", "fc1_x")]
     resnet = timm.create_model("resnet18", num_classes=3)
-    with pytest.raises(ValueError, match="unsupported architecture ResNet"):
+    with pytest.raises(ValueError, match="unsupported architecture ResNet: petl_zoo supports the timm families vit"):
         petl_zoo.create("lora", resnet)
+    parallel = timm.create_model(
+        "vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3
+    )
+    with pytest.raises(ValueError, match="unsupported block ParallelThingsBlock in VisionTransformer"):
+        petl_zoo.create("lora", parallel)
 
 
 def test_load_errors_name_the_mismatch(tmp_path):
@@ -257,11 +271,15 @@ def test_load_errors_name_the_mismatch(tmp_path):
     petl_zoo.save_adapter(model, tmp_path / "vit")
     with pytest.raises(ValueError, match="saved for a VisionTransformer, not for this SwinTransformer"):
         petl_zoo.load_adapter(tiny_swin(), tmp_path / "vit")
-    with pytest.raises(ValueError, match=r"tensor 'blocks.0.attn.qkv.deltas.lora_q.lora_A' has shape \(8, 48\)"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'blocks.0.attn.qkv.deltas.lora_q.lora_A' has shape \(8, 48\)"
+    ):
         petl_zoo.load_adapter(tiny_vit(embed_dim=96, num_heads=3), tmp_path / "vit")
     with pytest.raises(ValueError, match="saved for a model with 2 blocks, this one has 3"):
         petl_zoo.load_adapter(tiny_vit(depth=3), tmp_path / "vit")
-    with pytest.raises(ValueError, match="saved for method 'lora' but the model already carries method 'adapter'"):
+    with pytest.raises(
+        ValueError, match="saved for method 'lora' but the model already carries method 'adapter'"
+    ):
         petl_zoo.load_adapter(petl_zoo.create("adapter", tiny_vit()), tmp_path / "vit")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         petl_zoo.load_adapter(tiny_vit(), tmp_path / "nowhere")
@@ -290,22 +308,26 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "ad") == []
 
 
-def test_third_party_registration(images):
+def test_third_party_registration(images, isolated_registry):
     @dataclass
     class ScaleConfig(petl_zoo.MethodConfig):
-        init: float = 1.0
+        init: float = 0.0
 
-    class Scale(PetlModule):
+    class Scale(petl_zoo.Delta):
+        """A sequential delta: ``out = m + m * gamma`` (a per-channel scale of the MLP output)."""
+
         def __init__(self, dim: int, init: float) -> None:
             super().__init__()
             self.gamma = nn.Parameter(torch.full((dim,), init))
 
-        def forward(self, x):
+        def forward(self, x, weight):
+            assert weight is None  # attached to a module, not a Linear
             return x * self.gamma
 
     @petl_zoo.register_method("test_scale", "scale the MLP output per channel")
     class ScaleMethod(petl_zoo.Method):
         config_class = ScaleConfig
+        identity_at_init = True
 
         def apply(self, model):
             from petl_zoo.layers import adapt_module
@@ -314,15 +336,56 @@ def test_third_party_registration(images):
             for site in module_sites(model, "mlp"):
                 adapt_module(site).sequential["scale"] = Scale(site.out_features, self.config.init)
 
-    try:
-        assert petl_zoo.list_methods()["test_scale"] == "scale the MLP output per channel"
-        model = petl_zoo.create("test_scale", tiny_vit())
-        assert petl_zoo.trainable_parameters(model)["method"] == 2 * 48
-        assert model(images).shape == (2, 5)
-    finally:
-        from petl_zoo.registry import _REGISTRY
+    assert petl_zoo.list_methods()["test_scale"] == "scale the MLP output per channel"
+    torch.manual_seed(0)
+    plain = tiny_vit().eval()
+    model = petl_zoo.create("test_scale", copy.deepcopy(plain))
+    assert petl_zoo.trainable_parameters(model)["method"] == 2 * 48
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), plain(images), atol=0, rtol=0)
+    assert not petl_zoo.is_mergeable(model)
+    with pytest.raises(ValueError, match=r"method 'test_scale' cannot be merged.*Scale on a module"):
+        petl_zoo.merge(model)
 
-        _REGISTRY.pop("test_scale", None)
+
+def test_registry_unregister_and_clashes():
+    lora = petl_zoo.get_method("lora")
+    with pytest.raises(ValueError, match="a method named 'lora' is already registered"):
+        petl_zoo.register_method("lora")(type("Other", (petl_zoo.Method,), {}))
+    with pytest.raises(ValueError, match="no method named 'nope' is registered"):
+        petl_zoo.unregister_method("nope")
+    assert petl_zoo.unregister_method("lora") is lora
+    try:
+        assert "lora" not in petl_zoo.list_methods()
+    finally:
+        petl_zoo.register_method("lora")(lora)
+    assert petl_zoo.get_method("lora") is lora
+
+
+def test_config_checks_ranges_and_types_at_construction():
+    from petl_zoo.config import Range
+    from petl_zoo.methods.adapter import AdapterConfig
+    from petl_zoo.methods.lora import LoraConfig
+
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        LoraConfig(rank=0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        LoraConfig(dropout=1.0)
+    with pytest.raises(
+        ValueError, match=r"bad value 'diagonal' for option 'style'.*'parallel', 'sequential'"
+    ):
+        AdapterConfig(style="diagonal")
+    with pytest.raises(ValueError, match="unknown target 'z' for method 'lora'"):
+        LoraConfig(targets=("q", "z"))
+    assert LoraConfig(rank="4", targets=["q"]) == LoraConfig(rank=4, targets=("q",))  # parsed like options
+    assert Range(low=0, low_open=True).describe(integer=True) == "a positive integer"
+    assert Range(low=0, high=1, low_open=True, high_open=True).describe(integer=False) == "in (0, 1)"
+    assert Range(low=0).describe(integer=False) == "a finite number >= 0"
+    assert Range(nonzero=True).describe(integer=False) == "a finite non-zero number"
+    assert (
+        Range(low=0, low_open=True, none="all").describe(integer=True) == "a positive integer or None (all)"
+    )
+    assert not Range(low=0).contains(float("inf")) and not Range(nonzero=True).contains(0.0)
 
 
 def test_list_methods_has_descriptions():

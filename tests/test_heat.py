@@ -7,7 +7,7 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import BUILDERS, tiny_swin, tiny_vit
+from conftest import BUILDERS, perturb_, pre_hook_count, tiny_swin, tiny_vit
 from torch import nn
 from torch.nn import functional as F
 
@@ -26,14 +26,6 @@ def batches(
         (torch.randn(size, 3, 32, 32, generator=g).to(dtype), torch.randint(0, 5, (size,), generator=g))
         for _ in range(n)
     ]
-
-
-def perturb_(model: nn.Module, seed: int = 1, std: float = 0.05) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
 
 
 def heat_model(family: str = "vit", seed: int = 0, build=None, **options) -> nn.Module:
@@ -198,7 +190,7 @@ def test_right_heads_are_masked_for_given_scores():
     with pytest.raises(ValueError, match="already selected"):
         method.apply_mask(model, [[0], [0]])
 
-    layer = heat_model("vit", rank="layer", mask_ratio=0.34)
+    layer = heat_model("vit", scope="layer", mask_ratio=0.34)
     fix_scores(layer, [[3.0, 1.0, 5.0], [2.0, 6.0, 4.0]])
     layer.petl_method.on_train_start(layer, batches(1), TrainContext())
     assert layer.petl_method.get_state()["kept_heads"] == [[0, 2], [1, 2]]
@@ -231,7 +223,7 @@ def test_swin_masks_per_stage():
 
 @pytest.mark.parametrize("base", ["lora", "adapter"])
 def test_masked_deltas_stay_exactly_zero_through_training(base):
-    model = heat_model("vit", base=base, rank="layer")
+    model = heat_model("vit", base=base, scope="layer")
     perturb_(model, std=0.2)
     before = {}
     for b, per_target in enumerate(model.petl_method.deltas(model)):
@@ -278,7 +270,7 @@ def test_masked_deltas_stay_exactly_zero_through_training(base):
 
 @pytest.mark.parametrize("base", ["lora", "adapter"])
 def test_trainable_and_stored_counts_drop_by_the_masked_share(base):
-    model = heat_model("vit", base=base, rank="layer")
+    model = heat_model("vit", base=base, scope="layer")
     full = petl_zoo.trainable_parameters(model)
     per_head = 16 * 8 if base == "lora" else 16 * 8 + 16  # B rows, or up weight rows + bias
     per_slice = 48 * 8 + 3 * per_head if base == "lora" else 48 * 8 + 8 + 3 * per_head
@@ -334,7 +326,8 @@ def test_save_load_and_merge_round_trips_after_masking(family, options, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(fresh(images), tuned, atol=1e-6, rtol=0)
 
-    if model.petl_method.mergeable:
+    assert petl_zoo.is_mergeable(model) == (options.get("base", "lora") == "lora")
+    if petl_zoo.is_mergeable(model):
         originals = [w.detach().clone() for w in qkv_weights(model)]
         petl_zoo.merge(model)
         with torch.no_grad():
@@ -389,8 +382,22 @@ def test_delta_modules_keep_heads_errors():
 
 
 def test_options_are_validated():
-    with pytest.raises(ValueError, match="set the LoRA rank with 'lora_rank'"):
-        petl_zoo.create("heat", tiny_vit(), rank=8)
+    with pytest.raises(ValueError, match="'rank' is the LoRA rank .*the head-ranking scope is now 'scope'"):
+        petl_zoo.create("heat", tiny_vit(), rank="layer")
+    for old, new in [("lora_rank", "rank"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"),
+                     ("adapter_dim", "dim"), ("adapter_scale", "scale")]:  # fmt: skip
+        with pytest.raises(
+            ValueError, match=f"option '{old}' for method 'heat' was renamed: '{old}' is now '{new}'"
+        ):
+            petl_zoo.create("heat", tiny_vit(), **{old: 1})
+    with pytest.raises(ValueError, match="rank must be a positive integer, got 0"):
+        petl_zoo.create("heat", tiny_vit(), rank=0)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        petl_zoo.create("heat", tiny_vit(), dropout=1.5)
+    with pytest.raises(ValueError, match="importance_batches must be a positive integer or None"):
+        petl_zoo.create("heat", tiny_vit(), importance_batches=0)
+    with pytest.raises(ValueError, match="warmup_lr must be a finite number > 0, got 0.0"):
+        petl_zoo.create("heat", tiny_vit(), warmup_lr=0)
     with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\), got 1.0"):
         petl_zoo.create("heat", tiny_vit(), mask_ratio=1.0)
     with pytest.raises(ValueError, match="unknown target 'fc1'.*valid targets: q, k, v"):
@@ -399,8 +406,11 @@ def test_options_are_validated():
         petl_zoo.create("heat", tiny_vit(), tis="grad")
     with pytest.raises(ValueError, match="warmup_steps must be a positive integer or None"):
         petl_zoo.create("heat", tiny_vit(), warmup_steps=0)
-    config = petl_zoo.get_method("heat").config_class.from_options("heat", rank="layer", mask_ratio="0.25")
-    assert (config.rank, config.mask_ratio, config.tis, config.lora_rank) == ("layer", 0.25, "activation", 8)
+    config = petl_zoo.get_method("heat").config_class.from_options(
+        "heat", scope="layer", mask_ratio="0.25", rank="4", alpha="8", dim="2", scale="0.5"
+    )
+    assert (config.scope, config.mask_ratio, config.tis, config.rank) == ("layer", 0.25, "activation", 4)
+    assert (config.scaling, config.dim, config.scale) == (2.0, 2, 0.5)
     model = petl_zoo.create("heat", tiny_vit())
     with pytest.raises(ValueError, match="kept_heads lists 1 blocks, the model has 2"):
         model.petl_method.set_state(model, {"kept_heads": [[0]]})
@@ -408,3 +418,29 @@ def test_options_are_validated():
         model.petl_method.set_state(model, {"kept_heads": [[0], [3]]})
     with pytest.raises(ValueError, match="bad HEAT state keys"):
         model.petl_method.set_state(model, {"masks": []})
+
+
+def test_head_gate_hooks_have_one_owner_and_merge_unload_folds_them(images):
+    model = heat_model("vit", mask="head").eval()
+    perturb_(model)
+    method = model.petl_method
+    method.set_state(model, {"kept_heads": [[0, 2], [1]]})
+    assert len(method.hooks) == pre_hook_count(model) == 2
+    with torch.no_grad():
+        tuned = model(images)
+
+    petl_zoo.merge(model)  # a merge that keeps the method keeps the gates
+    assert pre_hook_count(model) == 2
+    petl_zoo.unmerge(model)
+
+    plain = petl_zoo.merge(copy.deepcopy(model), unload=True)
+    assert pre_hook_count(plain) == 0 and petl_zoo.method_of(plain) is None
+    assert not any(hasattr(b.attn, "heat_gate") for b in plain.blocks)
+    assert not any(isinstance(m, AdaptedLinear) for m in plain.modules())
+    proj = plain.blocks[0].attn.proj.weight
+    assert torch.equal(proj[:, 16:32], torch.zeros_like(proj[:, 16:32]))  # head 1's input columns
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), tuned, atol=1e-5, rtol=0)
+    assert pre_hook_count(model) == 2  # the copy's hooks were its own
+
+    assert method.hooks.remove() == 2 and pre_hook_count(model) == 0 and len(method.hooks) == 0

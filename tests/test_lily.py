@@ -8,7 +8,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import BUILDERS, tiny_swin, tiny_vit
+from conftest import BUILDERS, perturb_, pre_hook_count, tiny_swin, tiny_vit
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
@@ -32,14 +32,6 @@ def closed_form(model: nn.Module, rank: int, ne: int, targets=("k", "v", "mlp"),
             r = 2 * rank if t == "mlp" else rank
             total += ne * r * d + n_lp * d * r + depth * r * ne
     return total
-
-
-def perturb_(model: nn.Module, seed: int = 1, std: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -144,11 +136,14 @@ def test_swin_experts_per_stage_and_lp_groups_within_stages():
     assert counts["method"] == closed_form(model, 4, 2)
 
 
-@pytest.mark.parametrize("family,kwargs,options", [
-    ("vit", {"depth": 4}, {"rank": 4, "num_experts": 2}),
-    ("vit", {"depth": 4}, {"rank": 2, "num_experts": 3, "stride_lp": 3, "targets": ("q", "v", "mlp")}),
-    ("swin", {"depths": (2, 2)}, {"rank": 4, "num_experts": 2, "mixing": "sample"}),
-])
+@pytest.mark.parametrize(
+    "family,kwargs,options",
+    [
+        ("vit", {"depth": 4}, {"rank": 4, "num_experts": 2}),
+        ("vit", {"depth": 4}, {"rank": 2, "num_experts": 3, "stride_lp": 3, "targets": ("q", "v", "mlp")}),
+        ("swin", {"depths": (2, 2)}, {"rank": 4, "num_experts": 2, "mixing": "sample"}),
+    ],
+)
 def test_shared_tensors_counted_once_saved_once_and_round_trip(family, kwargs, options, tmp_path):
     torch.manual_seed(0)
     model = BUILDERS[family](**kwargs).eval()
@@ -159,7 +154,7 @@ def test_shared_tensors_counted_once_saved_once_and_round_trip(family, kwargs, o
     counts = petl_zoo.trainable_parameters(model)
     assert counts["method"] == expected == counts["stored"]
 
-    perturb_(model)
+    perturb_(model, std=0.2)
     x = images()
     with torch.no_grad():
         tuned = model(x)
@@ -186,7 +181,7 @@ def test_sample_mixing_is_batch_independent(family):
     torch.manual_seed(0)
     kwargs = {"depths": (2, 2)} if family == "swin" else {}
     model = petl_zoo.create("lily", BUILDERS[family](**kwargs), rank=4, num_experts=3, mixing="sample")
-    perturb_(model)
+    perturb_(model, std=0.2)
     model.eval()
     x = images(4)
     perm = torch.tensor([3, 0, 2, 1])
@@ -235,8 +230,10 @@ def _capture(module: nn.Module, store: dict, key: str):
 
 def test_batch_mixing_matches_the_formula_on_vit():
     torch.manual_seed(0)
-    model = petl_zoo.create("lily", tiny_vit(), rank=4, num_experts=3, scale=0.5, targets=("q", "k", "v", "mlp"))
-    perturb_(model)
+    model = petl_zoo.create(
+        "lily", tiny_vit(), rank=4, num_experts=3, scale=0.5, targets=("q", "k", "v", "mlp")
+    )
+    perturb_(model, std=0.2)
     model.eval()
     block = model.blocks[1]
     seen: dict = {}
@@ -249,7 +246,7 @@ def test_batch_mixing_matches_the_formula_on_vit():
         assert x.shape == (3, 17, 48)
         expected = F.linear(x, block.attn.qkv.base.weight, block.attn.qkv.base.bias)
         for i, t in enumerate("qkv"):
-            expected[..., i * 48:(i + 1) * 48] += _recompute(block.attn.qkv.deltas[f"lily_{t}"], x, None)
+            expected[..., i * 48 : (i + 1) * 48] += _recompute(block.attn.qkv.deltas[f"lily_{t}"], x, None)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
         x, out = seen["mlp"]
         expected = block.mlp.base(x) + _recompute(block.mlp.parallel["lily"], x, None)
@@ -262,7 +259,7 @@ def test_batch_mixing_matches_the_formula_on_vit():
 def test_sample_mixing_on_swin_averages_over_all_windows_of_an_image():
     torch.manual_seed(0)
     model = petl_zoo.create("lily", tiny_swin(), rank=4, num_experts=3, mixing="sample")
-    perturb_(model)
+    perturb_(model, std=0.2)
     model.eval()
     block = model.layers[0].blocks[0]
     seen: dict = {}
@@ -304,7 +301,13 @@ def test_options_are_validated():
     cfg = petl_zoo.get_method("lily").config_class.from_options(
         "lily", rank="8", num_experts="4", stride_lp="none", mixing="sample", targets="k,v"
     )
-    assert (cfg.rank, cfg.num_experts, cfg.stride_lp, cfg.mixing, cfg.targets) == (8, 4, None, "sample", ("k", "v"))
+    assert (cfg.rank, cfg.num_experts, cfg.stride_lp, cfg.mixing, cfg.targets) == (
+        8,
+        4,
+        None,
+        "sample",
+        ("k", "v"),
+    )
     assert cfg.to_dict()["mixing"] == "sample"
 
 
@@ -313,3 +316,16 @@ def test_merge_is_refused_clearly():
     with pytest.raises(ValueError, match="method 'lily' cannot be merged: its update depends on the input"):
         petl_zoo.merge(model)
     assert not petl_zoo.is_merged(model)
+
+
+def test_swin_image_count_hooks_have_one_owner():
+    assert (
+        pre_hook_count(petl_zoo.create("lily", tiny_swin(), rank=4, num_experts=2)) == 0
+    )  # batch mixing: none
+    model = petl_zoo.create("lily", tiny_swin(depths=(2, 2)), rank=4, num_experts=2, mixing="sample")
+    method = model.petl_method
+    assert len(method.hooks) == pre_hook_count(model) == 4  # one per block
+    clone = copy.deepcopy(model)
+    assert clone.petl_method.hooks.remove() == 4
+    assert pre_hook_count(clone) == 0 and pre_hook_count(model) == 4  # the copy's handles point at the copy
+    assert method.hooks.remove() == 4 and pre_hook_count(model) == 0

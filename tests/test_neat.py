@@ -9,7 +9,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import BUILDERS, tiny_swin, tiny_vit
+from conftest import BUILDERS, perturb_, tiny_swin, tiny_vit
 from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -45,21 +45,19 @@ def reference_weight(layer: AdaptedLinear, w0: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-def perturb_(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
-
-
 def neat_model(family: str = "vit", seed: int = 0, **options) -> nn.Module:
     torch.manual_seed(seed)
     return petl_zoo.create("neat", BUILDERS[family](), **options)
 
 
-def closed_form_count(model: nn.Module, rank: int = 7, mlp_rank: int = 16, depth: int = 0, mlp: bool = False,
-                      targets: tuple[str, ...] = ("q", "v")) -> int:
+def closed_form_count(
+    model: nn.Module,
+    rank: int = 7,
+    mlp_rank: int = 16,
+    depth: int = 0,
+    mlp: bool = False,
+    targets: tuple[str, ...] = ("q", "v"),
+) -> int:
     """``2 * out * r + 2 * depth * r^2`` per adapted matrix, from the architecture alone."""
     total = 0
     for b in iter_blocks(model):
@@ -121,7 +119,7 @@ def test_init_distribution():
 @pytest.mark.parametrize("act", list(ACTS))
 def test_forward_matches_formula(family, act, depth):
     model = neat_model(family, act=act, depth=depth, scale=0.7, targets=("q", "v", "proj"), mlp=True)
-    perturb_(model)
+    perturb_(model, std=0.1)
     g = torch.Generator().manual_seed(3)
     layers = list(adapted_linears(model))
     assert len(layers) == 4 * len(iter_blocks(model))  # qkv, proj, fc1, fc2
@@ -136,7 +134,7 @@ def test_forward_matches_formula(family, act, depth):
 def test_model_matches_plain_model_with_formula_weights(family, images, depth):
     """The whole patched model equals an unpatched timm model whose weights are W0 + delta_W."""
     model = neat_model(family, depth=depth, act="gelu", mlp=True).eval()
-    perturb_(model)
+    perturb_(model, std=0.1)
     torch.manual_seed(0)
     plain = BUILDERS[family]().eval()
     plain.get_classifier().load_state_dict(model.get_classifier().state_dict())
@@ -164,7 +162,7 @@ class _ShapeRecorder(TorchDispatchMode):
 def test_training_forward_builds_no_delta_w():
     """Training computes H ([r, in]) and never a [out, in] delta_W nor a per-token weight."""
     model = neat_model("vit", rank=3, targets=("q", "v"))  # q/v slices are 48 x 48; tokens 2 * 17 = 34
-    perturb_(model)
+    perturb_(model, std=0.1)
     recorder = _ShapeRecorder()
     images = torch.randn(2, 3, 32, 32)
     with recorder:
@@ -180,7 +178,7 @@ def test_training_forward_builds_no_delta_w():
 
 def test_autocast_bf16(images):
     model = neat_model("vit", depth=1).eval()
-    perturb_(model)
+    perturb_(model, std=0.1)
     with torch.no_grad():
         full = model(images)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -194,7 +192,7 @@ def test_autocast_bf16(images):
 
 def test_merge_unmerge(family, images):
     model = neat_model(family, depth=1, mlp=True).eval()
-    perturb_(model)
+    perturb_(model, std=0.1)
     originals = {path: layer.base.weight.detach().clone() for path, layer in adapted_linears(model)}
     with torch.no_grad():
         before = model(images)
@@ -222,7 +220,7 @@ def test_merge_unmerge(family, images):
 
 def test_merge_unload_gives_plain_timm_model(images):
     model = neat_model("vit", act="silu").eval()
-    perturb_(model)
+    perturb_(model, std=0.1)
     with torch.no_grad():
         before = model(images)
         petl_zoo.merge(model, unload=True)
@@ -234,7 +232,7 @@ def test_merge_unload_gives_plain_timm_model(images):
 def test_save_load_round_trip(family, images, tmp_path):
     options = {"rank": 3, "depth": 2, "act": "tanh", "scale": 0.5, "mlp": True, "mlp_rank": 5}
     model = neat_model(family, **options).eval()
-    perturb_(model)
+    perturb_(model, std=0.1)
     petl_zoo.save_adapter(model, tmp_path / "neat")
     torch.manual_seed(0)
     loaded = petl_zoo.load_adapter(BUILDERS[family]().eval(), tmp_path / "neat")
@@ -267,7 +265,9 @@ def test_vit_base_counts(options, expected):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"rank": 2, "depth": 1}, {"mlp": True, "mlp_rank": 3}, {"targets": ("qkv", "fc2")}], ids=str
+    "options",
+    [{}, {"rank": 2, "depth": 1}, {"mlp": True, "mlp_rank": 3}, {"targets": ("qkv", "fc2")}],
+    ids=str,
 )
 def test_tiny_counts_and_shapes(family, options):
     model = neat_model(family, **options)
@@ -287,12 +287,19 @@ def test_tiny_counts_and_shapes(family, options):
 def test_defaults_and_recipe():
     cfg = NeatConfig()
     assert (cfg.rank, cfg.mlp_rank, cfg.targets, cfg.mlp, cfg.act, cfg.scale, cfg.depth) == (
-        7, 16, ("q", "v"), False, "relu", 1.0, 0
+        7,
+        16,
+        ("q", "v"),
+        False,
+        "relu",
+        1.0,
+        0,
     )
     assert NeatConfig(mlp=True).resolved_targets == ("q", "v", "fc1", "fc2")
     assert NeatConfig(mlp=True, targets=("fc1", "q")).resolved_targets == ("fc1", "q", "fc2")
     method = petl_zoo.registry.get_method("neat")
-    assert method.mergeable and method.recipe == {}
+    assert method.recipe == {} and method.identity_at_init
+    assert petl_zoo.is_mergeable(petl_zoo.create("neat", tiny_vit(), mlp=True, depth=1))
     assert "VTAB-1K" in (method.__doc__ or "") and "no VTAB-1K numbers" in " ".join(method.__doc__.split())
 
 
@@ -303,7 +310,8 @@ def test_defaults_and_recipe():
         ({"mlp_rank": -2}, "mlp_rank must be a positive integer, got -2"),
         ({"depth": -1}, "depth must be a non-negative integer"),
         ({"act": "swish"}, "'relu', 'gelu', 'silu', 'tanh', 'sin'"),
-        ({"scale": float("nan")}, "scale must be a finite non-zero float"),
+        ({"scale": float("nan")}, "scale must be a finite non-zero number, got nan"),
+        ({"scale": 0}, "scale must be a finite non-zero number, got 0.0"),
         ({"targets": ("q", "out")}, "unknown target 'out' for method 'neat'; valid targets: q, k, v"),
         ({"ranks": 4}, "unknown option 'ranks'"),
     ],
@@ -315,10 +323,16 @@ def test_bad_options(options, message):
 
 
 def test_validate_without_from_options():
-    with pytest.raises(ValueError, match="valid activations: relu, gelu, silu, tanh, sin"):
-        NeatConfig(act="swish").validate()
+    with pytest.raises(
+        ValueError, match="bad value 'swish' for option 'act'.*'relu', 'gelu', 'silu', 'tanh', 'sin'"
+    ):
+        NeatConfig(act="swish")
+    with pytest.raises(ValueError, match="depth must be a non-negative integer"):
+        NeatConfig(depth=-1)
     with pytest.raises(ValueError, match="valid activations"):
         NeatDelta(4, 4, 2, act="elu")
+    with pytest.raises(ValueError, match="attach it to a Linear"):
+        NeatDelta(4, 4, 2)(torch.zeros(1, 4), None)
 
 
 # -- training and parity with HF peft's PEANuT ---------------------------------------------------------
@@ -338,7 +352,9 @@ def test_training_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert all(d.A.abs().sum() > 0 and d.B.abs().sum() > 0 for d in model.modules() if isinstance(d, NeatDelta))
+    assert all(
+        d.A.abs().sum() > 0 and d.B.abs().sum() > 0 for d in model.modules() if isinstance(d, NeatDelta)
+    )
 
 
 @pytest.mark.parametrize("depth", [0, 2])
@@ -347,8 +363,10 @@ def test_matches_peft_peanut(images, depth):
     peft = pytest.importorskip("peft")
     pytest.importorskip("peft.tuners.peanut")
     torch.manual_seed(0)
-    ours = petl_zoo.create("neat", tiny_vit().eval(), targets=("qkv",), rank=3, depth=depth, act="gelu", scale=0.5)
-    perturb_(ours)
+    ours = petl_zoo.create(
+        "neat", tiny_vit().eval(), targets=("qkv",), rank=3, depth=depth, act="gelu", scale=0.5
+    )
+    perturb_(ours, std=0.1)
     torch.manual_seed(0)
     config = peft.PeanutConfig(r=3, depth=depth, act_fn="gelu", scaling=0.5, target_modules=["qkv"])
     theirs = peft.get_peft_model(tiny_vit().eval(), config).eval()

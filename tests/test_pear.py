@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import tiny_swin, tiny_vit
+from conftest import perturb_, tiny_swin, tiny_vit
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -35,15 +35,6 @@ def batches(n: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]
     return [
         (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)
     ]
-
-
-def perturb_(model: nn.Module, seed: int = 1, std: float = 0.05) -> None:
-    """Random values for every trainable tensor, so adapters are not at their zero init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -75,13 +66,17 @@ def pear(family: str, **options) -> nn.Module:
 @pytest.mark.parametrize(
     "options,match",
     [
-        ({"prune_epoch": 0}, "prune_epoch must be >= 1"),
+        ({"prune_epoch": 0}, r"prune_epoch must be a positive integer \(an epoch to score in\), got 0"),
         ({"prune_ratio": 1.0}, r"prune_ratio must be in \(0, 1\), got 1.0"),
         ({"prune_ratio": 0}, r"prune_ratio must be in \(0, 1\)"),
         ({"share": "random"}, "expected one of 'top', 'nearest'"),
         ({"base": "prompt"}, "expected one of 'adapter', 'lora', 'both'"),
         ({"kc_scale": -1.0}, "kc_scale must be a finite number >= 0, got -1.0"),
-        ({"base": "lora", "lora_targets": ("q", "x")}, "unknown target 'x'"),
+        ({"base": "lora", "targets": ("q", "x")}, "unknown target 'x'"),
+        (
+            {"lora_targets": ("q",)},
+            "option 'lora_targets' for method 'pear' was renamed: 'lora_targets' is now 'targets'",
+        ),
     ],
 )
 def test_options_are_validated(options, match):

@@ -18,8 +18,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from ..config import MethodConfig
-from ..layers import PetlModule, adapt_module
+from ..config import MethodConfig, fraction, positive
+from ..layers import Delta, adapt_module
 from ..registry import Method, register_method
 from ..targets import check_targets, module_sites
 
@@ -33,18 +33,14 @@ ADAPTER_TARGETS = ("mlp", "attn")
 class AdapterConfig(MethodConfig):
     """Adapter options. ``scale=None`` means 0.1 for ``parallel`` and 1.0 for ``sequential``."""
 
-    dim: int = 8
+    dim: int = positive(8)
     scale: float | None = None
     style: Literal["parallel", "sequential"] = "parallel"
     targets: tuple[str, ...] = ("mlp",)
     act: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    dropout: float = 0.0
+    dropout: float = fraction(0.0)
 
     def validate(self) -> None:
-        if self.dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {self.dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         check_targets(self.targets, ADAPTER_TARGETS, "adapter")
 
     @property
@@ -54,11 +50,15 @@ class AdapterConfig(MethodConfig):
         return 0.1 if self.style == "parallel" else 1.0
 
 
-class BottleneckAdapter(PetlModule):
-    """``s * up(act(down(h)))`` (plus ``h`` itself when ``residual``); ``up`` starts at zero."""
+class BottleneckAdapter(Delta):
+    """The update ``s * up(act(down(h)))`` of a bottleneck adapter; ``up`` starts at zero.
+
+    Attached in parallel (``h`` is the module's input) or sequentially (``h`` is its output, and the
+    wrapper adds ``h`` back: ``out = h + s * up(act(down(h)))``). Input-dependent: not mergeable.
+    """
 
     def __init__(
-        self, features: int, dim: int, scale: float, act: str = "relu", dropout: float = 0.0, residual: bool = False
+        self, features: int, dim: int, scale: float, act: str = "relu", dropout: float = 0.0
     ) -> None:
         super().__init__()
         self.down = nn.Linear(features, dim)
@@ -66,20 +66,19 @@ class BottleneckAdapter(PetlModule):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = nn.Linear(dim, features)
         self.scale = scale
-        self.residual = residual
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, h: Tensor) -> Tensor:
-        out = self.up(self.dropout(self.act(self.down(h)))) * self.scale
-        return h + out if self.residual else out
+    def forward(self, h: Tensor, weight: Tensor | None) -> Tensor:
+        return self.up(self.dropout(self.act(self.down(h)))) * self.scale
 
 
 @register_method("adapter", "Bottleneck adapters: AdaptFormer parallel (default) or Houlsby sequential")
 class Adapter(Method):
     config_class = AdapterConfig
+    identity_at_init = True
 
     def apply(self, model: nn.Module) -> None:
         cfg: AdapterConfig = self.config
@@ -87,7 +86,5 @@ class Adapter(Method):
         for site in sites:
             wrapper = adapt_module(site)
             sequential = cfg.style == "sequential"
-            adapter = BottleneckAdapter(
-                site.in_features, cfg.dim, cfg.resolved_scale, cfg.act, cfg.dropout, residual=sequential
-            )
+            adapter = BottleneckAdapter(site.in_features, cfg.dim, cfg.resolved_scale, cfg.act, cfg.dropout)
             (wrapper.sequential if sequential else wrapper.parallel)["adapter"] = adapter

@@ -1,6 +1,7 @@
 """Baselines: ``linear`` (head only), ``full`` (every parameter) and ``bitfit`` (biases + head).
 
-BitFit (Ben Zaken et al., 2022) trains every bias of the backbone, LayerNorm biases included.
+BitFit (Ben Zaken et al., 2022) trains every bias of the backbone, LayerNorm biases included. None of
+them attaches a delta: the trained tensors are the model's own, so they merge trivially (nothing to fold).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..registry import Method, register_method
 
-__all__ = ["Linear", "Full", "BitFit"]
+__all__ = ["LinearProbe", "Full", "BitFit"]
 
 
 @dataclass
@@ -21,9 +22,9 @@ class _NoOptions(MethodConfig):
 
 
 @register_method("linear", "Linear probe: only the classifier head is trained")
-class Linear(Method):
+class LinearProbe(Method):
     config_class = _NoOptions
-    mergeable = True
+    identity_at_init = True
 
     def apply(self, model: nn.Module) -> None:
         """Nothing beyond the head (``create`` makes the head trainable)."""
@@ -32,7 +33,7 @@ class Linear(Method):
 @register_method("full", "Full fine-tuning: every parameter is trained")
 class Full(Method):
     config_class = _NoOptions
-    mergeable = True
+    identity_at_init = True
 
     def apply(self, model: nn.Module) -> None:
         for p in model.parameters():
@@ -42,7 +43,7 @@ class Full(Method):
 @register_method("bitfit", "BitFit: every bias of the backbone (LayerNorm included) plus the head")
 class BitFit(Method):
     config_class = _NoOptions
-    mergeable = True
+    identity_at_init = True
 
     def apply(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():

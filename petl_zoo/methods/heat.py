@@ -9,7 +9,7 @@ heads get no adaptation; it works on ViT and Swin on top of LoRA / AdaptFormer-s
 
 **Ours (each choice is an option):**
 
-- Base (``base``): LoRA (``lora_rank`` 8, scaling 1) on the ``q`` and ``v`` slices of the fused ``qkv``, or
+- Base (``base``): LoRA (``rank`` 8, scaling 1) on the ``q`` and ``v`` slices of the fused ``qkv``, or
   an AdaptFormer bottleneck (``s * up(ReLU(down(x)))``, dim 8, ``s = 0.1``, ``up`` zero-initialised) in
   parallel with the same slices. Head ``h`` owns the output channels ``h*dh:(h+1)*dh`` of each slice,
   i.e. the rows of LoRA's ``B`` / the adapter's ``up`` (weight and bias); ``A`` / ``down`` are shared.
@@ -21,15 +21,16 @@ heads get no adaptation; it works on ViT and Swin on top of LoRA / AdaptFormer-s
   * ``tis='adapter'``:    ``sum_{theta in head's rows of B (or up)} |theta * dL/dtheta|`` after
     ``warmup_steps`` AdamW steps of the adapter and head (restored afterwards unless ``warmup_keep``).
 
-- Selection: heads are ranked globally (``rank='global'``; per stage on Swin, whose stages differ in
-  head count and width) or within each block (``rank='layer'``); the ``floor(mask_ratio * n)`` lowest of
+- Selection: heads are ranked globally (``scope='global'``; per stage on Swin, whose stages differ in
+  head count and width) or within each block (``scope='layer'``); the ``floor(mask_ratio * n)`` lowest of
   each group of ``n`` heads are masked (ties: lower block, then lower head first).
 - A masked head gets no adaptation: its rows of ``B``/``up`` are dropped (the kept rows are stored
   compactly and scattered into zeros in weight space, so the masked slice of the delta is exactly zero
   and never trained, stored or counted). A block with no kept head loses its delta (and ``A``)
   altogether. ``mask='head'`` also gates the head's output off (zeroes its channels at the input of
   ``attn.proj`` with a forward pre-hook); ``mask='adapter'`` leaves the backbone head running.
-- Mergeable with the LoRA base: ``delta_W = s * scatter(B_kept) A`` (head gates stay as hooks).
+- Mergeable with the LoRA base: ``delta_W = s * scatter(B_kept) A``. Head gates stay hooks after a merge;
+  ``merge(unload=True)`` folds them into ``attn.proj`` (its masked input columns become 0) and removes them.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..config import MethodConfig
+from ..config import MethodConfig, fraction, non_negative, positive
 from ..importance import TaylorAccumulator, taylor_scores
-from ..layers import AdaptedLinear, LinearDelta, adapt_linear
+from ..layers import AdaptedLinear, Delta, HookRegistry, adapt_linear
 from ..registry import Method, TrainContext, register_method
 from ..targets import check_targets, iter_blocks, linear_sites
 from .adapter import BottleneckAdapter
@@ -60,63 +61,51 @@ SCOPES = ("global", "layer")
 
 @dataclass
 class HeatConfig(MethodConfig):
-    """HEAT options (``rank`` is the head-ranking scope; the LoRA rank is ``lora_rank``)."""
+    """HEAT options: ``rank``, ``alpha``, ``dropout`` configure the LoRA base (``dropout`` also the adapter
+    base), ``dim``, ``scale`` the adapter base; ``scope`` is the head-ranking scope."""
+
+    renamed = {
+        "lora_rank": "rank",
+        "lora_alpha": "alpha",
+        "lora_dropout": "dropout",
+        "adapter_dim": "dim",
+        "adapter_scale": "scale",
+    }
 
     base: Literal["lora", "adapter"] = "lora"
     targets: tuple[str, ...] = ("q", "v")
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    adapter_dim: int = 8
-    adapter_scale: float = 0.1
+    rank: int = positive(8)
+    alpha: float | None = None
+    dropout: float = fraction(0.0)
+    dim: int = positive(8)
+    scale: float = 0.1
     tis: Literal["weight", "activation", "adapter"] = "activation"
-    rank: Literal["global", "layer"] = "global"
-    mask_ratio: float = 0.5
+    scope: Literal["global", "layer"] = "global"
+    mask_ratio: float = fraction(0.5)
     mask: Literal["adapter", "head"] = "adapter"
-    importance_batches: int | None = None
-    warmup_steps: int | None = None
-    warmup_lr: float = 1e-3
-    warmup_weight_decay: float = 1e-4
+    importance_batches: int | None = positive(None, none="the whole loader")
+    warmup_steps: int | None = positive(None, none="one pass over the loader")
+    warmup_lr: float = positive(1e-3)
+    warmup_weight_decay: float = non_negative(1e-4)
     warmup_keep: bool = False
 
     @classmethod
     def from_options(cls, method: str = "", **options: Any) -> HeatConfig:
         value = options.get("rank")
-        if isinstance(value, (int, float)) or (isinstance(value, str) and value.strip().isdigit()):
+        if isinstance(value, str) and value.strip() in SCOPES:
             raise ValueError(
-                f"bad value {value!r} for option 'rank' for method 'heat': 'rank' is the head-ranking "
-                "scope, one of 'global', 'layer'; set the LoRA rank with 'lora_rank'"
+                f"bad value {value!r} for option 'rank' for method 'heat': 'rank' is the LoRA rank (a "
+                f"positive integer); the head-ranking scope is now 'scope' ({', '.join(SCOPES)})"
             )
         return super().from_options(method, **options)
 
     def validate(self) -> None:
         check_targets(self.targets, HEAD_TARGETS, "heat")
-        if self.lora_rank <= 0:
-            raise ValueError(f"lora_rank must be a positive integer, got {self.lora_rank}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.adapter_dim <= 0:
-            raise ValueError(f"adapter_dim must be a positive integer, got {self.adapter_dim}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if self.importance_batches is not None and self.importance_batches <= 0:
-            raise ValueError(
-                f"importance_batches must be a positive integer or None (the whole loader), "
-                f"got {self.importance_batches}"
-            )
-        if self.warmup_steps is not None and self.warmup_steps <= 0:
-            raise ValueError(
-                f"warmup_steps must be a positive integer or None (one pass over the loader), "
-                f"got {self.warmup_steps}"
-            )
-        if self.warmup_lr <= 0:
-            raise ValueError(f"warmup_lr must be positive, got {self.warmup_lr}")
-        if self.warmup_weight_decay < 0:
-            raise ValueError(f"warmup_weight_decay must be >= 0, got {self.warmup_weight_decay}")
 
     @property
-    def lora_scaling(self) -> float:
-        return (self.lora_alpha if self.lora_alpha is not None else self.lora_rank) / self.lora_rank
+    def scaling(self) -> float:
+        """LoRA scaling ``alpha / rank`` (1 when ``alpha`` is None)."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
 class _HeadRows:
@@ -194,7 +183,7 @@ class HeadLoraDelta(_HeadRows, LoraDelta):
     def head_params(self, head: int) -> list[tuple[Tensor, slice]]:
         return [(self.lora_B, self.head_index(head))]
 
-    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         return (
             F.linear(F.linear(self.dropout(x), self.lora_A), self._scatter_rows(self.lora_B)) * self.scaling
         )
@@ -203,13 +192,13 @@ class HeadLoraDelta(_HeadRows, LoraDelta):
         return (self._scatter_rows(self.lora_B) @ self.lora_A) * self.scaling
 
 
-class HeadAdapterDelta(_HeadRows, LinearDelta):
+class HeadAdapterDelta(_HeadRows, Delta):
     """AdaptFormer bottleneck beside a q/k/v slice: ``s * up(act(down(x)))``, ``up`` rows kept per head."""
 
     def __init__(
         self, features: int, out_features: int, dim: int, scale: float, head_dim: int, dropout: float = 0.0
     ) -> None:
-        LinearDelta.__init__(self)
+        Delta.__init__(self)
         if features != out_features:
             raise ValueError(
                 f"the adapter base needs a slice as wide as its input ({features}), got {out_features}"
@@ -231,10 +220,10 @@ class HeadAdapterDelta(_HeadRows, LinearDelta):
         index = self.head_index(head)
         return [(self.adapter.up.weight, index), (self.adapter.up.bias, index)]
 
-    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         a = self.adapter
         if self.full:
-            return a(x)
+            return a(x, weight)
         hidden = a.dropout(a.act(a.down(x)))
         return F.linear(hidden, self._scatter_rows(a.up.weight), self._scatter_rows(a.up.bias)) * a.scale
 
@@ -311,14 +300,12 @@ class Heat(Method):
     """HEAT (see the module docstring for the paper's parts and ours)."""
 
     config_class = HeatConfig
-    mergeable = True  # with the default LoRA base; an instance with base='adapter' is not
+    identity_at_init = True
 
     def __init__(self, config: HeatConfig) -> None:
         super().__init__(config)
-        self.mergeable = config.base == "lora"
         self.kept_heads: list[list[int]] | None = None
         self.scores: list[list[float]] | None = None
-        self._hooks: list[Any] = []
 
     # -- structure ---------------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> None:
@@ -327,22 +314,12 @@ class Heat(Method):
             for site in linear_sites(model, target):
                 dh = site.block.head_dim
                 if cfg.base == "lora":
-                    delta: LinearDelta = HeadLoraDelta(
-                        site.in_features,
-                        site.out_features,
-                        cfg.lora_rank,
-                        cfg.lora_scaling,
-                        cfg.lora_dropout,
-                        dh,
+                    delta: Delta = HeadLoraDelta(
+                        site.in_features, site.out_features, cfg.rank, cfg.scaling, cfg.dropout, dh
                     )
                 else:
                     delta = HeadAdapterDelta(
-                        site.in_features,
-                        site.out_features,
-                        cfg.adapter_dim,
-                        cfg.adapter_scale,
-                        dh,
-                        cfg.lora_dropout,
+                        site.in_features, site.out_features, cfg.dim, cfg.scale, dh, cfg.dropout
                     )
                 adapt_linear(site).add_delta(f"heat_{target}", delta, site.start, site.stop)
 
@@ -392,7 +369,7 @@ class Heat(Method):
                 device = next(attn.parameters()).device
                 gate = HeadGate(info.num_heads, info.head_dim, heads, device=device)
                 attn.heat_gate = gate
-                self._hooks.append(attn.proj.register_forward_pre_hook(gate.hook))
+                self.hooks.add_forward_pre_hook(attn.proj, gate.hook)
         self.kept_heads = kept
         self.scores = [[float(s) for s in row] for row in scores] if scores is not None else None
 
@@ -411,6 +388,19 @@ class Heat(Method):
             )
         self.apply_mask(model, state["kept_heads"], state.get("scores"))
 
+    def unload(self, model: nn.Module) -> None:
+        """Fold every head gate into its ``attn.proj`` (the masked heads' input columns become 0), then
+        drop the gates and their hooks: the merged and unloaded model is a plain timm model."""
+        with torch.no_grad():
+            for info in iter_blocks(model):
+                attn = info.module.attn
+                gate = getattr(attn, "heat_gate", None)
+                if isinstance(gate, HeadGate):
+                    weight = attn.proj.weight
+                    weight.mul_(gate.gate.to(weight.dtype))
+                    del attn.heat_gate
+        super().unload(model)
+
     # -- importance ------------------------------------------------------------------------------
     def on_train_start(self, model: nn.Module, loader: Any, ctx: TrainContext) -> None:
         """Score every head, then mask the least important ``mask_ratio`` of them (once per model)."""
@@ -418,7 +408,7 @@ class Heat(Method):
             return
         scores = self.importance(model, loader, ctx)
         stages = [info.stage for info in iter_blocks(model)]
-        kept = select_heads(scores, stages, self.config.mask_ratio, self.config.rank)
+        kept = select_heads(scores, stages, self.config.mask_ratio, self.config.scope)
         self.apply_mask(model, kept, scores)
 
     def importance(self, model: nn.Module, loader: Any, ctx: TrainContext | None = None) -> list[list[float]]:
@@ -494,7 +484,9 @@ class Heat(Method):
 
             return hook
 
-        handles = [info.module.attn.proj.register_forward_pre_hook(capture(info.index)) for info in blocks]
+        probes = HookRegistry()
+        for info in blocks:
+            probes.add_forward_pre_hook(info.module.attn.proj, capture(info.index))
         totals = [[0.0] * info.num_heads for info in blocks]
         batches = 0
         try:
@@ -510,8 +502,7 @@ class Heat(Method):
                         totals[info.index][h] += score
                 batches += 1
         finally:
-            for handle in handles:
-                handle.remove()
+            probes.remove()
             captured.clear()
         if batches == 0:
             raise ValueError("the importance loader yielded no batch")

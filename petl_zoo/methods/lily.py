@@ -44,8 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..config import MethodConfig
-from ..layers import LinearDelta, adapt_linear, adapt_module
+from ..config import MethodConfig, positive
+from ..layers import Delta, adapt_linear, adapt_module
 from ..registry import Method, register_method
 from ..targets import BlockInfo, check_targets, iter_blocks, linear_sites, model_family, module_sites
 
@@ -62,23 +62,14 @@ class LilyConfig(MethodConfig):
     ``rank`` is ``r`` (the mlp path uses ``2 * rank``), ``num_experts`` is ``ne``, ``scale`` is ``s``.
     """
 
-    rank: int = 32
-    num_experts: int = 4
-    stride_lp: int | None = None
+    rank: int = positive(32)
+    num_experts: int = positive(4)
+    stride_lp: int | None = positive(None, hint="1..depth", none="depth // num_experts")
     scale: float = 1.0
     mixing: Literal["batch", "sample"] = "batch"
     targets: tuple[str, ...] = ("k", "v", "mlp")
 
     def validate(self) -> None:
-        if self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {self.rank}")
-        if self.num_experts <= 0:
-            raise ValueError(f"num_experts must be a positive integer, got {self.num_experts}")
-        if self.stride_lp is not None and self.stride_lp <= 0:
-            raise ValueError(
-                f"stride_lp must be a positive integer (1..depth) or None for depth // num_experts, "
-                f"got {self.stride_lp}"
-            )
         check_targets(self.targets, LILY_TARGETS, "lily")
 
 
@@ -92,16 +83,14 @@ class _ImageCount:
         self.value = int(args[0].shape[0])
 
 
-class LilyDelta(LinearDelta):
+class LilyDelta(Delta):
     """One block's Lily path: ``delta = s * h @ sum_e p_e HP_e`` with ``h = act(LP(x))`` and
     ``p = mean softmax(router(h))`` over tokens (``sample``) or over tokens and batch (``batch``).
 
     ``lp`` and ``experts`` are shared with other blocks (the same module / Parameter object); the router
-    is this block's own. Used as a ``LinearDelta`` on a qkv slice (``forward(x, weight)``, the frozen
-    weight is unused) and as a parallel adapter of the Mlp (``forward(x)``).
+    is this block's own. Attached to a qkv slice and in parallel with the Mlp; the frozen weight is
+    unused. Input-dependent: not mergeable.
     """
-
-    mergeable = False
 
     def __init__(
         self,
@@ -146,7 +135,7 @@ class LilyDelta(LinearDelta):
             return images  # Swin [B * windows, N, r]: the windows of one image are contiguous
         return leading
 
-    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         h = self.act(self.lp(x))
         p = self.mixing_weights(h)
         if p.dim() == 1:
@@ -170,7 +159,9 @@ def lp_strides(model: nn.Module, num_experts: int, stride_lp: int | None) -> dic
     deepest = max(depths.values())
     if not 1 <= stride_lp <= deepest:
         where = "blocks" if len(depths) == 1 else "blocks in its deepest stage"
-        raise ValueError(f"stride_lp must be in 1..{deepest} (the model has {deepest} {where}), got {stride_lp}")
+        raise ValueError(
+            f"stride_lp must be in 1..{deepest} (the model has {deepest} {where}), got {stride_lp}"
+        )
     return dict.fromkeys(depths, stride_lp)
 
 
@@ -180,12 +171,8 @@ def lp_strides(model: nn.Module, num_experts: int, stride_lp: int | None) -> dic
 )
 class Lily(Method):
     config_class = LilyConfig
-    mergeable = False
+    identity_at_init = True
     recipe: dict[str, Any] = {}  # the authors train with the shared VTAB recipe
-
-    def __init__(self, config: LilyConfig) -> None:
-        super().__init__(config)
-        self._hooks: list[Any] = []
 
     def apply(self, model: nn.Module) -> None:
         cfg: LilyConfig = self.config
@@ -195,7 +182,7 @@ class Lily(Method):
         if swin_windows and any(t in ATTN_TARGETS for t in cfg.targets):
             for info in iter_blocks(model):
                 counters[info.index] = counter = _ImageCount()
-                self._hooks.append(info.module.register_forward_pre_hook(counter.hook))
+                self.hooks.add_forward_pre_hook(info.module, counter.hook)
         for target in cfg.targets:
             is_mlp = target == "mlp"
             rank = 2 * cfg.rank if is_mlp else cfg.rank

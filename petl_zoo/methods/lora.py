@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..config import MethodConfig
-from ..layers import LinearDelta, adapt_linear
+from ..config import MethodConfig, fraction, positive
+from ..layers import Delta, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -29,16 +29,12 @@ __all__ = ["LoraConfig", "LoraDelta", "Lora"]
 class LoraConfig(MethodConfig):
     """LoRA options. ``alpha=None`` means ``alpha = rank`` (scaling 1)."""
 
-    rank: int = 8
+    rank: int = positive(8)
     alpha: float | None = None
-    dropout: float = 0.0
+    dropout: float = fraction(0.0)
     targets: tuple[str, ...] = ("q", "v")
 
     def validate(self) -> None:
-        if self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         check_targets(self.targets, LINEAR_TARGETS, "lora")
 
     @property
@@ -46,12 +42,14 @@ class LoraConfig(MethodConfig):
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
-class LoraDelta(LinearDelta):
+class LoraDelta(Delta):
     """``delta(x) = s * (dropout(x) A^T) B^T`` for one output slice; ``delta_W = s * B A``."""
 
     mergeable = True
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float, dropout: float) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, scaling: float, dropout: float
+    ) -> None:
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank))
@@ -60,7 +58,7 @@ class LoraDelta(LinearDelta):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     def delta_weight(self, weight: Tensor) -> Tensor:
@@ -70,7 +68,7 @@ class LoraDelta(LinearDelta):
 @register_method("lora", "LoRA: low-rank weight updates (B A) on Linear slices such as q and v; mergeable")
 class Lora(Method):
     config_class = LoraConfig
-    mergeable = True
+    identity_at_init = True
 
     def apply(self, model: nn.Module) -> None:
         cfg: LoraConfig = self.config

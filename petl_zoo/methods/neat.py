@@ -43,8 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..config import MethodConfig
-from ..layers import LinearDelta, adapt_linear
+from ..config import MethodConfig, non_negative, nonzero, positive
+from ..layers import Delta, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -66,25 +66,15 @@ class NeatConfig(MethodConfig):
     """NEAT options: ``rank`` for attention targets, ``mlp_rank`` for ``fc1``/``fc2``, ``depth`` = number
     of ``r x r`` hidden-layer pairs (the authors' depth ``2 + 2 * depth``), ``scale`` = ``s``."""
 
-    rank: int = 7
-    mlp_rank: int = 16
+    rank: int = positive(7)
+    mlp_rank: int = positive(16)
     targets: tuple[str, ...] = ("q", "v")
     mlp: bool = False
     act: Literal["relu", "gelu", "silu", "tanh", "sin"] = "relu"
-    scale: float = 1.0
-    depth: int = 0
+    scale: float = nonzero(1.0)
+    depth: int = non_negative(0, hint="0 = vanilla NEAT")
 
     def validate(self) -> None:
-        if self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {self.rank}")
-        if self.mlp_rank <= 0:
-            raise ValueError(f"mlp_rank must be a positive integer, got {self.mlp_rank}")
-        if self.depth < 0:
-            raise ValueError(f"depth must be a non-negative integer (0 = vanilla NEAT), got {self.depth}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"unknown act {self.act!r}; valid activations: {', '.join(ACTIVATIONS)}")
-        if not math.isfinite(self.scale) or self.scale == 0.0:
-            raise ValueError(f"scale must be a finite non-zero float, got {self.scale}")
         check_targets(self.targets, LINEAR_TARGETS, "neat")
 
     @property
@@ -97,14 +87,20 @@ class NeatConfig(MethodConfig):
         return self.mlp_rank if target in MLP_TARGETS else self.rank
 
 
-class NeatDelta(LinearDelta):
+class NeatDelta(Delta):
     """NEAT update of one output slice: ``delta(x) = s * (x H^T) B^T`` with ``H = act(A W0)`` (+ hidden
     pairs), so that ``delta_W = s * B H`` (``= s * B act(A W0)`` at depth 0)."""
 
     mergeable = True
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, act: str = "relu", scale: float = 1.0, depth: int = 0
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        act: str = "relu",
+        scale: float = 1.0,
+        depth: int = 0,
     ) -> None:
         super().__init__()
         if act not in ACTIVATIONS:
@@ -145,7 +141,11 @@ class NeatDelta(LinearDelta):
             h = h * self.scale
         return h
 
-    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        if weight is None:
+            raise ValueError(
+                "NeatDelta is a function of the frozen weight: attach it to a Linear (adapt_linear)"
+            )
         # cost independent of the batch: one [r, out] x [out, in] product (+ r x r layers) per forward
         h = self.hidden(weight)
         return F.linear(F.linear(x, h), self.B)
@@ -173,7 +173,7 @@ class Neat(Method):
     """
 
     config_class = NeatConfig
-    mergeable = True
+    identity_at_init = True
     recipe: dict = {}
 
     def apply(self, model: nn.Module) -> None:

@@ -35,7 +35,6 @@ reconstruction** (each choice is an option):
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,9 +42,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..config import MethodConfig
+from ..config import MethodConfig, fraction, non_negative, positive
 from ..importance import TaylorAccumulator
-from ..layers import AdaptedLinear, AdaptedModule, LinearDelta, adapt_linear, adapt_module
+from ..layers import AdaptedLinear, AdaptedModule, Delta, adapt_linear, adapt_module
 from ..registry import Method, TrainContext, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites, module_sites
 from .adapter import BottleneckAdapter
@@ -60,100 +59,89 @@ __all__ = [
     "plan_pruning",
 ]
 
-BASES = ("adapter", "lora", "both")
-
 
 @dataclass
 class PearConfig(MethodConfig):
-    """Pear options (see the module docstring for which parts are the paper's and which are ours)."""
+    """Pear options (see the module docstring for which parts are the paper's and which are ours).
+
+    ``targets`` are the LoRA positions (``base='lora'`` or ``'both'``); adapters always sit on the MLP.
+    """
+
+    renamed = {"lora_targets": "targets"}
 
     base: Literal["adapter", "lora", "both"] = "adapter"
-    dim: int = 8  # adapter bottleneck width
+    dim: int = positive(8)  # adapter bottleneck width
     scale: float = 0.1  # adapter output scale s (AdaptFormer's VTAB value)
-    rank: int = 8  # LoRA rank (scaling 1)
-    lora_targets: tuple[str, ...] = ("q", "v")
-    prune_epoch: int = 10
-    prune_ratio: float = 0.5
+    rank: int = positive(8)  # LoRA rank (scaling 1)
+    targets: tuple[str, ...] = ("q", "v")
+    prune_epoch: int = positive(10, hint="an epoch to score in")
+    prune_ratio: float = fraction(0.5, low_open=True)
     importance: Literal["group", "abs"] = "group"
     share: Literal["top", "nearest"] = "top"
     knowledge_checkpoint: bool = True
-    kc_scale: float = 1.0
+    kc_scale: float = non_negative(1.0)
     kc_shared: Literal["gate", "offset"] = "gate"
 
     def validate(self) -> None:
-        if self.base not in BASES:
-            raise ValueError(f"base must be one of {', '.join(BASES)}, got {self.base!r}")
-        if self.dim <= 0:
-            raise ValueError(f"dim must be a positive integer, got {self.dim}")
-        if self.rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {self.rank}")
         if self.base != "adapter":
-            check_targets(self.lora_targets, LINEAR_TARGETS, "pear")
-        if self.prune_epoch < 1:
-            raise ValueError(f"prune_epoch must be >= 1 (an epoch to score in), got {self.prune_epoch}")
-        if not 0.0 < self.prune_ratio < 1.0:
-            raise ValueError(f"prune_ratio must be in (0, 1), got {self.prune_ratio}")
-        if self.importance not in ("group", "abs"):
-            raise ValueError(f"importance must be 'group' or 'abs', got {self.importance!r}")
-        if self.share not in ("top", "nearest"):
-            raise ValueError(f"share must be 'top' or 'nearest', got {self.share!r}")
-        if not (math.isfinite(self.kc_scale) and self.kc_scale >= 0.0):
-            raise ValueError(f"kc_scale must be a finite number >= 0, got {self.kc_scale}")
-        if self.kc_shared not in ("gate", "offset"):
-            raise ValueError(f"kc_shared must be 'gate' or 'offset', got {self.kc_shared!r}")
+            check_targets(self.targets, LINEAR_TARGETS, "pear")
 
 
-def _call(module: nn.Module, x: Tensor, weight: Tensor | None) -> Tensor:
-    """Call an adapter (``module(x)``) or a LinearDelta (``module(x, weight)``)."""
-    return module(x) if weight is None else module(x, weight)
-
-
-class FrozenCheckpoint(LinearDelta):
+class FrozenCheckpoint(Delta):
     """Knowledge checkpoint: a pruned adapter kept frozen at its position, ``kc_scale * a_p(x)``."""
 
-    def __init__(self, module: nn.Module, scale: float) -> None:
+    def __init__(self, module: Delta, scale: float) -> None:
         super().__init__()
         module.requires_grad_(False)
         self.module = module
         self.scale = scale
-        self.mergeable = bool(getattr(module, "mergeable", False))
 
-    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        return _call(self.module, x, weight) * self.scale
+    @property
+    def mergeable(self) -> bool:
+        return self.module.mergeable
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        return self.module(x, weight) * self.scale
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.module.delta_weight(weight) * self.scale
 
 
-class GatedShare(LinearDelta):
+class GatedShare(Delta):
     """A shared adapter at a pruned position behind a trainable scalar gate: ``g * a_k(x)``, g = 0 first."""
 
-    def __init__(self, shared: nn.Module) -> None:
+    def __init__(self, shared: Delta) -> None:
         super().__init__()
         ref = next(shared.parameters())
         self.shared = shared
         self.gate = nn.Parameter(torch.zeros((), device=ref.device, dtype=ref.dtype))
-        self.mergeable = bool(getattr(shared, "mergeable", False))
 
-    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        return _call(self.shared, x, weight) * self.gate
+    @property
+    def mergeable(self) -> bool:
+        return self.shared.mergeable
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        return self.shared(x, weight) * self.gate
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.shared.delta_weight(weight) * self.gate
 
 
-class OffsetShare(LinearDelta):
+class OffsetShare(Delta):
     """A shared adapter at a pruned position minus its frozen snapshot: ``a_k(x) - a_k^0(x)`` (0 at start)."""
 
-    def __init__(self, shared: nn.Module, snapshot: nn.Module) -> None:
+    def __init__(self, shared: Delta, snapshot: Delta) -> None:
         super().__init__()
         snapshot.requires_grad_(False)
         self.shared = shared
         self.snapshot = snapshot
-        self.mergeable = bool(getattr(shared, "mergeable", False))
 
-    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor:
-        return _call(self.shared, x, weight) - _call(self.snapshot, x, weight)
+    @property
+    def mergeable(self) -> bool:
+        return self.shared.mergeable
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        return self.shared(x, weight) - self.snapshot(x, weight)
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.shared.delta_weight(weight) - self.snapshot.delta_weight(weight)
@@ -235,11 +223,10 @@ def plan_pruning(
 )
 class Pear(Method):
     config_class = PearConfig
+    identity_at_init = True
 
     def __init__(self, config: PearConfig) -> None:
         super().__init__(config)
-        # instance value: a LoRA-only Pear is mergeable (every delta lives in weight space)
-        self.mergeable = config.base == "lora"
         self.positions: dict[str, _Position] = {}
         self.plan: dict[str, Any] | None = None
         self._accumulator: TaylorAccumulator | None = None
@@ -256,7 +243,7 @@ class Pear(Method):
                 shape = (site.in_features, cfg.dim)
                 found.append(self._position("mlp", site.block, shape, wrapper, "pear", adapter))
         if cfg.base in ("lora", "both"):
-            for target in cfg.lora_targets:
+            for target in cfg.targets:
                 for site in linear_sites(model, target):
                     layer = adapt_linear(site)
                     delta = LoraDelta(site.in_features, site.out_features, cfg.rank, 1.0, 0.0)
@@ -316,8 +303,10 @@ class Pear(Method):
             raise ValueError("pear: adapters are already pruned")
         missing = [n for n in self.positions if n not in scores]
         if missing:
-            raise ValueError(f"pear: no importance score for position {missing[0]!r}; positions: "
-                             f"{', '.join(self.positions)}")
+            raise ValueError(
+                f"pear: no importance score for position {missing[0]!r}; positions: "
+                f"{', '.join(self.positions)}"
+            )
         cfg: PearConfig = self.config
         pos = self.positions
         pruned, share = plan_pruning(

@@ -1,0 +1,189 @@
+"""The method contract, checked for every built-in method on a tiny ViT and a tiny Swin.
+
+Every method registered by ``petl_zoo.methods`` is covered with its default options, so a method added
+there later is tested without editing this file (methods that tests register on the fly are not).
+Per method and architecture:
+
+- identity at initialisation, where the method claims it (``Method.identity_at_init``);
+- only the method's tensors and the head require grad (methods that attach nothing train the model's
+  own tensors), and everything trainable is saved;
+- after the method's structure step (Pear's pruning, HEAT's head selection: the training callbacks on a
+  tiny loader), every trainable tensor gets a gradient and frozen ones get none;
+- perturbing the method's tensors changes the output;
+- save -> load onto a fresh model gives identical outputs, structure and counts;
+- mergeable models (``petl_zoo.is_mergeable``) merge to the same outputs, unmerge exactly and unload to
+  a plain timm model without hooks; the others make ``merge`` raise a ValueError naming the method.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import perturb_, pre_hook_count, tiny_swin, tiny_vit
+from torch import nn
+
+import petl_zoo
+from petl_zoo.layers import AdaptedLinear, AdaptedModule, PetlModule
+from petl_zoo.registry import Method, TrainContext
+
+BUILTIN = sorted(
+    n for n in petl_zoo.method_names() if petl_zoo.get_method(n).__module__.startswith("petl_zoo.")
+)
+FAMILIES = {
+    "vit": lambda: tiny_vit(),
+    "swin": lambda: tiny_swin(depths=(2, 2), patch_size=4),  # two blocks per stage, so Pear can share
+}
+#: Epochs the structure step may take: Pear prunes at the end of epoch prune_epoch - 1 (default 9).
+STRUCTURE_EPOCHS = 12
+CALLBACKS = ("on_train_start", "on_after_backward", "on_epoch_end")
+
+
+def batches(n: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)
+    ]
+
+
+def method_tensor_ids(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, PetlModule) for p in m.parameters()}
+
+
+def head_ids(model: nn.Module) -> set[int]:
+    return {id(p) for p in model.get_classifier().parameters()}
+
+
+def method_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The method's trainable tensors (the head excluded)."""
+    head = head_ids(model)
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+
+
+def settle_structure(model: nn.Module, data) -> None:
+    """Run the training loop's callbacks (backward passes, no optimizer step) until the method's
+    structure is built: ``on_train_start``, then epochs until ``get_state()`` is non-empty."""
+    method = petl_zoo.method_of(model)
+    if all(getattr(type(method), c) is getattr(Method, c) for c in CALLBACKS):
+        return
+    ctx = TrainContext(epochs=STRUCTURE_EPOCHS, steps_per_epoch=len(data))
+    method.on_train_start(model, data, ctx)
+    model.train()
+    for epoch in range(STRUCTURE_EPOCHS):
+        if method.get_state():
+            break
+        ctx.epoch = epoch
+        for x, y in data:
+            model.zero_grad(set_to_none=True)
+            ctx.loss_fn(model(x), y).backward()
+            method.on_after_backward(model, ctx)
+            ctx.step += 1
+        method.on_epoch_end(model, epoch, ctx)
+    model.zero_grad(set_to_none=True)
+    if type(method).set_state is not Method.set_state:  # a structural method: its structure now exists
+        assert method.get_state(), f"{method.name}: no structure after {STRUCTURE_EPOCHS} epochs"
+
+
+def check_trainable(model: nn.Module) -> None:
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    head, method = head_ids(model), method_tensor_ids(model)
+    assert head and head <= trainable, "the classifier head must be trainable"
+    if method:  # a method that attaches modules trains only those (and the head)
+        names = [n for n, p in model.named_parameters() if id(p) in trainable - method - head]
+        assert not names, f"trainable tensors outside the method and the head: {names[:3]}"
+    saved = {id(t) for t in petl_zoo.adapter_state_dict(model).values()}
+    assert trainable <= saved, "every trainable tensor is saved"
+
+
+def check_gradients(model: nn.Module, batch) -> None:
+    x, y = batch
+    method = method_tensor_ids(model)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, f"frozen {name} got a gradient"
+            continue
+        assert p.grad is not None, f"trainable {name} got no gradient"
+        if id(p) in method:  # the method's own tensors, perturbed away from their init: a real signal
+            assert p.grad.abs().sum() > 0, f"trainable {name} got an all-zero gradient"
+    model.zero_grad(set_to_none=True)
+
+
+def check_merge(
+    name: str, model: nn.Module, pristine: nn.Module, x: torch.Tensor, tuned: torch.Tensor
+) -> None:
+    if not petl_zoo.is_mergeable(model):
+        with pytest.raises(ValueError, match=f"method '{name}' cannot be merged: "):
+            petl_zoo.merge(model)
+        assert not petl_zoo.is_merged(model)
+        return
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    petl_zoo.merge(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tuned, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        petl_zoo.merge(model)
+    petl_zoo.unmerge(model)
+    for n, t in model.state_dict().items():
+        assert torch.equal(t, before[n]), f"unmerge did not restore {n} exactly"
+    with torch.no_grad():
+        assert torch.equal(model(x), tuned)
+
+    plain = petl_zoo.merge(copy.deepcopy(model), unload=True)
+    assert petl_zoo.method_of(plain) is None and pre_hook_count(plain) == 0
+    assert not any(isinstance(m, (AdaptedLinear, AdaptedModule)) for m in plain.modules())
+    assert plain.state_dict().keys() == pristine.state_dict().keys()  # a plain timm model again
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), tuned, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:pear. pruned")  # a tiny model cannot always reach prune_ratio exactly
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("name", BUILTIN)
+def test_method_contract(name, family, tmp_path):
+    torch.manual_seed(0)
+    pristine = FAMILIES[family]().eval()
+    model = copy.deepcopy(pristine)
+    data = batches()
+    x = data[0][0]
+    petl_zoo.create(name, model)
+    if petl_zoo.get_method(name).identity_at_init:
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), pristine(x), atol=0, rtol=0)
+    check_trainable(model)
+
+    perturb_(model)
+    settle_structure(model, data)
+    perturb_(model, seed=2)  # tensors the structure step created (Pear's gates start at 0)
+    check_trainable(model)
+    check_gradients(model, data[1])
+
+    model.eval()
+    with torch.no_grad():
+        tuned = model(x)
+    moved = copy.deepcopy(model)
+    if method_parameters(moved):
+        perturb_(moved, seed=3, params=method_parameters(moved))
+        with torch.no_grad():
+            assert (moved(x) - tuned).abs().max() > 1e-4, "perturbing the method's tensors changed nothing"
+    else:
+        assert petl_zoo.trainable_parameters(model)["method"] == 0  # linear probe: the head only
+
+    petl_zoo.save_adapter(model, tmp_path / "ad")
+    assert petl_zoo.read_adapter_config(tmp_path / "ad")["mergeable"] == petl_zoo.is_mergeable(model)
+    fresh = petl_zoo.load_adapter(copy.deepcopy(pristine), tmp_path / "ad").eval()
+    assert fresh.petl_method.get_state() == model.petl_method.get_state()
+    assert petl_zoo.trainable_parameters(fresh) == petl_zoo.trainable_parameters(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n, p in fresh.named_parameters() if p.requires_grad] == trainable
+    with torch.no_grad():
+        assert torch.equal(fresh(x), tuned)
+
+    check_merge(name, model, pristine, x, tuned)
+
+
+def test_every_builtin_method_is_covered():
+    assert {"lora", "adapter", "linear", "full", "bitfit", "neat", "lily", "pear", "heat"} <= set(BUILTIN)
