@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .io import atomic_write, atomic_write_json, sha256_file
-from .layers import PetlModule, adapted_linears, unload_wrappers, unmergeable_deltas
+from .layers import PetlModule, adapted_linears, place_like_host, unload_wrappers, unmergeable_deltas
 from .registry import Method, get_method
-from .targets import model_family
+from .targets import classifier_modules, model_family
 
 __all__ = [
     "create",
@@ -52,11 +52,14 @@ def _require_method(model: nn.Module) -> Method:
     return method
 
 
-def create(method: str, model: nn.Module, **options: Any) -> nn.Module:
+def create(method: str, model: nn.Module, *, train_attn_pool: bool = False, **options: Any) -> nn.Module:
     """Patch ``model`` in place with PETL ``method`` and return it.
 
-    The backbone is frozen; the method's parameters and the classifier head stay trainable. Options
-    are the fields of the method's config dataclass (unknown names and bad values raise ValueError).
+    The backbone is frozen; the method's parameters and the classifier head(s) stay trainable (both heads
+    of a distilled DeiT). An attention-pool head (SigLIP's ``attn_pool``) is pretrained backbone and stays
+    frozen unless ``train_attn_pool``. Options are the fields of the method's config dataclass (unknown
+    names and bad values raise ValueError). The method's tensors are put on the device and in the dtype of
+    the weights they adapt. ``create`` is atomic: when it raises, the model is exactly as it was.
     """
     cls = get_method(method)
     existing = method_of(model)
@@ -65,19 +68,62 @@ def create(method: str, model: nn.Module, **options: Any) -> nn.Module:
     model_family(model)
     config = cls.config_class.from_options(cls.name, **options)
     instance = cls(config)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    instance.apply(model)
-    for p in classifier_parameters(model):
-        p.requires_grad_(True)
+    snapshot = _ModelSnapshot(model)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        instance.apply(model)
+        place_like_host(model)
+        for p in classifier_parameters(model, include_attn_pool=train_attn_pool):
+            p.requires_grad_(True)
+    except BaseException:
+        instance.hooks.remove()
+        snapshot.restore()
+        raise
     model.petl_method = instance
     return model
 
 
-def classifier_parameters(model: nn.Module) -> list[nn.Parameter]:
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    return list(head.parameters()) if isinstance(head, nn.Module) else []
+class _ModelSnapshot:
+    """Enough of a model's state to undo a failed ``create``: every module's attributes, its parameter,
+    buffer, sub-module and hook tables, and every parameter's ``requires_grad``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(m, dict(vars(m)), self._tables(m)) for m in model.modules()]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    @staticmethod
+    def _tables(module: nn.Module) -> dict[str, Any]:
+        """Copies of the module's mutable tables (dicts and sets held in its attributes)."""
+        return {k: type(v)(v) for k, v in vars(module).items() if isinstance(v, (dict, set))}
+
+    def restore(self) -> None:
+        for module, attributes, tables in self.modules:
+            vars(module).clear()
+            vars(module).update(attributes)
+            for name, table in tables.items():
+                current = getattr(module, name)
+                current.clear()
+                current.update(table)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+def classifier_parameters(model: nn.Module, include_attn_pool: bool = False) -> list[nn.Parameter]:
+    """The parameters of every classifier head (``head``, and ``head_dist`` of distilled models); with
+    ``include_attn_pool`` also those of an attention-pool head (``attn_pool``, SigLIP)."""
+    modules = classifier_modules(model)
+    pool = getattr(model, "attn_pool", None)
+    if include_attn_pool and isinstance(pool, nn.Module):
+        modules.append(pool)
+    seen: set[int] = set()
+    params = []
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
 
 
 def _numel_unique(tensors) -> int:
@@ -268,6 +314,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
     create(config["method"], model, **config.get("config", {}))
     method = _require_method(model)
     method.set_state(model, config.get("state", {}))
+    place_like_host(model)
     load_adapter_weights(model, load_file(str(weights)), strict=strict, source=str(directory))
     return model
 

@@ -41,11 +41,19 @@ __all__ = [
     "adapted_linears",
     "unmergeable_deltas",
     "unload_wrappers",
+    "place_like_host",
 ]
 
 
 class PetlModule(nn.Module):
-    """Marker base class: parameters and persistent buffers below it are the method's own."""
+    """Marker base class: parameters and persistent buffers below it are the method's own.
+
+    :func:`place_like_host` puts every PetlModule on the device and in the floating dtype of the weights
+    it adapts (a bf16 model on the GPU gets bf16 GPU deltas); a module that must keep float32 on purpose
+    (e.g. accumulated statistics) sets ``keeps_float32 = True`` and is only moved to the device.
+    """
+
+    keeps_float32: bool = False
 
 
 class Delta(PetlModule):
@@ -213,6 +221,48 @@ def adapt_module(site: ModuleSite) -> AdaptedModule:
     wrapper = AdaptedModule(current)
     setattr(site.parent, site.attr, wrapper)
     return wrapper
+
+
+def _reference_tensor(module: nn.Module) -> Tensor | None:
+    """The first floating parameter (else buffer) of ``module``: what a delta attached to it should match."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def _move(module: PetlModule, like: Tensor) -> None:
+    dtype = None if module.keeps_float32 else like.dtype
+    module.to(device=like.device, dtype=dtype)
+
+
+@torch.no_grad()
+def place_like_host(model: nn.Module) -> None:
+    """Move every method module to the device and floating dtype of what it adapts: a Linear's weight for
+    the deltas of an :class:`AdaptedLinear`, the wrapped module's weights for an :class:`AdaptedModule`,
+    the model's own weights for any other PetlModule. Shared tensors stay shared (``Module.to`` swaps
+    their data in place). Idempotent; ``create`` and ``load_adapter`` call it."""
+    placed: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (AdaptedLinear, AdaptedModule)):
+            like = _reference_tensor(module.base)
+            children = (
+                module.deltas.values()
+                if isinstance(module, AdaptedLinear)
+                else (
+                    *module.parallel.values(),
+                    *module.sequential.values(),
+                )
+            )
+            for delta in children:
+                if like is not None:
+                    _move(delta, like)
+                placed.update(id(m) for m in delta.modules())
+    like = next((t for t in model.parameters() if t.is_floating_point()), None)
+    for module in model.modules():
+        if isinstance(module, PetlModule) and id(module) not in placed and like is not None:
+            _move(module, like)
+            placed.update(id(m) for m in module.modules())
 
 
 def adapted_linears(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
