@@ -152,7 +152,9 @@ def test_run_writes_every_file(reference_run, capsys):
                 "warmup_epochs", "eval_every", "drop_path"):  # fmt: skip
         assert key in recipe, key
     assert recipe["lr"] == 3e-3 and recipe["weight_decay"] == 1e-4 and recipe["protocol"] == "default"
-    assert config["recipe_sources"]["lr"] == "flag" and config["recipe_sources"]["weight_decay"] == "recipe:vtab"
+    assert (
+        config["recipe_sources"]["lr"] == "flag" and config["recipe_sources"]["weight_decay"] == "recipe:vtab"
+    )
     assert config["method_options"]["targets"] == ["q", "v"] and config["model_kwargs"]["depth"] == 2
     assert config["argv"][0] == "tools/train.py" and "--method" in config["argv"]
     assert read(out, "adapter_config.json")["method"] == "lora"
@@ -178,17 +180,59 @@ def test_kill_and_resume_matches_uninterrupted_run(reference_run, data_root, tmp
     assert "--resume" in capsys.readouterr().err
     assert main(base_args(data_root, out, "--resume", "--lr", "1e-2")) != 0
     assert "lr" in capsys.readouterr().err
+    capsys.readouterr()
     assert main(base_args(data_root, out, "--resume")) == 0
+    shown = capsys.readouterr().out.splitlines()  # the trainer's log lines, as plain text on stdout
+    assert shown[0] == f"resuming {out} after epoch 1/3" and shown[1].startswith(
+        "lora on vit_tiny_patch16_224"
+    )
+    assert [line.split("  ")[0] for line in shown[2:4]] == ["[eval] epoch 2/3", "[eval] epoch 3/3"]
+    assert shown[-1].startswith("done: test acc best") and shown[-1].endswith(f"wrote {out}")
     ref, got = read(reference_run, "result.json"), read(out, "result.json")
     assert [ref[k] for k in ACC_KEYS] == [got[k] for k in ACC_KEYS]
     assert got["resumed_from_epoch"] == 1
     assert_same_tensors(adapter_tensors(reference_run), adapter_tensors(out))
-    strip = [{k: v for k, v in m.items() if k not in ("img_per_s", "time_s")} for m in read(out, "metrics.jsonl")]
-    ref_m = [{k: v for k, v in m.items() if k not in ("img_per_s", "time_s")} for m in read(reference_run, "metrics.jsonl")]
+    strip = [
+        {k: v for k, v in m.items() if k not in ("img_per_s", "time_s")} for m in read(out, "metrics.jsonl")
+    ]
+    ref_m = [
+        {k: v for k, v in m.items() if k not in ("img_per_s", "time_s")}
+        for m in read(reference_run, "metrics.jsonl")
+    ]
     assert strip == ref_m
     assert not (out / "last.pt").exists()
     assert main(base_args(data_root, out, "--resume")) != 0  # finished: nothing to resume
     assert "already finished" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three subprocesses that import torch and timm, one trains an epoch
+def test_python_dash_m_runs_the_trainer_and_the_evaluator(data_root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+
+    out = tmp_path / "dash_m"
+    train = run(
+        "petl_zoo.train", *base_args(data_root, out, "--epochs", "1", "--augment", "--keep-checkpoint")
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert train.stdout.splitlines()[-1].startswith("done: test acc best")  # the log lines on stdout
+    assert read(out, "config.json")["argv"][:4] == ["python", "-m", "petl_zoo.train", "--method"]
+    torch.load(out / "last.pt", weights_only=True)
+    bad = run("petl_zoo.train", "--method", "lora", "--task", "synth", "--precision", "fp8")
+    assert bad.returncode == 2 and "(see python -m petl_zoo.train --help)" in bad.stderr
+    evaluated = run("petl_zoo.train.eval", "--adapter", str(out), "--no-progress", "--check")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "accuracy" in evaluated.stdout and "matches" in evaluated.stdout
+    assert "RuntimeWarning" not in evaluated.stderr
 
 
 def _eval_acc(capsys, argv: list[str]) -> tuple[int, float, str]:
@@ -205,7 +249,9 @@ def test_eval_reproduces_last_accuracy_plain_and_merged(reference_run, capsys):
     assert rc == 0 and "matches" in line
     correct, total = map(int, line.split("(")[1].split(")")[0].split("/"))
     assert correct / total == result["test_acc_last"]
-    rc, merged, line = _eval_acc(capsys, ["--adapter", str(reference_run), "--no-progress", "--merge", "--check"])
+    rc, merged, line = _eval_acc(
+        capsys, ["--adapter", str(reference_run), "--no-progress", "--merge", "--check"]
+    )
     assert rc == 0 and "(merged)" in line
     assert abs(merged - result["test_acc_last"]) * total <= 1 + 1e-9
 
@@ -222,7 +268,11 @@ def test_select_on_val_saves_and_reports_the_selected_epoch(data_root, tmp_path,
     assert result["test_acc_best"] == max(m["test_acc"] for m in metrics)
     assert result["test_acc_last"] == metrics[-1]["test_acc"]
     rc, acc, line = _eval_acc(capsys, ["--adapter", str(out), "--no-progress", "--check"])
-    assert rc == 0 and "test_acc_selected" in line and acc == pytest.approx(result["test_acc_selected"], abs=1e-4)
+    assert (
+        rc == 0
+        and "test_acc_selected" in line
+        and acc == pytest.approx(result["test_acc_selected"], abs=1e-4)
+    )
 
 
 # --------------------------------------------------------------------- callbacks, structure, NaN
@@ -269,7 +319,9 @@ class ToyPrune(Method):
 
     def apply(self, model):
         for site in linear_sites(model, "fc2"):
-            adapt_linear(site).add_delta("toy", ToyDelta(site.in_features, site.out_features, self.rank), 0, site.out_features)
+            adapt_linear(site).add_delta(
+                "toy", ToyDelta(site.in_features, site.out_features, self.rank), 0, site.out_features
+            )
 
     def get_state(self):
         return {"rank": self.rank}
@@ -326,7 +378,7 @@ def test_callbacks_structure_change_and_resume(data_root, tmp_path, monkeypatch)
     tensors = adapter_tensors(out)
     assert tensors["blocks.0.mlp.fc2.deltas.toy.A"].shape[0] == 2
     assert read(out, "adapter_config.json")["state"] == {"rank": 2}
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert "blocks.0.mlp.fc2.deltas.toy.s" not in ckpt["trainable"]  # frozen by the prune
     # the optimizer was rebuilt with the AdamW state of the surviving head carried over (step count)
     names = ckpt["trainable"]
@@ -340,12 +392,14 @@ def test_callbacks_structure_change_and_resume(data_root, tmp_path, monkeypatch)
     # kill after epoch 1 and resume: set_state rebuilds the pruned shapes before loading tensors
     killed = tmp_path / "toy_killed"
     assert main(toy_args(data_root, killed, "--stop-after-epoch", "1")) == 137
-    s_at_prune = torch.load(killed / "last.pt", weights_only=False)["model"]["blocks.0.mlp.fc2.deltas.toy.s"]
+    s_at_prune = torch.load(killed / "last.pt", weights_only=True)["model"]["blocks.0.mlp.fc2.deltas.toy.s"]
     assert main(toy_args(data_root, killed, "--resume")) == 0
     assert created[-1].calls["start"] == 0  # not called on resume
     assert_same_tensors(tensors, adapter_tensors(killed))
     assert torch.equal(tensors["blocks.0.mlp.fc2.deltas.toy.s"], s_at_prune)  # frozen: not trained after
-    assert [read(out, "result.json")[k] for k in ACC_KEYS] == [read(killed, "result.json")[k] for k in ACC_KEYS]
+    assert [read(out, "result.json")[k] for k in ACC_KEYS] == [
+        read(killed, "result.json")[k] for k in ACC_KEYS
+    ]
     # and eval.py rebuilds the pruned structure from adapter_config.json
     assert eval_main(["--adapter", str(out), "--no-progress", "--check"]) == 0
 
@@ -356,7 +410,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: loss is nan at epoch 2 step 2/3") and "\n" not in err
     assert "last.pt" in err
-    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert not (out / "result.json").exists()
 
@@ -411,7 +465,9 @@ def test_user_errors_are_one_line(data_root, tmp_path, capsys, change, needle):
 
 
 def test_recipe_resolution_and_schedule():
-    recipe, sources = resolve_recipe("vtab", {"lr": 5e-3, "epochs": 50}, {"epochs": 20, "lr": None}, method="m")
+    recipe, sources = resolve_recipe(
+        "vtab", {"lr": 5e-3, "epochs": 50}, {"epochs": 20, "lr": None}, method="m"
+    )
     assert recipe["lr"] == 5e-3 and sources["lr"] == "method:m"
     assert recipe["epochs"] == 20 and sources["epochs"] == "flag"
     assert (recipe["batch_size"], recipe["weight_decay"], recipe["warmup_epochs"]) == (64, 1e-4, 10)
@@ -428,6 +484,140 @@ def test_recipe_resolution_and_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 45 / 90)))
     assert 1e-5 < lrs[-1] < 1.1e-5
+
+
+def _reference_lr(lr, total, warmup, warmup_lr, min_lr, step):
+    """The schedule as the trainer has always computed it (the reference the trainer must keep)."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * t))
+
+
+# (epochs, steps per epoch, warmup epochs, lr): the vtab recipe on 1000 and 800 images, short runs
+SCHEDULES = [
+    (100, 16, 10, 1e-3),
+    (100, 13, 10, 1e-3),
+    (3, 13, 1, 3e-3),
+    (50, 4, 5, 5e-3),
+    (100, 16, 0, 1e-3),
+    (4, 3, 4, 1e-2),
+]
+
+
+@pytest.mark.parametrize("epochs, steps, warmup_epochs, lr", SCHEDULES)
+def test_schedule_is_bit_exact_and_timm_cosine_agrees(epochs, steps, warmup_epochs, lr):
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    total, warmup = epochs * steps, warmup_epochs * steps
+    ours = WarmupCosine(lr, total, warmup, 1e-6, 1e-5)
+    param = nn.Parameter(torch.zeros(2))
+    opt = create_optimizer_v2([param], "adamw", lr=lr, weight_decay=1e-4)
+    timm_s = CosineLRScheduler(
+        opt, t_initial=max(1, total - warmup), lr_min=1e-5, warmup_t=warmup, warmup_lr_init=1e-6,
+        warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip
+    for step in range(total):
+        expected = _reference_lr(lr, total, warmup, 1e-6, 1e-5, step)
+        assert ours(step) == expected, step  # exactly: runs repeat earlier ones bit for bit
+        timm_s.step_update(step)
+        got = opt.param_groups[0]["lr"]
+        assert abs(got - expected) <= 1e-12 * expected, (step, got, expected)  # the same schedule
+
+
+def test_optimizer_is_torch_adamw_over_trainable_tensors_carrying_state():
+    from petl_zoo.train.state import build_optimizer
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    model[0].bias.requires_grad_(False)
+    opt = build_optimizer(model, 1e-3, 1e-4)
+    assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 1
+    assert (
+        opt.defaults == torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-3, weight_decay=1e-4).defaults
+    )
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [
+        id(model[0].weight),
+        id(model[1].weight),
+        id(model[1].bias),
+    ]
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    model[0].weight.requires_grad_(False)  # the trainable set changes: surviving tensors keep their state
+    rebuilt = build_optimizer(model, 1e-3, 1e-4, previous=opt)
+    assert rebuilt.state[model[1].weight] is opt.state[model[1].weight]
+    assert model[0].weight not in rebuilt.state
+
+
+def test_rng_states_survive_a_weights_only_file(tmp_path):
+    import random
+
+    from petl_zoo.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # pending gaussians are part of the states
+    save_checkpoint(tmp_path / "last.pt", {"rng": capture_rng()})
+
+    def draw():
+        return (
+            random.random(),
+            random.gauss(0, 1),
+            np.random.random(3).tolist(),
+            np.random.standard_normal(),
+            torch.rand(3),
+        )
+
+    first = draw()
+    restore_rng(load_checkpoint(tmp_path / "last.pt")["rng"])
+    again = draw()
+    assert first[:4] == again[:4] and torch.equal(first[4], again[4])
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a tampered last.pt could do under weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tampered(path: Path, marker: Path) -> None:
+    torch.save({"version": 2, "config": {}, "epoch": 1, "payload": _RunsCode(marker)}, path)
+
+
+def _truncated(path: Path, marker: Path) -> None:
+    torch.save({"version": 2, "model": {"w": torch.randn(256, 256)}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _old_format(path: Path, marker: Path) -> None:  # version 1 kept numpy's RNG state (a numpy array)
+    torch.save({"version": 1, "rng": {"numpy": np.random.get_state()}}, path)
+
+
+@pytest.mark.parametrize(
+    "write, needle",
+    [
+        (_tampered, "holds objects other than tensors and plain values (posix.system)"),
+        (_truncated, "truncated or corrupt"),
+        (_old_format, "holds objects other than tensors and plain values (numpy"),
+    ],
+)
+def test_unsafe_or_broken_checkpoint_is_refused_in_one_line(data_root, tmp_path, capsys, write, needle):
+    out, marker = tmp_path / "run", tmp_path / "code_ran"
+    out.mkdir()
+    write(out / "last.pt", marker)
+    assert main(base_args(data_root, out, "--resume")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(out / "last.pt") in err, err
+    assert needle in err, err
+    assert "--overwrite" in err
+    assert not marker.exists()  # nothing in the file was run
+    assert not (out / "config.json").exists()
 
 
 def test_evaluate_counts_top1():
@@ -490,11 +680,15 @@ def test_build_backbone_loads_local_files(tmp_path):
         for k, v in ref.items():  # the head is new for a new task (timm drops it, except from .npz)
             assert k.startswith("head.") or torch.allclose(got[k], v, atol=1e-6), (name, k)
         # another class count: the head is not loaded (new task), the backbone is
-        model = build_backbone("vit_tiny_patch16_224", 7, tmp_path / name, model_kwargs=TINY_KW, drop_path_rate=0.1)
+        model = build_backbone(
+            "vit_tiny_patch16_224", 7, tmp_path / name, model_kwargs=TINY_KW, drop_path_rate=0.1
+        )
         assert model.head.weight.shape == (7, 48)
         assert torch.allclose(model.blocks[1].mlp.fc2.weight, ref["blocks.1.mlp.fc2.weight"], atol=1e-6)
         assert isinstance(model.blocks[0].drop_path1, nn.Identity)  # timm's linear rule: block 0 gets 0
         assert model.blocks[1].drop_path1.drop_prob == pytest.approx(0.1)
+    default_head = build_backbone("vit_tiny_patch16_224", None, pretrained=False, model_kwargs=TINY_KW)
+    assert default_head.head.out_features == timm.create_model("vit_tiny_patch16_224", **TINY_KW).num_classes
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         build_backbone("vit_tiny_patch16_224", 3, tmp_path / "missing.safetensors", model_kwargs=TINY_KW)
     deeper = dict(TINY_KW, depth=3)
@@ -517,7 +711,9 @@ def test_train_from_a_pretrained_file(data_root, tmp_path, capsys):
     source = timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY_KW)
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    args = base_args(data_root, tmp_path / "pre", "--epochs", "1", "--pretrained-file", str(path), method="linear")
+    args = base_args(
+        data_root, tmp_path / "pre", "--epochs", "1", "--pretrained-file", str(path), method="linear"
+    )
     args.remove("--no-pretrained")
     assert main(args) == 0
     config = read(tmp_path / "pre", "config.json")

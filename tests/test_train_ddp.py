@@ -43,7 +43,10 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert ddp["world_size"] == 2 and single["world_size"] == 1
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert config["per_rank_batch_size"] == 4 and config["recipe"]["batch_size"] == 8
-    a, b = load_file(str(tmp_path / "ddp" / "adapter.safetensors")), load_file(str(tmp_path / "single" / "adapter.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "ddp" / "adapter.safetensors")),
+        load_file(str(tmp_path / "single" / "adapter.safetensors")),
+    )
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (k, (a[k] - b[k]).abs().max())

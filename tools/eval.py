@@ -6,4 +6,4 @@ import sys
 from petl_zoo.train import eval_main
 
 if __name__ == "__main__":
-    sys.exit(eval_main())
+    sys.exit(eval_main(prog="tools/eval.py"))

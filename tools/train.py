@@ -6,4 +6,4 @@ import sys
 from petl_zoo.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="tools/train.py"))

@@ -1,20 +1,28 @@
 """Training and evaluation tools: the logic behind ``tools/train.py`` and ``tools/eval.py``.
 
     python tools/train.py --method lora --model vit_base_patch16_224 --task dtd
+    python -m petl_zoo.train --method lora --task dtd          # the same trainer
     torchrun --nproc_per_node 8 tools/train.py --method lora --task cifar
-    python tools/eval.py --adapter runs/lora/dtd
+    python tools/eval.py --adapter runs/lora/dtd              # or python -m petl_zoo.train.eval
 
-See docs/train.md.
+Modules: ``cli`` (entry points), ``args`` (command lines), ``spec`` (the resolved run settings),
+``recipe`` (recipes, schedule, device defaults), ``backbone`` (the timm backbone builder), ``data``,
+``state`` (``TrainState``: what ``last.pt`` holds), ``checkpoint`` (the run folder, ``last.pt`` on
+disk), ``loop`` (``run_training`` and its steps), ``engine`` (seeding, autocast, evaluation),
+``report`` (result.json), ``distributed``, ``eval`` (tools/eval.py). See docs/train.md.
 """
 
 from .args import TrainingError, UserError
 from .backbone import WeightsUnavailableError, build_backbone
 from .cli import eval_main, main
-from .loop import evaluate, evaluate_counts, run_training
+from .engine import evaluate, evaluate_counts
+from .loop import run_training
 from .recipe import RECIPES, WarmupCosine, resolve_recipe
+from .state import TrainState
 
 __all__ = [
     "RECIPES",
+    "TrainState",
     "TrainingError",
     "UserError",
     "WarmupCosine",

@@ -38,30 +38,45 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_train_parser() -> argparse.ArgumentParser:
+def build_train_parser(prog: str = "tools/train.py") -> argparse.ArgumentParser:
+    """The trainer's command line; ``prog`` is how usage and error lines name the command."""
     p = _Parser(
-        prog="tools/train.py",
+        prog=prog,
         description="Train a PETL method on a VTAB-1K task (single process, or under torchrun with DDP).",
     )
     g = p.add_argument_group("what to train")
     g.add_argument("--method", required=True, help="registered method name (petl_zoo.list_methods())")
     g.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default %(default)s)")
-    g.add_argument("--task", required=True, help="VTAB-1K task name, alias, or a custom folder under the root")
+    g.add_argument(
+        "--task", required=True, help="VTAB-1K task name, alias, or a custom folder under the root"
+    )
     g.add_argument("--data-root", default=None, help="VTAB-1K root (default $VTAB_ROOT, else ./data/vtab-1k)")
     g.add_argument("--out", default=None, help="run folder (default runs/<method>/<task>)")
     g.add_argument(
-        "--opt", action="append", default=[], metavar="KEY=VALUE",
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="method option, repeatable (e.g. --opt rank=8 --opt targets=q,v)",
     )
     g.add_argument("--method-config", default=None, metavar="FILE", help="YAML/JSON dict of method options")
-    g.add_argument("--pretrained-file", default=None, metavar="PATH", help=".npz (Google ViT), .safetensors, .pth/.bin")
-    g.add_argument("--no-pretrained", action="store_true", help="random initialisation (no pretrained weights)")
     g.add_argument(
-        "--model-kwargs", nargs="+", default=[], metavar="KEY=VALUE",
+        "--pretrained-file", default=None, metavar="PATH", help=".npz (Google ViT), .safetensors, .pth/.bin"
+    )
+    g.add_argument(
+        "--no-pretrained", action="store_true", help="random initialisation (no pretrained weights)"
+    )
+    g.add_argument(
+        "--model-kwargs",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="timm.create_model options, e.g. img_size=32 patch_size=4 depth=6",
     )
     r = p.add_argument_group("recipe (defaults: the recipe, then the method's own values, then these flags)")
-    r.add_argument("--recipe", default="vtab", choices=sorted(RECIPES), help="base recipe (default %(default)s)")
+    r.add_argument(
+        "--recipe", default="vtab", choices=sorted(RECIPES), help="base recipe (default %(default)s)"
+    )
     r.add_argument("--epochs", type=int, default=None)
     r.add_argument("--lr", type=float, default=None)
     r.add_argument("--batch-size", type=int, default=None, help="global batch (split over the processes)")
@@ -76,14 +91,17 @@ def build_train_parser() -> argparse.ArgumentParser:
     r.add_argument("--select-on", default=None, choices=SELECT_ON, help="test: train800val200; val: train800")
     x = p.add_argument_group("execution")
     x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    x.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)")
+    x.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)"
+    )
     x.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     x.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     x.add_argument("--overwrite", action="store_true", help="delete the run files in --out first")
     x.add_argument("--no-progress", action="store_true", help="no tqdm bars (one line per epoch instead)")
     x.add_argument("--keep-checkpoint", action="store_true", help="keep last.pt after the run ends")
     x.add_argument(
-        "--find-unused-parameters", action="store_true",
+        "--find-unused-parameters",
+        action="store_true",
         help="DDP find_unused_parameters=True (for methods with trainable tensors unused in some steps)",
     )
     # Testing aid: stop right after the checkpoint of this (1-based) epoch, as if the process were killed.
@@ -91,9 +109,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_eval_parser() -> argparse.ArgumentParser:
+def build_eval_parser(prog: str = "tools/eval.py") -> argparse.ArgumentParser:
+    """The evaluator's command line; ``prog`` is how usage and error lines name the command."""
     p = _Parser(
-        prog="tools/eval.py",
+        prog=prog,
         description="Evaluate a saved adapter (a tools/train.py run folder) on a VTAB-1K split.",
     )
     p.add_argument("--adapter", required=True, metavar="DIR", help="run folder (adapter files + config.json)")
@@ -112,7 +131,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default=None, choices=PROTOCOLS, help="default: the run's protocol")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="exit 1 when the accuracy differs from result.json (exactly; by more than 1 sample with --merge)",
     )
     return p

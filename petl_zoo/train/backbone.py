@@ -66,7 +66,7 @@ def _check_model_name(model_name: str) -> None:
 
 def build_backbone(
     model_name: str,
-    num_classes: int,
+    num_classes: int | None,
     pretrained_file: str | os.PathLike | None = None,
     pretrained: bool = True,
     model_kwargs: dict[str, Any] | None = None,
@@ -75,67 +75,29 @@ def build_backbone(
     """``timm.create_model(model_name, num_classes=..., drop_path_rate=..., **model_kwargs)`` with weights.
 
     ``pretrained_file`` is loaded by timm (``pretrained_cfg_overlay=dict(file=...)``): ``.safetensors``
-    and ``.pth``/``.bin`` state dicts through timm's ``load_state_dict`` (a head of another class count
-    is dropped), ``.npz`` Google ViT checkpoints (``ViT-B_16.npz``) through the model's ``load_pretrained``
-    (timm's ``_load_weights``). A file whose keys do not fit the model is a ValueError listing them.
-    Without a file, ``pretrained=True`` uses timm's hub/cache and raises WeightsUnavailableError when
-    that fails; ``pretrained=False`` is a random initialisation.
+    and ``.pth``/``.pt``/``.bin`` state dicts through timm's ``load_state_dict`` (a plain state dict or
+    one under ``state_dict``/``model``; a head of another class count is dropped), ``.npz`` Google ViT
+    checkpoints (``ViT-B_16.npz``) through the model's ``load_pretrained`` (timm's ``_load_weights``,
+    selected by the overlay's ``custom_load=True``). A file whose keys do not fit the model is a
+    ValueError listing them. Without a file, ``pretrained=True`` uses timm's hub/cache and raises
+    WeightsUnavailableError when that fails; ``pretrained=False`` is a random initialisation (seed
+    torch first for the same weights on every call). ``num_classes=None`` keeps the model's default
+    head. The one backbone builder of petl_zoo (the trainer, tools/eval.py, the accounting tools).
     """
     _check_model_name(model_name)
     kwargs = dict(model_kwargs or {})
     for reserved in ("num_classes", "pretrained", "drop_path_rate", "pretrained_cfg_overlay"):
         if reserved in kwargs:
             raise ValueError(f"model option {reserved!r} is set by the trainer, not by --model-kwargs")
-    kwargs.update(num_classes=num_classes, drop_path_rate=drop_path_rate)
-
-    def create(**extra: Any) -> nn.Module:
-        try:
-            return timm.create_model(model_name, **kwargs, **extra)
-        except TypeError as err:
-            raise ValueError(f"model {model_name!r} does not accept these options {sorted(kwargs)}: {err}") from None
-
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    kwargs["drop_path_rate"] = drop_path_rate
     if pretrained_file is not None:
-        path = Path(pretrained_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained file {path} does not exist")
-        suffix = path.suffix.lower()
-        if suffix not in WEIGHT_SUFFIXES:
-            raise ValueError(
-                f"pretrained file {path} has suffix {suffix!r}; valid: {', '.join(WEIGHT_SUFFIXES)}"
-            )
-        overlay: dict[str, Any] = {"file": str(path.absolute()), "source": ""}
-        if suffix == ".npz":
-            overlay["custom_load"] = True
-        with _capture_timm_log() as log:
-            try:
-                model = create(pretrained=True, pretrained_cfg_overlay=overlay)
-            except ValueError:
-                raise
-            except (RuntimeError, KeyError, AttributeError, OSError) as err:
-                kind = "Google ViT .npz" if suffix == ".npz" else "state dict"
-                raise ValueError(
-                    f"cannot load pretrained file {path} ({kind}) into {model_name} {kwargs}: "
-                    f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
-                ) from None
-        classifier = model.pretrained_cfg.get("classifier") or ()
-        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-        missing = [k for k in _keys_in(log.messages, "Missing") if k.rsplit(".", 1)[0] not in heads]
-        unexpected = _keys_in(log.messages, "Unexpected")
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} model tensor(s) not in the file, e.g. {missing[:3]}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} file tensor(s) not in the model, e.g. {unexpected[:3]}")
-            raise ValueError(
-                f"pretrained file {path} does not fit {model_name} {kwargs}: " + "; ".join(parts)
-                + " (check --model and --model-kwargs)"
-            )
-        return model
+        return _from_file(model_name, kwargs, Path(pretrained_file).expanduser())
     if not pretrained:
-        return create(pretrained=False)
+        return _create(model_name, kwargs, pretrained=False)
     try:
-        return create(pretrained=True)
+        return _create(model_name, kwargs, pretrained=True)
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
@@ -145,3 +107,51 @@ def build_backbone(
             "--pretrained-file PATH (.npz Google ViT, .safetensors, .pth/.bin) or train from a random "
             "initialisation with --no-pretrained"
         ) from None
+
+
+def _create(model_name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
+    try:
+        return timm.create_model(model_name, **kwargs, **extra)
+    except TypeError as err:
+        raise ValueError(
+            f"model {model_name!r} does not accept these options {sorted(kwargs)}: {err}"
+        ) from None
+
+
+def _from_file(model_name: str, kwargs: dict[str, Any], path: Path) -> nn.Module:
+    """The model with ``path``'s weights (timm's loaders); refuses a file that does not fit it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"pretrained file {path} has suffix {suffix!r}; valid: {', '.join(WEIGHT_SUFFIXES)}")
+    overlay: dict[str, Any] = {"file": str(path.absolute()), "source": ""}
+    if suffix == ".npz":
+        overlay["custom_load"] = True  # timm calls the model's load_pretrained (Google's layout)
+    with _capture_timm_log() as log:
+        try:
+            model = _create(model_name, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
+        except ValueError:
+            raise
+        except (RuntimeError, KeyError, AttributeError, OSError) as err:
+            kind = "Google ViT .npz" if suffix == ".npz" else "state dict"
+            raise ValueError(
+                f"cannot load pretrained file {path} ({kind}) into {model_name} {kwargs}: "
+                f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
+            ) from None
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    missing = [k for k in _keys_in(log.messages, "Missing") if k.rsplit(".", 1)[0] not in heads]
+    unexpected = _keys_in(log.messages, "Unexpected")
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} model tensor(s) not in the file, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} file tensor(s) not in the model, e.g. {unexpected[:3]}")
+        raise ValueError(
+            f"pretrained file {path} does not fit {model_name} {kwargs}: "
+            + "; ".join(parts)
+            + " (check --model and --model-kwargs)"
+        )
+    return model

@@ -1,16 +1,19 @@
-"""The run folder: refusing to clobber another run, ``last.pt`` checkpoints and RNG states.
+"""The run folder: refusing to clobber another run; ``last.pt`` on disk; RNG states as tensors.
 
-``last.pt`` (written atomically after every epoch, by rank 0) holds the method's tensors and the head
-(``adapter_state_dict``), the method's structural state (``get_state()``), the names of the trainable
-parameters, the optimizer (AdamW) and grad-scaler states, the scheduler's settings, the RNG states of
-python/numpy/torch (and CUDA), the number of finished epochs, the best-so-far values, the checkpoint
-selected on val, and the metrics so far. It is deleted when the run ends (``--keep-checkpoint`` keeps it).
+What ``last.pt`` holds is ``TrainState.state_dict()`` (petl_zoo/train/state.py); this module writes
+that dict atomically (rank 0, after every epoch) and reads it back with ``torch.load(weights_only=True)``
+only: tensors and plain python values (dict, list, tuple, str, int, float, bool, None), never code, so
+a tampered file cannot run anything. A file that needs more, or is truncated or corrupt, is refused with
+one line naming it. The RNG states of python and numpy are stored as int64 tensors for that reason.
 """
 
 from __future__ import annotations
 
+import pickle
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_torch_save
+from .args import UserError
 
 __all__ = [
     "CHECKPOINT",
@@ -38,7 +42,7 @@ RUN_FILES = (
     "adapter_config.json",
     CHECKPOINT,
 )
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors); 1 held numpy objects
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> bool:
@@ -49,8 +53,6 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
     finished one is refused) or ``--overwrite`` (which deletes the run files listed in ``RUN_FILES``
     and leftover temporary files, nothing else).
     """
-    from .args import UserError
-
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: give one")
     if out.exists() and not out.is_dir():
@@ -59,7 +61,9 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
     has_ckpt = (out / CHECKPOINT).is_file()
     if resume:
         if (out / "result.json").is_file():
-            raise UserError(f"--resume: the run in {out} already finished (result.json); use --overwrite to redo it")
+            raise UserError(
+                f"--resume: the run in {out} already finished (result.json); use --overwrite to redo it"
+            )
         if has_ckpt:
             return True
         # A run killed before its first checkpoint has nothing to continue: it starts again.
@@ -89,9 +93,22 @@ def _clear(out: Path) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+    """The python, numpy, torch (and CUDA) RNG states as tensors and plain values (``weights_only``-safe)."""
+    version, mt_state, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt_state, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -100,20 +117,45 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Set the RNGs to a ``capture_rng()`` state (CUDA only when the device count matches)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (tensors and plain values) atomically, tagged with the checkpoint version."""
     atomic_torch_save(path, {"version": CHECKPOINT_VERSION, **state})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Our own file (holds numpy RNG state), so not ``weights_only``."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Read a ``save_checkpoint`` file with ``weights_only=True``; anything else is a one-line UserError."""
+    again = "delete it, or start the run again with --overwrite"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. torch's note on a foreign pickle protocol
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(
+            f"refusing checkpoint {path}: it holds objects other than tensors and plain values{what}, "
+            f"which torch.load(weights_only=True) does not run; {again}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a truncated/corrupt file fails in many ways (zip, EOF, keys)
+        reason = " ".join(str(err).split(". ")[0].split())[:160] or "empty file"
+        raise UserError(
+            f"cannot read checkpoint {path}: truncated or corrupt ({type(err).__name__}: {reason}); {again}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a checkpoint written by this version of tools/train.py")
+        found = ckpt.get("version") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(
+            f"{path} is not a checkpoint of this version of the trainer (version {found}, "
+            f"expected {CHECKPOINT_VERSION}); {again}"
+        )
     return ckpt

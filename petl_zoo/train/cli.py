@@ -1,23 +1,29 @@
-"""Entry points: ``main`` (tools/train.py) and ``eval_main`` (tools/eval.py).
+"""Entry points: ``main`` (tools/train.py, ``python -m petl_zoo.train``) and ``eval_main``
+(tools/eval.py, ``python -m petl_zoo.train.eval``).
 
-User errors (bad options, unknown names, missing files, a clobbered run folder, a NaN loss) end with
-one ``error: ...`` line on stderr and a non-zero exit status, without a traceback; set
-``PETL_ZOO_DEBUG=1`` to see the traceback.
+User errors (bad options, unknown names, missing files, a clobbered run folder, an unreadable
+checkpoint, a NaN loss) end with one ``error: ...`` line on stderr and a non-zero exit status, without
+a traceback; set ``PETL_ZOO_DEBUG=1`` to see the traceback. ``main`` shows the trainer's log lines
+(``logging.getLogger("petl_zoo.train")``, INFO) as plain text on stdout while it runs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from . import distributed as D
-from .args import TrainingError, build_train_parser
+from .args import TrainingError, build_eval_parser, build_train_parser
 from .backbone import WeightsUnavailableError
 
-__all__ = ["main", "eval_main"]
+__all__ = ["main", "eval_main", "default_argv"]
 
 _USER_ERRORS = (ValueError, FileNotFoundError, WeightsUnavailableError, TrainingError)
+_TRAIN_LOGGER = "petl_zoo.train"
 
 
 def _one_line(err: BaseException) -> str:
@@ -41,15 +47,69 @@ def _guarded(body: Callable[[], int]) -> int:
         return 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``tools/train.py``: train one method on one task; returns the exit status."""
-    from .loop import SimulatedKill, default_argv, resolve_spec, run_training
+class _ConsoleHandler(logging.Handler):
+    """Plain message lines: INFO to the current ``sys.stdout``, warnings and worse to ``sys.stderr``
+    (looked up per record, so a replaced stream, e.g. pytest's capture, is honoured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must not raise
+            self.handleError(record)
+
+
+@contextmanager
+def console_logging(name: str = _TRAIN_LOGGER) -> Iterator[None]:
+    """Show logger ``name``'s INFO lines on stdout (not passed on to the root logger) while inside."""
+    logger = logging.getLogger(name)
+    handler = _ConsoleHandler(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _prog(prog: str | None) -> str:
+    """How usage and error lines name the command: ``prog``, else the basename of ``sys.argv[0]``."""
+    if prog:
+        return prog
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "petl_zoo.train"
+
+
+def default_argv(argv: list[str] | None, prog: str | None = None) -> list[str]:
+    """What config.json records as the command: ``tools/train.py`` + the arguments when called with
+    ``argv`` (in-process) or run as tools/train.py; ``python -m petl_zoo.train ...`` when run so;
+    otherwise ``sys.argv[0]`` (relative to the working folder) and its arguments."""
+    if argv is not None:
+        return ["tools/train.py", *argv]
+    if prog and prog.startswith("python -m "):
+        return [*shlex.split(prog), *sys.argv[1:]]
+    return [os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "tools/train.py", *sys.argv[1:]]
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The trainer: train one method on one task; returns the exit status.
+
+    ``argv`` defaults to ``sys.argv[1:]``; ``prog`` names the command in usage and error lines
+    (default: the basename of ``sys.argv[0]``).
+    """
+    from .loop import SimulatedKill, run_training
+    from .spec import resolve_spec
 
     def body() -> int:
-        args = build_train_parser().parse_args(argv)
+        args = build_train_parser(_prog(prog)).parse_args(argv)
         info, device = D.setup(args.device)
         try:
-            spec = resolve_spec(args, device, default_argv(argv))
+            spec = resolve_spec(args, device, default_argv(argv, prog))
             try:
                 run_training(spec, info)
             except SimulatedKill as stop:
@@ -60,11 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             D.teardown()
 
+    with console_logging():
+        return _guarded(body)
+
+
+def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The evaluator: evaluate a saved adapter and print the accuracy; returns the exit status (1 with
+    ``--check`` when it differs from result.json)."""
+    from .eval import evaluate_run
+
+    def body() -> int:
+        args = build_eval_parser(_prog(prog)).parse_args(argv)
+        result = evaluate_run(args)
+        print(result.line, flush=True)
+        return 1 if args.check and not result.matches else 0
+
     return _guarded(body)
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    """``tools/eval.py``: evaluate a saved adapter; returns the exit status."""
-    from .eval import run_eval
-
-    return _guarded(lambda: run_eval(argv))

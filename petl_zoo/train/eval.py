@@ -6,20 +6,41 @@ without ``config.json`` (an adapter saved by ``petl_zoo.save_adapter``) needs ``
 ``--task``. The accuracy is compared with ``result.json``'s ``test_acc_last`` (``test_acc_selected``
 for runs selected on val): equal for the plain adapter; with ``--merge`` float rounding may move a
 prediction, so within one sample.
+
+``python -m petl_zoo.train.eval`` runs it too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..api import load_adapter as _load_adapter
 from ..api import merge, read_adapter_config
 from . import distributed as D
-from .args import UserError, build_eval_parser, parse_key_values
+from .args import UserError, parse_key_values
+from .recipe import execution_defaults
 
-__all__ = ["run_eval"]
+__all__ = ["EvalResult", "evaluate_run"]
+
+
+@dataclass
+class EvalResult:
+    """``correct`` of ``total`` images right; ``line`` says so (and how it compares with result.json);
+    ``matches`` is False when it differs from result.json (by any sample; by more than one merged)."""
+
+    correct: int
+    total: int
+    line: str
+    matches: bool = True
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -29,68 +50,96 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def run_eval(argv: list[str] | None = None) -> int:
-    import vtab
-
-    from .backbone import build_backbone
-    from .loop import evaluate_counts, make_autocast, seed_everything
-
-    args = build_eval_parser().parse_args(argv)
-    run_dir = Path(args.adapter)
-    adapter_cfg = read_adapter_config(run_dir)  # FileNotFoundError names what is missing
-    config = _read_json(run_dir / "config.json")
-    result = _read_json(run_dir / "result.json")
-    recipe = config.get("recipe", {})
+def _backbone_settings(args: argparse.Namespace, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Model name, kwargs, task and pretrained weights: the flags, else the run's config.json."""
     model_name = args.model or config.get("model")
     task = args.task or config.get("task")
     if not model_name or not task:
         missing = "--model" if not model_name else "--task"
         raise UserError(f"{run_dir} has no config.json of a tools/train.py run: give {missing}")
-    model_kwargs = (
-        parse_key_values(args.model_kwargs, "--model-kwargs") if args.model_kwargs is not None
-        else config.get("model_kwargs", {})
-    )
+    if args.model_kwargs is not None:
+        model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
+    else:
+        model_kwargs = config.get("model_kwargs", {})
     if args.no_pretrained:
         pretrained_file, pretrained = None, False
     elif args.pretrained_file is not None:
         pretrained_file, pretrained = args.pretrained_file, True
     else:
         pretrained_file, pretrained = config.get("pretrained_file"), config.get("pretrained", True)
-    info = D.DistInfo()
-    device = D.resolve_device(args.device, info)
-    precision = args.precision or recipe.get("precision") or ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return {
+        "model_name": model_name,
+        "task": task,
+        "model_kwargs": model_kwargs,
+        "pretrained_file": pretrained_file,
+        "pretrained": pretrained,
+    }
+
+
+def _compare(acc: float, total: int, result: dict[str, Any], merged: bool) -> tuple[str, bool]:
+    """The ``; result.json ...: matches`` suffix and whether it matches (within one sample when merged)."""
+    key = "test_acc_selected" if result.get("select_on") == "val" else "test_acc_last"
+    expected = result.get(key)
+    if expected is None:
+        return "", True
+    diff = round(abs(acc - expected) * total)
+    verdict = "matches" if diff == 0 else f"differs by {diff} sample(s)"
+    return f"; result.json {key} {expected:.4f}: {verdict}", (diff == 0 if not merged else diff <= 1)
+
+
+def evaluate_run(args: argparse.Namespace) -> EvalResult:
+    """Rebuild the backbone of ``args.adapter``, load the adapter (merged with ``--merge``) and count
+    the right top-1 predictions on ``args.split``."""
+    import vtab
+
+    from .backbone import build_backbone
+    from .engine import evaluate_counts, make_autocast, seed_everything
+
+    run_dir = Path(args.adapter)
+    adapter_cfg = read_adapter_config(run_dir)  # FileNotFoundError names what is missing
+    config = _read_json(run_dir / "config.json")
+    result = _read_json(run_dir / "result.json")
+    recipe = config.get("recipe", {})
+    b = _backbone_settings(args, config, run_dir)
+    device = D.resolve_device(args.device, D.DistInfo())
+    precision, workers = execution_defaults(device, args.precision or recipe.get("precision"), args.workers)
     protocol = args.protocol or recipe.get("protocol", "vtab")
     batch_size = args.batch_size or recipe.get("batch_size", 64)
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     data_root = args.data_root or config.get("data_root")
-    num_classes = adapter_cfg.get("num_classes") or vtab.num_classes(task, data_root)
+    num_classes = adapter_cfg.get("num_classes") or vtab.num_classes(b["task"], data_root)
 
     seed_everything(int(recipe.get("seed", 0)))  # the random init of a --no-pretrained run
-    model = build_backbone(model_name, num_classes, pretrained_file, pretrained, model_kwargs, 0.0)
+    model = build_backbone(
+        b["model_name"], num_classes, b["pretrained_file"], b["pretrained"], b["model_kwargs"], 0.0
+    )
     _load_adapter(model, run_dir)
     model.to(device)
     if args.merge:
         merge(model)
-    dataset = vtab.VtabDataset(task, args.split, vtab.build_transform(model, protocol), data_root, num_classes)
+    dataset = vtab.VtabDataset(
+        b["task"], args.split, vtab.build_transform(model, protocol), data_root, num_classes
+    )
     loader = vtab.make_loader(dataset, batch_size, shuffle=False, workers=workers, seed=0)
     correct, total = evaluate_counts(
-        model, loader, device, make_autocast(device, precision), progress=not args.no_progress, desc=args.split
+        model,
+        loader,
+        device,
+        make_autocast(device, precision),
+        progress=not args.no_progress,
+        desc=args.split,
     )
-    acc = correct / total
     merged = " (merged)" if args.merge else ""
-    line = f"{adapter_cfg['method']} on {model_name} / {task} {args.split}{merged}: accuracy {acc:.4f} ({correct}/{total})"
-    ok = True
+    line = (
+        f"{adapter_cfg['method']} on {b['model_name']} / {b['task']} {args.split}{merged}: "
+        f"accuracy {correct / total:.4f} ({correct}/{total})"
+    )
+    suffix, matches = ("", True)
     if result and args.split == "test":
-        key = "test_acc_selected" if result.get("select_on") == "val" else "test_acc_last"
-        expected = result.get(key)
-        if expected is not None:
-            diff = round(abs(acc - expected) * total)
-            ok = diff == 0 if not args.merge else diff <= 1
-            verdict = "matches" if diff == 0 else f"differs by {diff} sample(s)"
-            line += f"; result.json {key} {expected:.4f}: {verdict}"
-    print(line, flush=True)
-    if args.check and not ok:
-        return 1
-    return 0
+        suffix, matches = _compare(correct / total, total, result, args.merge)
+    return EvalResult(correct, total, line + suffix, matches)
+
+
+if __name__ == "__main__":
+    from .cli import eval_main
+
+    sys.exit(eval_main(prog="python -m petl_zoo.train.eval"))

@@ -1,0 +1,177 @@
+"""What a run depends on: the command line resolved into a ``RunSpec`` (what ``config.json`` records)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+
+from .. import __version__ as petl_zoo_version
+from ..registry import get_method
+from . import distributed as D
+from .args import UserError, method_options, parse_key_values
+from .recipe import execution_defaults, resolve_recipe
+
+__all__ = ["RunSpec", "resolve_spec", "check_resume_config", "RESUME_KEYS"]
+
+# Settings that must be equal for --resume to continue a run (everything that changes the numbers).
+RESUME_KEYS = (
+    "method",
+    "method_options",
+    "model",
+    "model_kwargs",
+    "task",
+    "pretrained_file",
+    "pretrained",
+    "recipe",
+)
+
+
+@dataclass
+class RunSpec:
+    """Everything a run depends on, resolved from the command line (what config.json records)."""
+
+    method: str
+    method_options: dict[str, Any]
+    model: str
+    model_kwargs: dict[str, Any]
+    task: str
+    num_classes: int
+    data_root: str
+    pretrained_file: str | None
+    pretrained: bool
+    recipe: dict[str, Any]
+    recipe_sources: dict[str, str]
+    out: Path
+    workers: int
+    device: torch.device
+    compile: bool = False
+    progress: bool = True
+    keep_checkpoint: bool = False
+    find_unused_parameters: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    stop_after_epoch: int | None = None
+    argv: list[str] = field(default_factory=list)
+
+    def config_json(self, info: D.DistInfo) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "method_options": self.method_options,
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "task": self.task,
+            "num_classes": self.num_classes,
+            "data_root": self.data_root,
+            "pretrained_file": self.pretrained_file,
+            "pretrained": self.pretrained,
+            "recipe": self.recipe,
+            "recipe_sources": self.recipe_sources,
+            "world_size": info.world_size,
+            "per_rank_batch_size": self.recipe["batch_size"] // info.world_size,
+            "device": self.device.type,
+            "workers": self.workers,
+            "compile": self.compile,
+            "argv": self.argv,
+            "versions": _versions(),
+        }
+
+
+def _versions() -> dict[str, str]:
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,  # a str subclass (TorchVersion): stored as a plain str for last.pt
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "petl_zoo": petl_zoo_version,
+    }
+    return {k: str(v) for k, v in versions.items()}
+
+
+def _recipe_flags(args: Any) -> dict[str, Any]:
+    """The recipe values given on the command line (``None``: not given)."""
+    return {
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "weight_decay": args.weight_decay,
+        "warmup_epochs": args.warmup_epochs,
+        "eval_every": args.eval_every,
+        "seed": args.seed,
+        "drop_path": args.drop_path,
+        "protocol": args.protocol,
+        "augment": args.augment,
+        "precision": args.precision,
+        "select_on": args.select_on,
+    }
+
+
+def _pretrained_file(args: Any) -> str | None:
+    if args.pretrained_file is not None and args.no_pretrained:
+        raise UserError("--pretrained-file and --no-pretrained contradict each other: give one")
+    if args.pretrained_file is None:
+        return None
+    path = Path(args.pretrained_file).expanduser().absolute()
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained file {path} does not exist")
+    return str(path)
+
+
+def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
+    """Validate the command line into a RunSpec (user errors are ValueError/FileNotFoundError)."""
+    import vtab
+
+    method_cls = get_method(args.method)
+    config = method_options(method_cls, args.opt, args.method_config)
+    model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
+    recipe, sources = resolve_recipe(args.recipe, method_cls.recipe, _recipe_flags(args), method_cls.name)
+    if recipe["precision"] is None:
+        sources["precision"] = f"device:{device.type}"
+    recipe["precision"], workers = execution_defaults(device, recipe["precision"], args.workers)
+    pretrained_file = _pretrained_file(args)
+    folder = vtab.task_dir(args.task, args.data_root)  # unknown task / missing root: clear errors
+    info = vtab.find_task(args.task)
+    task = info.name if info is not None else folder.name
+    num_classes = vtab.num_classes(args.task, args.data_root)
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise UserError(f"--stop-after-epoch {args.stop_after_epoch} is invalid; valid: an integer >= 1")
+    return RunSpec(
+        method=method_cls.name,
+        method_options=config.to_dict(),
+        model=args.model,
+        model_kwargs=model_kwargs,
+        task=task,
+        num_classes=num_classes,
+        data_root=str(vtab.resolve_root(args.data_root)),
+        pretrained_file=pretrained_file,
+        pretrained=not args.no_pretrained,
+        recipe=recipe,
+        recipe_sources=sources,
+        out=Path(args.out) if args.out else Path("runs") / method_cls.name / task,
+        workers=workers,
+        device=device,
+        compile=args.compile,
+        progress=not args.no_progress,
+        keep_checkpoint=args.keep_checkpoint,
+        find_unused_parameters=args.find_unused_parameters,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        stop_after_epoch=args.stop_after_epoch,
+        argv=argv,
+    )
+
+
+def check_resume_config(saved: dict[str, Any], config: dict[str, Any], out: Path) -> None:
+    """Refuse to ``--resume`` the run in ``out`` with settings that change the numbers (``RESUME_KEYS``)."""
+    for key in RESUME_KEYS:
+        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(config[key], sort_keys=True):
+            raise UserError(
+                f"--resume: the run in {out} was started with {key}={json.dumps(saved.get(key))}, "
+                f"this command gives {json.dumps(config[key])}; repeat the original options or use --overwrite"
+            )
