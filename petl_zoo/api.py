@@ -65,7 +65,7 @@ def create(method: str, model: nn.Module, *, train_attn_pool: bool = False, **op
     existing = method_of(model)
     if existing is not None:
         raise ValueError(f"model already carries method '{existing.name}'; create() takes an unpatched model")
-    model_family(model)
+    cls.check_family(model_family(model))
     config = cls.config_class.from_options(cls.name, **options)
     instance = cls(config)
     snapshot = _ModelSnapshot(model)

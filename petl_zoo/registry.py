@@ -72,6 +72,19 @@ class Method:
     identity_at_init: ClassVar[bool] = False
     #: Training-recipe values from the paper that override the shared VTAB recipe (e.g. {"lr": 1e-3}).
     recipe: ClassVar[dict[str, Any]] = {}
+    #: Host families (``petl_zoo.targets``) the method supports, None for all; with the reason for the
+    #: others in ``unsupported_reason`` (``create`` names both in its error).
+    families: ClassVar[tuple[str, ...] | None] = None
+    unsupported_reason: ClassVar[str] = ""
+
+    @classmethod
+    def check_family(cls, family: str) -> None:
+        """A ValueError when the method cannot attach to a model of host family ``family``."""
+        if cls.families is not None and family not in cls.families:
+            why = f": {cls.unsupported_reason}" if cls.unsupported_reason else ""
+            raise ValueError(
+                f"method '{cls.name}' does not support the {family} family{why}; supported: {', '.join(cls.families)}"
+            )
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

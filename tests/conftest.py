@@ -34,6 +34,33 @@ def tiny_swin(num_classes: int = 5, **kwargs) -> torch.nn.Module:
 
 BUILDERS = {"vit": tiny_vit, "swin": tiny_swin}
 
+_V = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+_S = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2))
+#: A tiny instance of every supported host family and ViT variant: name -> (timm model, kwargs).
+HOSTS: dict[str, tuple[str, dict]] = {
+    "vit": ("vit_tiny_patch16_224", _V),
+    "clip": ("vit_base_patch16_clip_224", _V),  # pre-norm, QuickGELU-free CLIP ViT
+    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(_V, init_values=1e-5)),  # registers, layer scale
+    "deit3": ("deit3_small_patch16_224", _V),  # layer scale
+    "siglip": ("vit_base_patch16_siglip_224", _V),  # attention-pool head
+    "gap": ("vit_medium_patch16_gap_256", _V),  # average pool, fc_norm
+    "flexivit": ("flexivit_small", _V),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", _V),  # two heads
+    "relpos": ("vit_relpos_small_patch16_224", _V),
+    "eva02": ("eva02_tiny_patch14_224", dict(_V, patch_size=8)),  # q/v biases outside qkv, rope, GluMlp
+    "eva_sep": ("eva02_tiny_patch14_224", dict(_V, patch_size=8, qkv_fused=False)),  # q_proj/k_proj/v_proj
+    "beit": ("beit_base_patch16_224", _V),  # q/v biases outside qkv, relative position bias
+    "swin": ("swin_tiny_patch4_window7_224", _S),
+    "swinv2": ("swinv2_tiny_window8_256", _S),  # res-post-norm, q/v biases outside qkv
+    "swinv2_cr": ("swinv2_cr_tiny_224", _S),
+}
+
+
+def tiny_host(name: str, num_classes: int = 5, **kwargs) -> torch.nn.Module:
+    """A tiny random instance of host ``name`` (see :data:`HOSTS`)."""
+    model_name, args = HOSTS[name]
+    return timm.create_model(model_name, num_classes=num_classes, drop_path_rate=0.0, **{**args, **kwargs})
+
 
 @pytest.fixture(params=["vit", "swin"])
 def family(request) -> str:

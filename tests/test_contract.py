@@ -1,4 +1,4 @@
-"""The method contract, checked for every built-in method on a tiny ViT and a tiny Swin.
+"""The method contract, checked for every built-in method on a tiny instance of every host family.
 
 Every method registered by ``petl_zoo.methods`` is covered with its default options, so a method added
 there later is tested without editing this file (methods that tests register on the fly are not).
@@ -10,9 +10,12 @@ Per method and architecture:
 - after the method's structure step (Pear's pruning, HEAT's head selection: the training callbacks on a
   tiny loader), every trainable tensor gets a gradient and frozen ones get none;
 - perturbing the method's tensors changes the output;
+- every adapted site is really called by timm's forward (a delta that is never called cannot ship);
 - save -> load onto a fresh model gives identical outputs, structure and counts;
 - mergeable models (``petl_zoo.is_mergeable``) merge to the same outputs, unmerge exactly and unload to
-  a plain timm model without hooks; the others make ``merge`` raise a ValueError naming the method.
+  a plain timm model without hooks; the others make ``merge`` raise a ValueError naming the method;
+- on a bf16 model the method's tensors are bf16 and forward + backward work; on a meta-device model,
+  ``to_empty`` + ``load_state_dict`` reproduce the outputs; a ``create`` that fails leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -21,20 +24,19 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb_, pre_hook_count, tiny_swin, tiny_vit
+from conftest import HOSTS, perturb_, pre_hook_count, tiny_host
 from torch import nn
 
 import petl_zoo
-from petl_zoo.layers import AdaptedLinear, AdaptedModule, PetlModule
+from petl_zoo.layers import AdaptedLinear, AdaptedModule, Delta, PetlModule
 from petl_zoo.registry import Method, TrainContext
 
 BUILTIN = sorted(
     n for n in petl_zoo.method_names() if petl_zoo.get_method(n).__module__.startswith("petl_zoo.")
 )
 FAMILIES = {
-    "vit": lambda: tiny_vit(),
-    "swin": lambda: tiny_swin(depths=(2, 2), patch_size=4),  # two blocks per stage, so Pear can share
-}
+    name: (lambda name=name: tiny_host(name)) for name in HOSTS
+}  # Swin: two blocks a stage (Pear shares)
 #: Epochs the structure step may take: Pear prunes at the end of epoch prune_epoch - 1 (default 9).
 STRUCTURE_EPOCHS = 12
 CALLBACKS = ("on_train_start", "on_after_backward", "on_epoch_end")
@@ -52,7 +54,7 @@ def method_tensor_ids(model: nn.Module) -> set[int]:
 
 
 def head_ids(model: nn.Module) -> set[int]:
-    return {id(p) for p in model.get_classifier().parameters()}
+    return {id(p) for p in petl_zoo.classifier_parameters(model)}
 
 
 def method_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -112,6 +114,28 @@ def check_gradients(model: nn.Module, batch) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def supported(name: str, model: nn.Module) -> bool:
+    families = petl_zoo.get_method(name).families
+    return families is None or petl_zoo.targets.model_family(model) in families
+
+
+def check_sites_called(model: nn.Module, x: torch.Tensor) -> None:
+    """Every wrapper and every delta runs in timm's forward (none is bypassed by the host's own code)."""
+    watched = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, (AdaptedLinear, AdaptedModule, Delta))
+    ]
+    called: set[str] = set()
+    handles = [m.register_forward_hook(lambda *_, n=n: called.add(n)) for n, m in watched]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missed = [n for n, _ in watched if n not in called]
+    assert not missed, f"adapted sites never called by the forward: {missed[:4]}"
+
+
 def check_merge(
     name: str, model: nn.Module, pristine: nn.Module, x: torch.Tensor, tuned: torch.Tensor
 ) -> None:
@@ -146,6 +170,10 @@ def check_merge(
 def test_method_contract(name, family, tmp_path):
     torch.manual_seed(0)
     pristine = FAMILIES[family]().eval()
+    if not supported(name, pristine):
+        with pytest.raises(ValueError, match=f"method '{name}' does not support the"):
+            petl_zoo.create(name, pristine)
+        return
     model = copy.deepcopy(pristine)
     data = batches()
     x = data[0][0]
@@ -160,6 +188,7 @@ def test_method_contract(name, family, tmp_path):
     perturb_(model, seed=2)  # tensors the structure step created (Pear's gates start at 0)
     check_trainable(model)
     check_gradients(model, data[1])
+    check_sites_called(model, x)
 
     model.eval()
     with torch.no_grad():
@@ -183,6 +212,97 @@ def test_method_contract(name, family, tmp_path):
         assert torch.equal(fresh(x), tuned)
 
     check_merge(name, model, pristine, x, tuned)
+
+
+@pytest.mark.parametrize("family", ["vit", "eva02", "eva_sep", "swinv2", "deit_distilled"])
+@pytest.mark.parametrize("name", BUILTIN)
+def test_bf16_model_forward_backward(name, family):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().to(torch.bfloat16)
+    if not supported(name, model):
+        return
+    petl_zoo.create(name, model)
+    own = [p for m in model.modules() if isinstance(m, PetlModule) for p in m.parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in own), "method tensors must take the weights' dtype"
+    x, y = batches(1)[0]
+    model.train()
+    nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "eva02"])
+@pytest.mark.parametrize("name", BUILTIN)
+def test_meta_device_then_to_empty_and_load(name, family):
+    torch.manual_seed(0)
+    if not supported(name, FAMILIES[family]()):
+        return
+    reference = petl_zoo.create(name, FAMILIES[family]()).eval()
+    perturb_(reference)
+    with torch.device("meta"):
+        model = FAMILIES[family]()
+    petl_zoo.create(name, model)
+    assert all(t.device.type == "meta" for t in model.state_dict().values())
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    x = batches(1)[0][0]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), reference(x))
+
+
+def test_failing_create_leaves_the_model_as_it_was(isolated_registry):
+    from dataclasses import dataclass
+
+    from petl_zoo.layers import adapt_linear
+    from petl_zoo.targets import linear_sites
+
+    @dataclass
+    class Options(petl_zoo.MethodConfig):
+        pass
+
+    @petl_zoo.register_method("half_applied", "wraps two blocks' qkv, hooks a module, then fails")
+    class HalfApplied(petl_zoo.Method):
+        config_class = Options
+
+        def apply(self, model):
+            for site in linear_sites(model, "q")[:1]:
+                adapt_linear(site).add_delta("d", _Zero(), site.start, site.stop)
+            self.hooks.add_forward_pre_hook(model.blocks[0], lambda m, a: a)
+            model.blocks[0].extra = nn.Linear(2, 2)
+            raise RuntimeError("boom")
+
+    class _Zero(Delta):
+        def forward(self, x, weight):
+            return x.new_zeros(*x.shape[:-1], weight.shape[0])
+
+    model = FAMILIES["eva02"]()  # q/v biases are folded into qkv on attach: that must be undone too
+    model.head.weight.requires_grad_(False)
+    before_modules = [(n, type(m)) for n, m in model.named_modules()]
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"):
+        petl_zoo.create("half_applied", model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == before_modules
+    assert model.state_dict().keys() == before_state.keys()
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before_flags
+    assert pre_hook_count(model) == 0 and petl_zoo.method_of(model) is None
+    petl_zoo.create("lora", model)  # and it can still be patched
+
+
+def test_distilled_deit_trains_and_saves_both_heads(tmp_path):
+    model = petl_zoo.create("linear", FAMILIES["deit_distilled"]())
+    counts = petl_zoo.trainable_parameters(model)
+    assert counts["head"] == 2 * (48 * 5 + 5) and counts["total"] == counts["head"]
+    saved = petl_zoo.adapter_state_dict(model)
+    assert {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"} <= set(saved)
+
+
+def test_siglip_attention_pool_is_frozen_unless_asked():
+    frozen = petl_zoo.create("linear", FAMILIES["siglip"]())
+    assert not any(p.requires_grad for p in frozen.attn_pool.parameters())
+    pooled = petl_zoo.create("linear", FAMILIES["siglip"](), train_attn_pool=True)
+    assert all(p.requires_grad for p in pooled.attn_pool.parameters())
+    assert petl_zoo.trainable_parameters(pooled)["total"] > petl_zoo.trainable_parameters(frozen)["total"]
 
 
 def test_every_builtin_method_is_covered():

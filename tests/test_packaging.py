@@ -134,7 +134,19 @@ def test_wheel_in_fresh_venv_runs_the_console_commands(venv):
         _run([str(venv["python"]), "-c", load, str(card), str(weights)], work, env).stdout.strip() == "lora"
     )
     printed = _run(
-        [petl_zoo_cmd, "sweep", "--method", "lora", "--tasks", "digits", "--print-commands"], work, env
+        [
+            petl_zoo_cmd,
+            "sweep",
+            "--method",
+            "lora",
+            "--tasks",
+            "digits",
+            "--out-root",
+            "elsewhere",
+            "--print-commands",
+        ],
+        work,
+        env,
     )
     assert "-m petl_zoo.train" in printed.stdout
     for module in ("petl_zoo", "petl_zoo.train", "petl_zoo.train.eval"):

@@ -14,7 +14,7 @@ from typing import Any
 import timm
 from torch import nn
 
-__all__ = ["build_backbone", "WeightsUnavailableError", "WEIGHT_SUFFIXES"]
+__all__ = ["build_backbone", "resolve_model_name", "WeightsUnavailableError", "WEIGHT_SUFFIXES"]
 
 WEIGHT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt", ".bin")
 
@@ -62,6 +62,29 @@ def _check_model_name(model_name: str) -> None:
         close = difflib.get_close_matches(model_name, timm.list_models(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"unknown timm model {model_name!r}{hint}; see timm.list_models()")
+
+
+def resolve_model_name(model_name: str) -> tuple[str, str | None]:
+    """``(name.tag, note)``: the architecture and pretrained tag timm will really use for ``model_name``,
+    and a one-line note when timm remaps a deprecated name (``vit_base_patch16_224_in21k`` now means the
+    AugReg weights ``vit_base_patch16_224.augreg_in21k``, not the ``orig_in21k`` ones the VTAB-1K papers
+    used), else None. An unknown name is returned as given (``build_backbone`` reports it)."""
+    from timm.models import get_pretrained_cfg
+    from timm.models._registry import get_deprecated_models, split_model_name_tag
+
+    new = get_deprecated_models().get(model_name)
+    target = new or model_name
+    arch, tag = split_model_name_tag(target)
+    if not tag:
+        cfg = get_pretrained_cfg(arch, allow_unregistered=True) if timm.is_model(arch) else None
+        tag = getattr(cfg, "tag", None) or ""
+    resolved = f"{arch}.{tag}" if tag else arch
+    if new is None:
+        return resolved, None
+    note = f"timm maps the deprecated model name {model_name} to {resolved}"
+    if model_name.endswith("_in21k") and tag != "orig_in21k":
+        note += f" (not the original ImageNet-21k weights of the VTAB-1K papers: {arch}.orig_in21k)"
+    return resolved, note
 
 
 def build_backbone(

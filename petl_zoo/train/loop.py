@@ -354,9 +354,9 @@ def finish(run: Run) -> dict[str, Any]:
         if spec.recipe["select_on"] == "val" and selected is not None and selected["epoch"] != epochs:
             chosen = build_patched_model(state.config, 0.0)
             restore_adapter(chosen, selected, source=f"epoch {selected['epoch']} (best val)")
-            save_adapter(chosen, spec.out)
+            save_adapter(chosen, spec.out, model_kwargs=spec.model_kwargs)
         else:
-            save_adapter(state.model, spec.out)
+            save_adapter(state.model, spec.out, model_kwargs=spec.model_kwargs)
         atomic_write_json(spec.out / "result.json", result)
         if not spec.keep_checkpoint:
             (spec.out / CHECKPOINT).unlink(missing_ok=True)

@@ -54,6 +54,8 @@ def build_result(
         "world_size": info.world_size,
         "device": spec.device.type,
         "resumed_from_epoch": resumed_from,
+        "resolved_model": state.config.get("resolved_model", spec.model),
+        "fingerprint": state.config.get("fingerprint"),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +14,17 @@ import timm
 import torch
 
 from .. import __version__ as petl_zoo_version
+from ..fingerprint import fingerprints
+from ..io import sha256_file
 from ..registry import get_method
 from . import distributed as D
 from .args import UserError, method_options, parse_key_values
+from .backbone import resolve_model_name
 from .recipe import execution_defaults, resolve_recipe
 
 __all__ = ["RunSpec", "resolve_spec", "check_resume_config", "RESUME_KEYS"]
+
+logger = logging.getLogger(__name__)
 
 # Settings that must be equal for --resume to continue a run (everything that changes the numbers).
 RESUME_KEYS = (
@@ -59,17 +65,21 @@ class RunSpec:
     overwrite: bool = False
     stop_after_epoch: int | None = None
     argv: list[str] = field(default_factory=list)
+    resolved_model: str = ""  # timm's architecture.tag for ``model`` (deprecated names remapped)
+    pretrained_file_sha256: str | None = None
 
     def config_json(self, info: D.DistInfo) -> dict[str, Any]:
-        return {
+        config = {
             "method": self.method,
             "method_options": self.method_options,
             "model": self.model,
+            "resolved_model": self.resolved_model or self.model,
             "model_kwargs": self.model_kwargs,
             "task": self.task,
             "num_classes": self.num_classes,
             "data_root": self.data_root,
             "pretrained_file": self.pretrained_file,
+            "pretrained_file_sha256": self.pretrained_file_sha256,
             "pretrained": self.pretrained,
             "recipe": self.recipe,
             "recipe_sources": self.recipe_sources,
@@ -81,6 +91,8 @@ class RunSpec:
             "argv": self.argv,
             "versions": _versions(),
         }
+        config["fingerprint"] = fingerprints(config)
+        return config
 
 
 def _versions() -> dict[str, str]:
@@ -135,6 +147,9 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         sources["precision"] = f"device:{device.type}"
     recipe["precision"], workers = execution_defaults(device, recipe["precision"], args.workers)
     pretrained_file = _pretrained_file(args)
+    resolved_model, note = resolve_model_name(args.model)
+    if note:
+        logger.warning(note)
     folder = vtab.task_dir(args.task, args.data_root)  # unknown task / missing root: clear errors
     info = vtab.find_task(args.task)
     task = info.name if info is not None else folder.name
@@ -164,6 +179,8 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         overwrite=args.overwrite,
         stop_after_epoch=args.stop_after_epoch,
         argv=argv,
+        resolved_model=resolved_model,
+        pretrained_file_sha256=sha256_file(pretrained_file) if pretrained_file else None,
     )
 
 
