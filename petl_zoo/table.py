@@ -8,25 +8,38 @@ Rules: accuracies are percentages with one decimal; several seeds of a task give
 std, ddof=1); a missing run is a blank cell, never a zero; a group mean with any task of the group
 missing is blank (the ``Tasks`` column says how many of the 19 are present), and so are the means built
 on it. Best (``test_acc_best``, the papers' convention) and last (``test_acc_last``) are separate tables.
+
+Only runs made the same way are averaged as seeds: a row is one method, model, method config and
+**recipe fingerprint** (:func:`petl_zoo.fingerprint.recipe_fingerprint` of the run's ``config.json``
+next to its ``result.json``, or the ``fingerprint`` the run recorded). Runs of one method that differ
+get rows of their own, labelled with what differs (``lora (recipe.epochs=3)``). A result folder
+without ``config.json`` is grouped as before, by method, model and method config.
+
+A ``result.json`` or ``config.json`` that cannot be read or is not valid JSON is an error naming the
+file (a run folder is damaged: nothing is averaged over what is left); the command line reports it as
+one ``error: ...`` line (``PETL_ZOO_DEBUG=1``: the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import vtab
 
-from .io import atomic_write_text
+from .fingerprint import identity_diff, recipe_fingerprint, recipe_identity
+from .io import atomic_write_text, sha256_file
 
 __all__ = [
     "GROUPS",
@@ -99,35 +112,97 @@ def _as_percent(value: Any) -> float | None:
     return v * 100.0 if v <= 1.0 else v
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; a file that cannot be read or parsed is a ValueError naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        what = (
+            "is empty"
+            if not text.strip()
+            else f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        )
+        raise ValueError(f"{path} {what}: repair it or remove the run folder") from e
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def _with_weights_digest(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``pretrained_file_sha256`` filled in once per weights file (not once per run)."""
+    file = config.get("pretrained_file")
+    if not file or config.get("pretrained_file_sha256") or not Path(file).is_file():
+        return config
+    stat = Path(file).stat()
+    return {**config, "pretrained_file_sha256": _file_sha256(str(file), stat.st_size, stat.st_mtime_ns)}
+
+
+def _recorded_recipe(data: Any) -> str | None:
+    """The recipe fingerprint a run recorded (``"fingerprint": {"recipe": ...}``), if any."""
+    fp = data.get("fingerprint") if isinstance(data, dict) else None
+    recipe = fp.get("recipe") if isinstance(fp, dict) else None
+    return recipe if isinstance(recipe, str) and recipe else None
+
+
+def _run_config(result_path: Path) -> dict[str, Any] | None:
+    """The ``config.json`` next to a ``result.json`` (None when there is none)."""
+    path = result_path.parent / "config.json"
+    if not path.is_file():
+        return None
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a run's config (a JSON object): repair it or remove the run folder")
+    return config
+
+
 def collect_results(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every ``result.json`` below ``root`` (sorted by path), each with ``_path`` added."""
+    """Every ``result.json`` below ``root`` (sorted by path), each with ``_path``, ``_config`` (the
+    run's ``config.json``, weights digest filled in, or None) and ``_recipe`` (its recipe fingerprint
+    or None) added.
+
+    A ``result.json`` or ``config.json`` that cannot be read or parsed raises ValueError naming it; a
+    JSON file that is not a train.py result (no ``method``/``task``) is skipped with a warning.
+    """
     root = Path(root)
     if not root.exists():
         raise ValueError(f"results folder '{root}' does not exist")
     out = []
     for path in sorted(root.rglob("result.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            warnings.warn(f"skipping unreadable {path}: {e}", stacklevel=2)
-            continue
+        data = _read_json(path)
         if not isinstance(data, dict) or "task" not in data or "method" not in data:
             warnings.warn(f"skipping {path}: not a train.py result (no 'method'/'task')", stacklevel=2)
             continue
-        data["_path"] = str(path)
+        config = _run_config(path)
+        config = _with_weights_digest(config) if config is not None else None
+        recipe = _recorded_recipe(data) or _recorded_recipe(config)
+        if recipe is None and config is not None:
+            recipe = recipe_fingerprint(config)
+        data.update(_path=str(path), _config=config, _recipe=recipe)
         out.append(data)
     return out
 
 
 @dataclass
 class Row:
-    """One table row: a method with one model and one method config; runs[task][seed] = result."""
+    """One table row: a method with one model, one method config and one recipe; runs[task][seed] = result.
+
+    ``recipe`` is the runs' recipe fingerprint and ``run_config`` the ``config.json`` of one of them
+    (both None for result folders without ``config.json``).
+    """
 
     method: str
     model: str
     config: dict[str, Any]
     label: str = ""
     runs: dict[str, dict[Any, dict[str, Any]]] = field(default_factory=dict)
+    recipe: str | None = None
+    run_config: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -138,19 +213,85 @@ def _freeze(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def _flat_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's recipe identity flattened one level (``recipe.epochs``), as ``identity_diff`` names keys."""
+    flat: dict[str, Any] = {}
+    for key, value in recipe_identity(config).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _recipe_keys(same: list[Row]) -> list[str]:
+    """The recipe settings that differ between rows of one method (``identity_diff`` key names)."""
+    configs = [r.run_config for r in same if r.run_config is not None]
+    if len(configs) < 2:
+        return []
+    neutral = {"task": None, "data_root": None}  # a row spans tasks: only the recipe is compared
+    ref = {**configs[0], **neutral}
+    keys: list[str] = []
+    for other in configs[1:]:
+        for line in identity_diff(ref, {**other, **neutral}):
+            key = line.split(": ", 1)[0]
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def _already_shown(key: str, shown: set[str]) -> bool:
+    """A recipe key the label names anyway: the method, the model, an option shown from method_config."""
+    option = key.removeprefix("method_options.")
+    return key in ("method", "model") or (option != key and option in shown)
+
+
+def _label_text(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value[:12] if key.endswith("sha256") else value
+    return json.dumps(value, sort_keys=True)
+
+
+def _label_rows(same: list[Row]) -> None:
+    """Label the rows of one method by what differs: model, method config, then recipe settings."""
+    models = {r.model for r in same}
+    keys = sorted({k for r in same for k in r.config})
+    varying = [k for k in keys if len({_freeze(r.config.get(k)) for r in same}) > 1]
+    shown = set(varying) | ({"model"} if len(models) > 1 else set())
+    recipe_keys = [k for k in _recipe_keys(same) if not _already_shown(k, shown)]
+    recipes = {r.recipe for r in same}
+    for r in same:
+        parts = [r.model] if len(models) > 1 else []
+        parts += [f"{k}={r.config.get(k)}" for k in varying]
+        if r.run_config is not None:
+            flat = _flat_identity(r.run_config)
+            parts += [f"{k}={_label_text(k, flat.get(k))}" for k in recipe_keys]
+        elif len(recipes) > 1:
+            parts.append("no config.json" if r.recipe is None else f"recipe {r.recipe[:8]}")
+        r.label = ", ".join(parts)
+    labels = [r.label for r in same]
+    for r in same:  # recipes the keys above cannot tell apart (e.g. only a recorded fingerprint)
+        if r.recipe is not None and labels.count(r.label) > 1:
+            r.label = ", ".join(filter(None, [r.label, f"recipe {r.recipe[:8]}"]))
+
+
 def build_rows(results: list[dict[str, Any]]) -> list[Row]:
-    """Group results by (method, model, method_config); label rows of one method that differ."""
-    rows: dict[tuple[str, str, str], Row] = {}
+    """Group results by (method, model, method_config, recipe fingerprint); label rows of one method
+    that differ. Results without a recipe fingerprint (no ``config.json``) group as one recipe."""
+    rows: dict[tuple[str, str, str, str], Row] = {}
     for r in results:
         config = r.get("method_config") or {}
-        key = (str(r["method"]), str(r.get("model", "")), _freeze(config))
-        row = rows.setdefault(key, Row(key[0], key[1], dict(config)))
+        recipe = r.get("_recipe")
+        key = (str(r["method"]), str(r.get("model", "")), _freeze(config), recipe or "")
+        row = rows.setdefault(key, Row(key[0], key[1], dict(config), recipe=recipe))
+        if row.run_config is None:
+            row.run_config = r.get("_config")
         task = canonical_task(str(r["task"]))
         seed = r.get("seed", 0)
         seeds = row.runs.setdefault(task, {})
         if seed in seeds:
             warnings.warn(
-                f"two results for {row.method}/{task} seed {seed}: keeping {seeds[seed]['_path']}, "
+                f"two results for {row.name}/{task} seed {seed}: keeping {seeds[seed]['_path']}, "
                 f"ignoring {r['_path']}",
                 stacklevel=2,
             )
@@ -160,15 +301,8 @@ def build_rows(results: list[dict[str, Any]]) -> list[Row]:
     for row in rows.values():
         by_method.setdefault(row.method, []).append(row)
     for same in by_method.values():
-        if len(same) < 2:
-            continue
-        models = {r.model for r in same}
-        keys = sorted({k for r in same for k in r.config})
-        varying = [k for k in keys if len({_freeze(r.config.get(k)) for r in same}) > 1]
-        for r in same:
-            parts = [r.model] if len(models) > 1 else []
-            parts += [f"{k}={r.config.get(k)}" for k in varying]
-            r.label = ", ".join(parts)
+        if len(same) > 1:
+            _label_rows(same)
     return sorted(rows.values(), key=lambda r: (r.method, r.model, r.label))
 
 
@@ -366,15 +500,42 @@ def vtab_table(root: str | os.PathLike, fmt: Literal["markdown", "csv", "latex"]
     return "\n".join(tables)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line ``error: ...`` message (the usage is on ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _guarded(body: Callable[[], int]) -> int:
+    """``body()``, with a user error (ValueError) reported as one ``error: ...`` line, exit status 1."""
+    try:
+        return body()
+    except ValueError as e:
+        if os.environ.get("PETL_ZOO_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
+        return 1
+
+
+def _write_out(path: str, text: str) -> None:
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise ValueError(f"cannot write --out {path}: {e.strerror or e}") from e
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The table's command line: print (or ``--out``: write atomically) the best and last tables."""
     prog = prog or os.path.basename(sys.argv[0])
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         description=(
             "Aggregate every result.json below a folder into the VTAB-1K table (best and last, separately).\n\n"
             f"    {prog} runs/ [--format markdown|csv|latex] [--out FILE]\n\n"
-            "Blank cells are missing runs; a group mean with a missing task is blank (see the Tasks column)."
+            "Blank cells are missing runs; a group mean with a missing task is blank (see the Tasks column).\n"
+            "Runs with different recipes (config.json next to result.json) are separate, labelled rows."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -382,16 +543,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--format", choices=list(FORMATS), default="markdown")
     p.add_argument("--out", default=None, help="write here (atomically) instead of stdout")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         text = vtab_table(args.root, args.format)
-    except ValueError as e:
-        p.error(str(e))
-    if args.out:
-        atomic_write_text(args.out, text)
-        print(f"wrote {args.out}")
-    else:
-        sys.stdout.write(text)
-    return 0
+        if args.out:
+            _write_out(args.out, text)
+            print(f"wrote {args.out}")
+        else:
+            sys.stdout.write(text)
+        return 0
+
+    return _guarded(body)
 
 
 if __name__ == "__main__":

@@ -313,3 +313,211 @@ def test_bench_neat_runs_with_a_file_and_notes_random_weights_without(tmp_path, 
     with pytest.raises(SystemExit):
         bench_neat.main(TINY_ARGV + cheap + ["--pretrained-file", str(tmp_path / "missing.safetensors")])
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- run integrity and bad input
+CHEAP = ["--num-classes", "5", "--batch", "2", "--warmup", "0", "--steps", "1", "--no-flops"]
+
+
+def bench_argv(out: Path, methods: str = "lora,full", repeats: int = 2, memory: str = "off") -> list[str]:
+    return TINY_ARGV + CHEAP + ["--methods", methods, "--repeats", str(repeats), "--memory", memory]
+
+
+def error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def never_timed(*args, **kwargs):
+    raise AssertionError("the benchmark started although --out cannot be written")
+
+
+def test_out_under_a_regular_file_fails_in_one_line_before_any_timing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("petl_zoo.accounting.cli.run_benchmark", never_timed)
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "bench"
+    assert cli_main(bench_argv(out) + ["--out", str(out)]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == f"error: --out {out}: {blocker} is a file, not a folder"
+    monkeypatch.setenv("PETL_ZOO_DEBUG", "1")  # the traceback on request
+    with pytest.raises(accounting.OutputError, match="is a file"):
+        cli_main(bench_argv(out) + ["--out", str(out)])
+
+
+def test_unwritable_out_fails_in_one_line_before_any_timing(tmp_path, monkeypatch, capsys):
+    # Root bypasses a chmod, so the refusal is injected where files are created (os.open).
+    monkeypatch.setattr("petl_zoo.accounting.cli.run_benchmark", never_timed)
+    out = tmp_path / "readonly"
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert cli_main(bench_argv(out) + ["--out", str(out)]) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == f"error: --out {out} is not writable: Permission denied"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into a 0o500 folder anyway")
+def test_read_only_out_folder_fails_before_any_timing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("petl_zoo.accounting.cli.run_benchmark", never_timed)
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert cli_main(bench_argv(out) + ["--out", str(out)]) == 1
+    finally:
+        out.chmod(0o700)
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith(f"error: --out {out} is not writable")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rows_and_rounds_are_appended_as_measured_and_match_the_report(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli_main(bench_argv(out, repeats=3) + ["--out", str(out)]) == 0
+    rows, rounds = read_jsonl(out / "rows.jsonl"), read_jsonl(out / "rounds.jsonl")
+    assert [r["method"] for r in rows] == ["base", "lora", "full"]
+    assert rows == json.loads((out / "benchmark.json").read_text())  # per-round times included
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["times"]["lora"]["train"] for r in rounds] == rows[1]["train_times"]
+    assert "train_times" not in (out / "benchmark.csv").read_text().splitlines()[0]
+    (check,) = [
+        c
+        for c in json.loads((out / "checks.json").read_text())["checks"]
+        if c["check"] == "lora step time / full"
+    ]
+    ratios = [a / b for a, b in zip(rows[1]["train_times"], rows[2]["train_times"])]
+    assert check["rounds"] == 3 and check["low"] == min(ratios) and check["high"] == max(ratios)
+    assert check["verdict"] in ("PASS", "FAIL", "inconclusive")
+    assert "n=3; target < 1)" in capsys.readouterr().out
+
+
+def test_a_crash_mid_run_keeps_the_rows_and_rounds_done(tmp_path, monkeypatch):
+    def memory(name, *args, **kwargs):
+        if name == "full":
+            raise RuntimeError("killed while measuring full")
+        return 12.5
+
+    monkeypatch.setattr("petl_zoo.accounting.runner.measure_memory", memory)
+    out = tmp_path / "bench"
+    with pytest.raises(RuntimeError, match="killed"):  # a crash, not a user error: traceback kept
+        cli_main(bench_argv(out, memory="inprocess") + ["--out", str(out)])
+    rows = read_jsonl(out / "rows.jsonl")
+    assert [r["method"] for r in rows] == ["base", "lora"]
+    assert rows[1]["peak_mem_mb"] == 12.5 and len(rows[1]["train_times"]) == 2
+    assert len(read_jsonl(out / "rounds.jsonl")) == 2
+    assert not (out / "benchmark.json").exists()
+
+
+def test_a_full_disk_at_the_end_still_prints_the_table_and_keeps_the_rows(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from petl_zoo.accounting import outputs
+
+    real = outputs.atomic_write_text
+
+    def full_disk(path, text):
+        if Path(path).name == "benchmark.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(outputs, "atomic_write_text", full_disk)
+    out = tmp_path / "bench"
+    assert cli_main(bench_argv(out) + ["--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    (line,) = error_lines(captured.err)
+    assert line == f"error: cannot write {out / 'benchmark.json'}: No space left on device"
+    assert "| lora |" in captured.out and "Checks:" in captured.out
+    assert [r["method"] for r in read_jsonl(out / "rows.jsonl")] == ["base", "lora", "full"]
+
+
+def test_a_short_append_is_cut_back_and_later_rows_go_to_stdout_only(tmp_path, monkeypatch, caplog):
+    log = accounting.ProgressLog(tmp_path / "bench")
+    log.row(accounting.BenchRow("base", infer_ms=1.0, infer_times=[0.001]))
+    real_write = os.write
+
+    def half_write(fd, data):  # a full disk: the kernel takes only part of the line
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("rows.jsonl"):
+            return real_write(fd, data[: len(data) // 2])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", half_write)
+    log.row(accounting.BenchRow("lora", train_ms=2.0, train_times=[0.002]))
+    monkeypatch.setattr(os, "write", real_write)
+    log.row(accounting.BenchRow("full", train_ms=3.0))
+    assert [r["method"] for r in read_jsonl(tmp_path / "bench" / "rows.jsonl")] == ["base"]
+    assert log.failed and "cannot append" in caplog.text
+
+
+def test_unknown_method_and_missing_weights_are_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli_main(
+            bench_argv(tmp_path / "b", methods="lora,nope") + ["--out", str(tmp_path / "b")], prog="bench"
+        )
+    assert err.value.code == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("error: unknown method 'nope'; valid: all,") and line.endswith(
+        "(see bench --help)"
+    )
+    missing = tmp_path / "missing.safetensors"
+    argv = bench_argv(tmp_path / "b") + ["--out", str(tmp_path / "b"), "--pretrained-file", str(missing)]
+    assert cli_main(argv) == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert str(missing) in line
+
+
+def timed_row(method: str, train: list[float] | None = None, infer: list[float] | None = None, **kw):
+    """A row as the runner leaves it: per-round seconds and their medians in ms."""
+    import statistics
+
+    row = accounting.BenchRow(method, train_times=train or [], infer_times=infer or [], **kw)
+    if train:
+        row.train_ms = 1e3 * statistics.median(train)
+    if infer:
+        row.infer_ms = 1e3 * statistics.median(infer)
+    if row.merged_times:
+        row.infer_ms_merged = 1e3 * statistics.median(row.merged_times)
+    return row
+
+
+def test_timing_checks_report_the_band_and_are_inconclusive_when_it_straddles_the_target():
+    rows = [
+        timed_row("base", infer=[1.0, 1.0, 1.0]),
+        timed_row("full", train=[1.0, 1.0, 1.0]),
+        timed_row("lora", train=[0.50, 0.60, 0.55]),
+        # median ratio 0.60 / 0.55 = 1.09 passes 1.15, but round 2 (0.75 / 0.60 = 1.25) misses it
+        timed_row("neat", train=[0.55, 0.75, 0.60]),
+        timed_row("bitfit", train=[0.9, 0.9, 0.9], merged_times=[1.20, 1.30, 1.25]),
+        # same counts, noisy step times: the count checks stay exact
+        timed_row("lora_qkv", train=[0.4, 0.9, 0.5], method_params=64, gmacs=0.5, peak_mem_mb=10.0),
+        timed_row("peft_lora", train=[0.6, 0.5, 0.6], method_params=64, gmacs=0.5, peak_mem_mb=11.0),
+    ]
+    checks = {c["check"]: c for c in accounting.compute_checks(rows)}
+    lora = checks["lora step time / full"]
+    assert lora["verdict"] == "PASS" and lora["passed"] is True
+    assert (lora["low"], lora["high"], lora["rounds"]) == (0.5, 0.6, 3)
+    neat = checks["neat step time / lora"]
+    assert neat["value"] == pytest.approx(0.60 / 0.55) and neat["high"] == pytest.approx(1.25)
+    assert neat["verdict"] == "inconclusive" and neat["passed"] is None
+    bitfit = checks["bitfit merged inference / base"]
+    assert bitfit["verdict"] == "FAIL" and bitfit["low"] == pytest.approx(1.2)
+    assert checks["lora_qkv step time / peft_lora"]["verdict"] == "inconclusive"
+    for name in ("method params", "GMACs", "peak mem"):
+        exact = checks[f"lora_qkv {name} / peft_lora"]
+        assert exact["verdict"] == "PASS" and "rounds" not in exact
+    rows[-1].method_params = 65
+    assert {c["check"]: c for c in accounting.compute_checks(rows)}["lora_qkv method params / peft_lora"][
+        "verdict"
+    ] == "FAIL"
+    text = accounting.format_table(rows, list(checks.values()))
+    assert "- [inconclusive] neat step time / lora: 1.091 (rounds 1.091-1.250, n=3; target <= 1.15)" in text
+    assert "- [PASS] lora_qkv method params / peft_lora: 1.000 (target == 1)" in text
+    assert accounting.check_summary(list(checks.values())).startswith("8 PASS, 1 FAIL, 2 inconclusive (")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from petl_zoo.fingerprint import recipe_fingerprint
 from petl_zoo.table import build_rows, collect_results, compute_table, render, vtab_catalog, vtab_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,3 +223,121 @@ def test_module_entry_point_and_prog(capsys):
     with pytest.raises(SystemExit) as err:
         main(["--help"], prog="petl-zoo table")
     assert err.value.code == 0 and capsys.readouterr().out.startswith("usage: petl-zoo table")
+
+
+# ------------------------------------------------------------- recipes, fingerprints and damaged files
+def write_config(folder: Path, method: str, task: str, seed: int, epochs: int = 30, **extra) -> dict:
+    """A train.py config.json (the keys recipe_fingerprint reads) next to the folder's result.json."""
+    config = {
+        "method": method,
+        "method_options": {"rank": 8},
+        "model": "vit_base_patch16_224",
+        "model_kwargs": {},
+        "task": task,
+        "num_classes": 10,
+        "data_root": f"/data/{task}",
+        "pretrained_file": None,
+        "pretrained": True,
+        "recipe": {"epochs": epochs, "lr": 0.001, "batch_size": 64, "seed": seed},
+        "workers": 4,
+        **extra,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def test_seeds_of_one_recipe_average_and_another_recipe_is_its_own_row(tmp_path):
+    for seed, acc in ((0, 0.70), (1, 0.74)):
+        folder = write_result(tmp_path / "e30", "lora", "dtd", acc, acc, seed=seed, sub=f"seed{seed}")
+        write_config(folder, "lora", "dtd", seed)
+    cifar = write_result(tmp_path / "e30", "lora", "cifar", 0.5, 0.5)  # another task, same recipe
+    write_config(cifar, "lora", "cifar", 0, data_root="/elsewhere")
+    short = write_result(tmp_path / "e3", "lora", "dtd", 0.40, 0.40, seed=2)  # --epochs 3
+    write_config(short, "lora", "dtd", 2, epochs=3)
+    write_result(tmp_path / "old", "adapter", "dtd", 0.6, 0.6)  # no config.json: as before
+    table = compute_table(build_rows(collect_results(tmp_path)), "best")
+    assert sorted(r.name for r, _ in table.rows) == [
+        "adapter",
+        "lora (recipe.epochs=3)",
+        "lora (recipe.epochs=30)",
+    ]
+    long = cells_of(table, "lora (recipe.epochs=30)")
+    assert long["dtd"].mean == pytest.approx(72.0) and long["dtd"].n == 2 and long["cifar"].n == 1
+    assert cells_of(table, "lora (recipe.epochs=3)")["dtd"].mean == pytest.approx(40.0)
+    assert cells_of(table, "lora (recipe.epochs=3)")["dtd"].n == 1
+    assert "lora (recipe.epochs=3)" in render(table, "markdown")
+
+
+def test_a_run_without_config_and_weights_files_are_told_apart(tmp_path):
+    for i, content in enumerate((b"weights A", b"weights A", b"weights B")):
+        weights = tmp_path / f"w{i}.bin"  # two paths, one content: one recipe
+        weights.write_bytes(content)
+        folder = write_result(tmp_path / "runs" / f"r{i}", "lora", "dtd", 0.5 + i / 10, 0.5, seed=i)
+        write_config(folder, "lora", "dtd", i, pretrained_file=str(weights))
+    write_result(tmp_path / "runs" / "bare", "lora", "dtd", 0.9, 0.9, seed=9)
+    rows = build_rows(collect_results(tmp_path / "runs"))
+    digest_b = hashlib.sha256(b"weights B").hexdigest()[:12]
+    by = {r.name: r for r in rows}
+    assert set(by) == {
+        f"lora (weights.file_sha256={hashlib.sha256(b'weights A').hexdigest()[:12]})",
+        f"lora (weights.file_sha256={digest_b})",
+        "lora (no config.json)",
+    }
+    assert len(by[f"lora (weights.file_sha256={digest_b})"].runs["dtd"]) == 1
+    assert sum(len(r.runs["dtd"]) for r in rows) == 4
+
+
+def test_a_recorded_fingerprint_is_used_as_is(tmp_path):
+    a = write_result(tmp_path / "a", "lora", "dtd", 0.5, 0.5, seed=0)
+    write_config(a, "lora", "dtd", 0)
+    b = write_result(tmp_path / "b", "lora", "dtd", 0.6, 0.6, seed=1)
+    config = write_config(b, "lora", "dtd", 1)
+    result = json.loads((b / "result.json").read_text())
+    result["fingerprint"] = {"recipe": "f" * 16, "run": "e" * 16}
+    (b / "result.json").write_text(json.dumps(result))
+    names = sorted(r.name for r in build_rows(collect_results(tmp_path)))
+    assert names == [f"lora (recipe {recipe_fingerprint(config)[:8]})", "lora (recipe ffffffff)"]
+
+
+def test_damaged_json_is_one_error_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    from petl_zoo.table import main
+
+    folder = write_result(tmp_path / "runs", "lora", "dtd", 0.5, 0.5)
+    write_config(folder, "lora", "dtd", 0)
+    config = folder / "config.json"
+    config.write_text(config.read_text()[:40])  # truncated
+    assert main([str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {config} is not valid JSON (") and "line 1 column" in err
+    config.unlink()
+    result = folder / "result.json"
+    result.write_text("")
+    assert main([str(tmp_path / "runs")]) == 1
+    assert capsys.readouterr().err == f"error: {result} is empty: repair it or remove the run folder\n"
+    result.write_text('{"method": "lora", "task": ')
+    assert main([str(tmp_path / "runs")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {result} is not valid JSON (")
+    monkeypatch.setenv("PETL_ZOO_DEBUG", "1")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        main([str(tmp_path / "runs")])
+
+
+def test_unwritable_out_is_one_error_line(tmp_path, capsys):
+    from petl_zoo.table import main
+
+    write_result(tmp_path / "runs", "lora", "dtd", 0.5, 0.5)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main([str(tmp_path / "runs"), "--out", str(blocker / "table.md")]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: cannot write --out {blocker / 'table.md'}: ") and len(err.splitlines()) == 1
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "runs"), "--format", "html"], prog="table")
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: argument --format: invalid choice: 'html'") and line.endswith(
+        "(see table --help)"
+    )

@@ -15,14 +15,16 @@ Modules, one concern each:
 - :mod:`.variants`: the backbone factory (:func:`petl_zoo.train.backbone.build_backbone`), the method
   list and each patched variant, including the ``base``, ``lora_qkv`` and ``peft_lora`` rows;
 - :mod:`.runner`: :func:`run_benchmark` and its :class:`BenchRow`;
-- :mod:`.report`: ratio checks, markdown table, JSON/CSV files and a chart;
+- :mod:`.report`: ratio checks with their spread over rounds, markdown table and a chart;
+- :mod:`.outputs`: the ``--out`` folder checked up front, rows appended as measured, JSON/CSV files;
 - :mod:`.cli`: the command line, ``python -m petl_zoo.accounting`` (see docs/benchmark.md).
 """
 
 from .flops import count_gmacs, count_gmacs_torch, example_input, sdpa_flop_jit
 from .memory import measure_memory
+from .outputs import OutputError, ProgressLog, prepare_out, write_outputs
 from .params import param_counts, stored_bytes
-from .report import COLUMNS, compute_checks, format_table, plot_results, write_outputs
+from .report import COLUMNS, check_summary, compute_checks, format_table, plot_results
 from .runner import BenchRow, run_benchmark
 from .variants import (
     BASE,
@@ -40,7 +42,10 @@ __all__ = [
     "LORA_QKV",
     "PEFT_LORA",
     "BenchRow",
+    "OutputError",
+    "ProgressLog",
     "build_variant",
+    "check_summary",
     "compute_checks",
     "count_gmacs",
     "count_gmacs_torch",
@@ -52,6 +57,7 @@ __all__ = [
     "param_counts",
     "parse_method_options",
     "plot_results",
+    "prepare_out",
     "run_benchmark",
     "sdpa_flop_jit",
     "stored_bytes",

@@ -1,11 +1,17 @@
-"""The benchmark's report: ratio checks, a markdown table, JSON/CSV files and a bar chart."""
+"""The benchmark's report: ratio checks (with their spread over rounds), a markdown table and a chart.
+
+A timing check compares the ratio of two medians with its target, and also every round's own ratio
+(round ``i`` of both rows ran back to back, so their ratio is paired): the band is the min-max of
+those per-round ratios. A check is PASS when the median ratio and every round meet the target, FAIL
+when none does, and ``inconclusive`` when the band straddles the target (the difference is within the
+timing noise). Counts (parameters, GMACs) and the single memory measurement are exact: PASS or FAIL.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
+import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,34 +19,79 @@ from typing import Any
 from .runner import BenchRow
 from .variants import BASE, LORA_QKV, PEFT_LORA
 
-__all__ = ["compute_checks", "format_table", "write_outputs", "plot_results", "COLUMNS"]
+__all__ = [
+    "compute_checks",
+    "check_summary",
+    "format_table",
+    "plot_results",
+    "COLUMNS",
+    "PASS",
+    "FAIL",
+    "INCONCLUSIVE",
+]
+
+PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "inconclusive"
+_OPS: dict[str, Callable[[float, float], bool]] = {"<": operator.lt, "<=": operator.le, "==": operator.eq}
 
 
 def _check(
-    name: str, value: float, bound: float, strict: bool = False, bound_text: str = ""
+    name: str,
+    value: float,
+    bound: float,
+    op: str = "<=",
+    bound_text: str = "",
+    rounds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """``value < bound`` (``strict``) or ``value <= bound`` as a ``{'check', 'value', 'target', 'passed'}`` dict."""
-    op = "<" if strict else "<="
-    passed = value < bound if strict else value <= bound
-    return {"check": name, "value": value, "target": f"{op} {bound_text or f'{bound:g}'}", "passed": passed}
+    """A check dict: ``check``, ``value``, ``target``, ``verdict`` (PASS/FAIL/inconclusive), ``passed``
+    (None when inconclusive) and, for a timing check (``rounds`` = per-round ratios), ``low``/``high``
+    (their min-max) and ``rounds`` (how many)."""
+    meets = _OPS[op]
+    results = [meets(value, bound)] + [meets(r, bound) for r in rounds or ()]
+    verdict = PASS if all(results) else FAIL if not any(results) else INCONCLUSIVE
+    check: dict[str, Any] = {"check": name, "value": value, "target": f"{op} {bound_text or f'{bound:g}'}"}
+    if rounds:
+        check.update(low=min(rounds), high=max(rounds), rounds=len(rounds))
+    check.update(verdict=verdict, passed=None if verdict == INCONCLUSIVE else verdict == PASS)
+    return check
+
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> list[float] | None:
+    """Per-round ratios ``a[i] / b[i]`` (None without per-round times, e.g. rows built by hand)."""
+    ratios = [x / y for x, y in zip(a, b) if y > 0]
+    return ratios or None
 
 
 def _step_vs_full(rows: Sequence[BenchRow], full: BenchRow | None) -> list[dict[str, Any]]:
     if not (full and full.train_ms):
         return []
     return [
-        _check(f"{r.method} step time / full", r.train_ms / full.train_ms, 1.0, strict=True)
+        _check(
+            f"{r.method} step time / full",
+            r.train_ms / full.train_ms,
+            1.0,
+            op="<",
+            rounds=_paired(r.train_times, full.train_times),
+        )
         for r in rows
         if r.method not in (BASE, "full") and r.train_ms
     ]
 
 
 def _ours_vs_peft(ours: BenchRow | None, peft: BenchRow | None) -> list[dict[str, Any]]:
-    if not (ours and peft and ours.train_ms and peft.train_ms):
+    """Same parameters and GMACs (exact), then step time (timed) and peak memory (one measurement)."""
+    if not (ours and peft):
         return []
-    checks = [_check(f"{LORA_QKV} step time / {PEFT_LORA}", ours.train_ms / peft.train_ms, 1.0)]
+    vs = f"{LORA_QKV} {{}} / {PEFT_LORA}"
+    checks = []
+    if peft.method_params:
+        checks.append(_check(vs.format("method params"), ours.method_params / peft.method_params, 1.0, "=="))
+    if ours.gmacs and peft.gmacs:
+        checks.append(_check(vs.format("GMACs"), ours.gmacs / peft.gmacs, 1.0, "=="))
+    if ours.train_ms and peft.train_ms:
+        rounds = _paired(ours.train_times, peft.train_times)
+        checks.append(_check(vs.format("step time"), ours.train_ms / peft.train_ms, 1.0, rounds=rounds))
     if ours.peak_mem_mb is not None and peft.peak_mem_mb is not None and peft.peak_mem_mb > 0:
-        checks.append(_check(f"{LORA_QKV} peak mem / {PEFT_LORA}", ours.peak_mem_mb / peft.peak_mem_mb, 1.0))
+        checks.append(_check(vs.format("peak mem"), ours.peak_mem_mb / peft.peak_mem_mb, 1.0))
     return checks
 
 
@@ -55,6 +106,7 @@ def _merged_vs_base(
             r.infer_ms_merged / base.infer_ms,
             1 + tolerance,
             bound_text=f"{1 + tolerance:.2f}",
+            rounds=_paired(r.merged_times, base.infer_times),
         )
         for r in rows
         if r.method != BASE and r.infer_ms_merged is not None
@@ -64,11 +116,13 @@ def _merged_vs_base(
 def compute_checks(
     rows: Sequence[BenchRow], merged_tolerance: float = 0.03, neat_ratio: float = 1.15
 ) -> list[dict[str, Any]]:
-    """Ratio checks as ``{'check', 'value', 'target', 'passed'}`` dicts, each skipped when a row is missing.
+    """Ratio checks (see :func:`_check` for the dict), each skipped when a row is missing.
 
-    Every method's step time against ``full`` (< 1); ``lora_qkv`` against ``peft_lora`` in step time and
-    peak memory (<= 1); ``neat`` against ``lora`` in step time (<= ``neat_ratio``); every merged model's
-    inference against ``base`` (<= 1 + ``merged_tolerance``).
+    Every method's step time against ``full`` (< 1); ``lora_qkv`` against ``peft_lora``: method
+    parameters and GMACs (== 1, exact), step time and peak memory (<= 1); ``neat`` against ``lora`` in
+    step time (<= ``neat_ratio``); every merged model's inference against ``base`` (<= 1 +
+    ``merged_tolerance``). Timing checks carry the min-max band of their per-round ratios and are
+    ``inconclusive`` when it straddles the target.
     """
     by = {r.method: r for r in rows}
     checks = _step_vs_full(rows, by.get("full"))
@@ -76,7 +130,10 @@ def compute_checks(
     neat, lora = by.get("neat"), by.get("lora")
     if neat and lora and neat.train_ms and lora.train_ms:
         ratio = neat.train_ms / lora.train_ms
-        checks.append(_check("neat step time / lora", ratio, neat_ratio, bound_text=str(neat_ratio)))
+        rounds = _paired(neat.train_times, lora.train_times)
+        checks.append(
+            _check("neat step time / lora", ratio, neat_ratio, bound_text=str(neat_ratio), rounds=rounds)
+        )
     return checks + _merged_vs_base(rows, by.get(BASE), merged_tolerance)
 
 
@@ -97,8 +154,6 @@ COLUMNS = [
     ("note", "note", "{}"),
 ]
 
-_TIMING_LISTS = {"train_times", "infer_times", "merged_times"}
-
 
 def _fmt(value: Any, spec: str) -> str:
     if value is None or value == "":
@@ -114,27 +169,27 @@ def format_table(rows: Sequence[BenchRow], checks: Sequence[dict] | None = None)
         d = asdict(r)
         lines.append("| " + " | ".join(_fmt(d[k], spec) for k, _, spec in COLUMNS) + " |")
     if checks:
-        lines += ["", "Checks:"]
-        for c in checks:
-            mark = "PASS" if c["passed"] else "FAIL"
-            lines.append(f"- [{mark}] {c['check']}: {c['value']:.3f} (target {c['target']})")
+        lines += ["", "Checks:"] + [_check_line(c) for c in checks] + ["", check_summary(checks)]
     return "\n".join(lines)
 
 
-def write_outputs(
-    rows: Sequence[BenchRow], checks: Sequence[dict], out: str | os.PathLike, meta: dict
-) -> Path:
-    """Write ``benchmark.json`` (list of rows), ``benchmark.csv`` and ``checks.json`` to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = [{k: v for k, v in asdict(r).items() if k not in _TIMING_LISTS} for r in rows]
-    (out / "benchmark.json").write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
-    (out / "checks.json").write_text(json.dumps({"meta": meta, "checks": list(checks)}, indent=2) + "\n")
-    with open(out / "benchmark.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-    return out
+def _check_line(c: dict[str, Any]) -> str:
+    """``- [PASS] name: 0.786 (rounds 0.750-0.810, n=5; target < 1)``; exact checks without the band."""
+    verdict = c.get("verdict") or (PASS if c["passed"] else FAIL)
+    band = f"rounds {c['low']:.3f}-{c['high']:.3f}, n={c['rounds']}; " if c.get("rounds") else ""
+    return f"- [{verdict}] {c['check']}: {c['value']:.3f} ({band}target {c['target']})"
+
+
+def check_summary(checks: Sequence[dict[str, Any]]) -> str:
+    """``3 PASS, 1 FAIL, 2 inconclusive`` plus, when any is inconclusive, what that means."""
+    counts = {v: sum(1 for c in checks if c.get("verdict") == v) for v in (PASS, FAIL, INCONCLUSIVE)}
+    text = ", ".join(f"{n} {v}" for v, n in counts.items())
+    if counts[INCONCLUSIVE]:
+        text += (
+            " (inconclusive: the per-round ratios fall on both sides of the target, a difference within "
+            "the timing noise; more --repeats or a quieter machine can resolve it)"
+        )
+    return text
 
 
 def plot_results(rows: Sequence[BenchRow], path: str | os.PathLike, title: str = "") -> Path:

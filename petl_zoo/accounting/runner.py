@@ -4,7 +4,8 @@
 training steps (forward + backward + ``on_after_backward`` + AdamW step) and inference of all
 variants interleaved in one process (round-robin over repeats, median), so load on a shared machine
 hits every method alike, and measures peak memory (CUDA ``max_memory_allocated`` growth, or the
-growth of the peak RSS of a fresh child process on CPU).
+growth of the peak RSS of a fresh child process on CPU). Callbacks receive every timing round and
+every finished row as soon as it is measured (the CLI appends them to files).
 """
 
 from __future__ import annotations
@@ -33,10 +34,19 @@ logger = logging.getLogger(__name__)
 
 MEMORY_MODES = ("child", "inprocess", "off")
 
+#: ``on_round(index, {method: {'train'|'infer'|'merged': seconds per step}})``, once per timing round.
+RoundCallback = Callable[[int, dict[str, dict[str, float]]], None]
+#: ``on_row(row)``, once per row when it is final (summarised, memory measured).
+RowCallback = Callable[["BenchRow"], None]
+
 
 @dataclass
 class BenchRow:
-    """One benchmark row: counts, bytes, GMACs, medians of the timings, peak memory."""
+    """One benchmark row: counts, bytes, GMACs, medians of the timings, peak memory.
+
+    ``train_times``, ``infer_times``, ``merged_times``: seconds per step, one per timing round, in
+    round order (round ``i`` of every row ran back to back: their ratios are paired).
+    """
 
     method: str
     trainable_params: int = 0
@@ -111,6 +121,7 @@ def _time_interleaved(
     warmup: int,
     repeats: int,
     steps: int,
+    on_round: RoundCallback | None = None,
 ) -> None:
     """Append one timing per round to every row: train step (not ``base``), inference, merged inference."""
     x = example_input(built[BASE].model, batch, device)
@@ -128,15 +139,22 @@ def _time_interleaved(
         for _ in range(warmup):
             fn()
     for r in range(repeats):
+        times: dict[str, dict[str, float]] = {}
         for n, b in built.items():
+            t = times[n] = {}
             if n in trainers:
                 b.model.train()
-                b.row.train_times.append(timed(trainers[n], steps, device))
+                t["train"] = timed(trainers[n], steps, device)
+                b.row.train_times.append(t["train"])
             b.model.eval()
-            b.row.infer_times.append(timed(inferers[n], steps, device))
+            t["infer"] = timed(inferers[n], steps, device)
+            b.row.infer_times.append(t["infer"])
             if n in merged:
-                b.row.merged_times.append(timed(merged[n], steps, device))
+                t["merged"] = timed(merged[n], steps, device)
+                b.row.merged_times.append(t["merged"])
         logger.info("round %d/%d done", r + 1, repeats)
+        if on_round is not None:
+            on_round(r, times)
 
 
 def _summarise(rows: dict[str, BenchRow], batch: int) -> None:
@@ -150,6 +168,28 @@ def _summarise(rows: dict[str, BenchRow], batch: int) -> None:
             row.infer_ms_merged = 1e3 * statistics.median(row.merged_times)
     if rows[BASE].infer_ms is not None:
         rows[BASE].infer_ms_merged = rows[BASE].infer_ms
+
+
+def _measure_memory_rows(
+    rows: dict[str, BenchRow],
+    spec: dict[str, Any],
+    factory: Callable[[], nn.Module],
+    dev: torch.device,
+    memory: str,
+    on_row: RowCallback,
+) -> None:
+    """Peak memory of every row but ``base`` in turn, each row handed to ``on_row`` once measured."""
+    amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] else None
+    for name, row in rows.items():
+        if name != BASE and memory != "off":
+            if memory == "child" and dev.type == "cpu":
+                row.peak_mem_mb = memory_in_child(spec, name)
+            else:
+                row.peak_mem_mb = measure_memory(
+                    name, factory, spec["batch"], dev, amp_dtype, spec["options"]
+                )
+            logger.info("memory %s: %s", name, row.peak_mem_mb)
+        on_row(row)
 
 
 def run_benchmark(
@@ -167,12 +207,16 @@ def run_benchmark(
     amp: str | None = None,
     flops: bool = True,
     memory: str = "child",
+    on_round: RoundCallback | None = None,
+    on_row: RowCallback | None = None,
 ) -> list[BenchRow]:
     """Benchmark ``methods`` (plus a ``base`` row) on one timm model with a ``num_classes`` head.
 
     Timings: each variant gets ``warmup`` steps, then ``repeats`` rounds; in each round every variant
     runs ``steps`` timed steps in turn (interleaved), and the median over rounds is reported.
     ``memory``: ``'child'`` (fresh process per method on CPU), ``'inprocess'`` or ``'off'``.
+    ``on_round`` gets each round's timings as the round ends, ``on_row`` each row once it is final
+    (after its memory measurement), so a caller can keep them before the run is over.
     Progress goes to this module's logger.
     """
     if memory not in MEMORY_MODES:
@@ -185,26 +229,20 @@ def run_benchmark(
     factory = model_factory(model_name, num_classes, model_kwargs, pretrained_file)
     names = [BASE] + [m for m in methods if m != BASE]
     built = {name: _build(name, factory, options, dev, flops) for name in names}
-    _time_interleaved(built, batch, dev, amp_dtype, warmup, repeats, steps)
+    _time_interleaved(built, batch, dev, amp_dtype, warmup, repeats, steps, on_round)
     rows = {name: b.row for name, b in built.items()}
     _summarise(rows, batch)
     del built
-    if memory != "off":
-        spec = {
-            "model": model_name,
-            "num_classes": num_classes,
-            "model_kwargs": model_kwargs,
-            "pretrained_file": pretrained_file,
-            "batch": batch,
-            "device": device,
-            "amp": amp,
-            "options": options,
-            "threads": torch.get_num_threads(),
-        }
-        for name in names[1:]:
-            if memory == "child" and dev.type == "cpu":
-                rows[name].peak_mem_mb = memory_in_child(spec, name)
-            else:
-                rows[name].peak_mem_mb = measure_memory(name, factory, batch, dev, amp_dtype, options)
-            logger.info("memory %s: %s", name, rows[name].peak_mem_mb)
+    spec = {
+        "model": model_name,
+        "num_classes": num_classes,
+        "model_kwargs": model_kwargs,
+        "pretrained_file": pretrained_file,
+        "batch": batch,
+        "device": device,
+        "amp": amp,
+        "options": options,
+        "threads": torch.get_num_threads(),
+    }
+    _measure_memory_rows(rows, spec, factory, dev, memory, on_row or (lambda row: None))
     return list(rows.values())
