@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .targets import LinearSite, ModuleSite
+from .targets import LinearSite, ModuleSite, unfold_qkv_bias
 
 __all__ = [
     "PetlModule",
@@ -309,4 +309,6 @@ def unload_wrappers(model: nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module.base)
         count += 1
+    for module in model.modules():  # separate q/v biases back where the host keeps them
+        unfold_qkv_bias(module)
     return count

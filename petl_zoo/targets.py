@@ -47,6 +47,7 @@ __all__ = [
     "check_targets",
     "classifier_modules",
     "fold_qkv_bias",
+    "unfold_qkv_bias",
 ]
 
 LINEAR_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2")
@@ -282,13 +283,39 @@ def fold_qkv_bias(attn: nn.Module) -> None:
         raise ValueError(f"{type(attn).__name__} has both qkv.bias and q_bias: cannot fold")
     v_bias = attn.v_bias
     k_bias = getattr(attn, "k_bias", None)
+    if "k_bias" in attn._parameters:
+        k_kind = "parameter"
+    elif "k_bias" in attn._buffers:
+        k_kind = "buffer" if "k_bias" not in attn._non_persistent_buffers_set else "non-persistent buffer"
+    else:
+        k_kind = "none"
     k_bias = torch.zeros_like(q_bias) if k_bias is None else k_bias
     bias = torch.cat((q_bias.detach(), k_bias.detach().to(q_bias), v_bias.detach()))
     qkv.bias = nn.Parameter(bias, requires_grad=q_bias.requires_grad)
     attn.q_bias = None
     attn.v_bias = None
-    if "k_bias" in attn._buffers or "k_bias" in attn._parameters:
+    if k_kind != "none":
         attn.k_bias = None
+    attn._petl_folded_k_bias = k_kind  # how to give the biases back (unfold_qkv_bias)
+
+
+@torch.no_grad()
+def unfold_qkv_bias(attn: nn.Module) -> None:
+    """Undo :func:`fold_qkv_bias` (the biases are never trained there, so exactly): ``q_bias``,
+    ``k_bias`` and ``v_bias`` as the host had them, ``qkv.bias`` None. A no-op for other modules."""
+    k_kind = vars(attn).pop("_petl_folded_k_bias", None)
+    if k_kind is None:
+        return
+    qkv = _unwrap(attn.qkv)
+    q_bias, k_bias, v_bias = (t.clone() for t in qkv.bias.detach().chunk(3))
+    grad = qkv.bias.requires_grad
+    qkv.register_parameter("bias", None)
+    attn.q_bias = nn.Parameter(q_bias, requires_grad=grad)
+    attn.v_bias = nn.Parameter(v_bias, requires_grad=grad)
+    if k_kind == "parameter":
+        attn.k_bias = nn.Parameter(k_bias, requires_grad=grad)
+    elif k_kind != "none":
+        attn.register_buffer("k_bias", k_bias, persistent=k_kind == "buffer")
 
 
 def _attention_linear(attn: nn.Module, target: str, info: BlockInfo) -> tuple[str, int, int]:

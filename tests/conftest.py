@@ -40,8 +40,8 @@ _S = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
 HOSTS: dict[str, tuple[str, dict]] = {
     "vit": ("vit_tiny_patch16_224", _V),
     "clip": ("vit_base_patch16_clip_224", _V),  # pre-norm, QuickGELU-free CLIP ViT
-    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(_V, init_values=1e-5)),  # registers, layer scale
-    "deit3": ("deit3_small_patch16_224", _V),  # layer scale
+    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(_V, init_values=0.1)),  # registers, layer scale
+    "deit3": ("deit3_small_patch16_224", dict(_V, init_values=0.1)),  # layer scale (not ~0: a visible signal)
     "siglip": ("vit_base_patch16_siglip_224", _V),  # attention-pool head
     "gap": ("vit_medium_patch16_gap_256", _V),  # average pool, fc_norm
     "flexivit": ("flexivit_small", _V),
@@ -57,9 +57,18 @@ HOSTS: dict[str, tuple[str, dict]] = {
 
 
 def tiny_host(name: str, num_classes: int = 5, **kwargs) -> torch.nn.Module:
-    """A tiny random instance of host ``name`` (see :data:`HOSTS`)."""
+    """A tiny random instance of host ``name`` (see :data:`HOSTS`), awake: timm starts some families with
+    their blocks switched off (layer scale 1e-6, SwinV2's res-post-norm weights at 0), which pretrained
+    weights never are; a method's signal through such a block would be invisible to the tests."""
     model_name, args = HOSTS[name]
-    return timm.create_model(model_name, num_classes=num_classes, drop_path_rate=0.0, **{**args, **kwargs})
+    model = timm.create_model(model_name, num_classes=num_classes, drop_path_rate=0.0, **{**args, **kwargs})
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if p.is_meta:
+                break
+            if p.dim() == 1 and not param_name.endswith("bias") and float(p.abs().max()) < 1e-3:
+                p.fill_(0.5 if "gamma" in param_name else 1.0)
+    return model
 
 
 @pytest.fixture(params=["vit", "swin"])

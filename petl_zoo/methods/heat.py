@@ -454,12 +454,12 @@ class Heat(Method):
         blocks = iter_blocks(model)
         for info in blocks:
             sites = [linear_sites(model, t, blocks=[info.index])[0] for t in HEAD_TARGETS]
-            weight = sites[0].linear.weight
-            weight.requires_grad_(True)
+            for s in sites:  # one fused qkv weight, or q_proj / k_proj / v_proj (Eva, qkv_fused=False)
+                s.linear.weight.requires_grad_(True)
             dh = info.head_dim
             for h in range(info.num_heads):
                 groups[f"{info.index}.{h}"] = [
-                    (weight, slice(s.start + h * dh, s.start + (h + 1) * dh)) for s in sites
+                    (s.linear.weight, slice(s.start + h * dh, s.start + (h + 1) * dh)) for s in sites
                 ]
         acc = TaylorAccumulator(groups, mode="abs")
         self._accumulate(model, loader, ctx, acc)

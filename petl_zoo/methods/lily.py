@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from ..config import MethodConfig, positive
 from ..layers import Delta, adapt_linear, adapt_module
 from ..registry import Method, register_method
-from ..targets import BlockInfo, check_targets, iter_blocks, linear_sites, model_family, module_sites
+from ..targets import BlockInfo, check_targets, family_of, iter_blocks, linear_sites, module_sites
 
 __all__ = ["LilyConfig", "LilyDelta", "Lily", "LILY_TARGETS", "lp_strides"]
 
@@ -177,7 +177,7 @@ class Lily(Method):
     def apply(self, model: nn.Module) -> None:
         cfg: LilyConfig = self.config
         strides = lp_strides(model, cfg.num_experts, cfg.stride_lp)
-        swin_windows = model_family(model) == "swin" and cfg.mixing == "sample"
+        swin_windows = family_of(model).windowed and cfg.mixing == "sample"
         counters: dict[int, _ImageCount] = {}
         if swin_windows and any(t in ATTN_TARGETS for t in cfg.targets):
             for info in iter_blocks(model):
