@@ -315,3 +315,15 @@ def test_siglip_attention_pool_is_frozen_unless_asked():
 
 def test_every_builtin_method_is_covered():
     assert {"lora", "adapter", "linear", "full", "bitfit", "neat", "lily", "pear", "heat"} <= set(BUILTIN)
+
+
+def test_every_family_has_a_tiny_host_and_a_doc_row():
+    from pathlib import Path
+
+    from petl_zoo.targets import list_families
+
+    covered = {petl_zoo.targets.model_family(tiny_host(name)) for name in HOSTS}
+    names = {f.name for f in list_families()}
+    assert names <= covered, f"families without a tiny host in tests/conftest.py: {names - covered}"
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "hosts.md").read_text()
+    assert all(f"| `{name}` |" in doc for name in names)
