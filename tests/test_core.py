@@ -257,7 +257,9 @@ def test_swiglu_fc1_and_unsupported_architecture():
     wrapped = sorted(n for n, m in swiglu.named_modules() if isinstance(m, petl_zoo.AdaptedLinear))
     assert wrapped == [f"blocks.{i}.mlp.{p}" for i in range(2) for p in ("fc1_g", "fc1_x")]
     resnet = timm.create_model("resnet18", num_classes=3)
-    with pytest.raises(ValueError, match="unsupported architecture ResNet: petl_zoo supports the timm families vit"):
+    with pytest.raises(
+        ValueError, match="unsupported architecture ResNet: petl_zoo supports the timm families vit"
+    ):
         petl_zoo.create("lora", resnet)
     parallel = timm.create_model(
         "vit_small_patch16_18x2_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3
