@@ -163,6 +163,7 @@ def test_base_model_id():
     assert base_model_id("vit_base_patch16_224", pretrained=False) == "vit_base_patch16_224"
 
 
+@pytest.mark.slow  # two tools/model_card.py subprocesses
 def test_unfinished_run_and_cli(tmp_path):
     killed = tmp_path / "killed"
     killed.mkdir()

@@ -47,6 +47,7 @@ def test_no_machine_paths(doc):
     assert not found, f"{doc.name} names machine paths (refer to ../shared/proxy/ and relative paths)"
 
 
+@pytest.mark.slow  # one Python subprocess per example
 @pytest.mark.parametrize("doc", [d for d in DOCS if python_blocks(d)[0]], ids=lambda p: p.name)
 def test_runnable_python_blocks_run(doc, tmp_path):
     work = tmp_path / "work"
