@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -44,6 +45,8 @@ JPEG_QUALITY = 75  # Pillow's default quality
 N_TRAIN, N_VAL = 800, 200
 METADATA = "prepare.json"
 DEFAULT_DOWNLOAD_ROOT = Path("data") / "downloads"
+
+logger = logging.getLogger(__name__)
 
 
 def _savable(image: Image.Image) -> Image.Image:
@@ -136,7 +139,7 @@ def write_task(
     n_val: int = N_VAL,
     num_classes: int | None = None,
     source: str = "",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write one task folder ``<out_root>/<name>`` atomically and return it.
 
@@ -146,6 +149,7 @@ def write_task(
     ``num_classes`` (the registry's count by default). An existing complete folder is kept unless
     ``overwrite``; an incomplete one is an error unless ``overwrite``.
     """
+    log = log or logger.info
     if fmt not in FORMATS:
         raise ValueError(f"Unknown image format {fmt!r}; valid: {', '.join(FORMATS)}.")
     if not 1 <= int(jpeg_quality) <= 100:
@@ -358,6 +362,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 overwrite=args.overwrite,
                 jpeg_quality=args.jpeg_quality,
                 source=source,
+                log=lambda text: print(text, flush=True),
             )
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
