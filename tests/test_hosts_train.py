@@ -28,6 +28,27 @@ RUNS = {
 }
 
 
+def train_on_digits(
+    data: Path, out: Path, method: str, model: str, model_kwargs: list[str], batch: int
+) -> subprocess.CompletedProcess:
+    """One epoch of tools/train.py on digits from random weights."""
+    cmd = [sys.executable, str(ROOT / "tools" / "train.py"), "--method", method, "--model", model]
+    cmd += ["--model-kwargs", *model_kwargs, "--no-pretrained", "--task", "digits", "--data-root", str(data)]
+    cmd += [
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--batch-size",
+        str(batch),
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     from vtab.prepare import main
@@ -43,32 +64,7 @@ def test_train_runs_end_to_end_on_digits(host, digits, tmp_path):
     model, kwargs = RUNS[host]
     method = "linear" if host == "deit_distilled" else "lora"
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "tools" / "train.py"),
-        "--method",
-        method,
-        "--model",
-        model,
-        "--model-kwargs",
-        *kwargs,
-        "--no-pretrained",
-        "--task",
-        "digits",
-        "--data-root",
-        str(digits),
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--batch-size",
-        "100",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = train_on_digits(digits, out, method, model, kwargs, batch=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     assert 0.0 <= result["test_acc_last"] <= 1.0 and result["resolved_model"].startswith(model)
@@ -94,37 +90,8 @@ def test_deprecated_names_resolve_with_a_note():
 @pytest.mark.slow
 def test_trainer_says_when_timm_remaps_the_name(digits, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(ROOT / "tools" / "train.py"),
-        "--method",
-        "linear",
-        "--model",
-        "vit_base_patch16_224_in21k",
-        "--model-kwargs",
-        "img_size=32",
-        "patch_size=8",
-        "depth=1",
-        "embed_dim=48",
-        "num_heads=3",
-        "--no-pretrained",
-        "--task",
-        "digits",
-        "--data-root",
-        str(digits),
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "--batch-size",
-        "250",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600
-    )
+    tiny = ["img_size=32", "patch_size=8", "depth=1", "embed_dim=48", "num_heads=3"]
+    proc = train_on_digits(digits, out, "linear", "vit_base_patch16_224_in21k", tiny, batch=250)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [
         line
