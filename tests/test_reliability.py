@@ -1,7 +1,10 @@
-"""Run integrity: shared file modes, no orphaned trainer after a killed sweep."""
+"""Run integrity: shared file modes, no orphaned trainer after a killed sweep, writes that fail, damaged
+inputs, the run folder's lock, a sweep that checks the recipe of what it skips."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import stat
@@ -125,3 +128,71 @@ def test_unreachable_source_is_one_line_and_leaves_nothing(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "source is unreachable" in err[0] and "Traceback" not in err[0]
     assert not downloads.exists() and not (tmp_path / "vtab" / "dtd").exists()
+
+
+# ------------------------------------------------------------------ writes that fail, JSON that is damaged
+def _raise_on_open(code: int):
+    """A stand-in for ``petl_zoo.io.open_for_write`` on a full / read-only disk."""
+
+    def fail(path, mode):
+        raise OSError(code, os.strerror(code), str(path))
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "code, needle",
+    [
+        (errno.ENOSPC, "no space left on device writing"),
+        (errno.EACCES, "permission denied writing"),
+        (errno.EROFS, "read-only file system writing"),
+    ],
+)
+def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch, code, needle):
+    import petl_zoo.io as pio
+
+    target = tmp_path / "config.json"
+    atomic_write_json(target, {"old": True})
+    monkeypatch.setattr(pio, "open_for_write", _raise_on_open(code))
+    with pytest.raises(pio.WriteError) as info:
+        atomic_write_json(target, {"new": True})
+    assert str(info.value) == f"{needle} {target}" and info.value.errno == code
+    with pytest.raises(pio.WriteError, match=needle):
+        pio.append_text(tmp_path / "metrics.jsonl", "{}\n")
+    assert json.loads(target.read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]  # no temporary file left
+
+
+def test_a_torch_or_safetensors_write_failure_is_classified(tmp_path, monkeypatch):
+    import petl_zoo.io as pio
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 100, 0, 0, 10, 0, 0, 0, 255)))
+    assert str(pio.WriteError.of(torch_error, tmp_path / "last.pt")).startswith("no space left on device")
+    st_error = type("SafetensorError", (Exception,), {})(
+        'Error while serializing: I/O error: Permission denied (os error 13) at path "x"'
+    )
+    assert str(pio.WriteError.of(st_error, tmp_path / "a.safetensors")).startswith("permission denied")
+
+
+def test_a_parent_that_is_a_file_is_named(tmp_path):
+    import petl_zoo.io as pio
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(pio.WriteError, match="notes.txt is a file, not a folder"):
+        atomic_write_text(tmp_path / "notes.txt" / "run" / "config.json", "{}")
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [("", "is empty"), ('{"a": 1, "b": [1, 2', "ends early"), ('{"a": 1}\n}x', "line 2 column 1")],
+)
+def test_damaged_json_is_one_line_naming_the_file(tmp_path, text, needle):
+    from petl_zoo.io import read_json
+
+    path = tmp_path / "result.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        read_json(path, "run result")
+    message = str(info.value)
+    assert message.startswith(f"run result {path}") and needle in message and "\n" not in message
