@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, read_json
 from .args import UserError
 
 __all__ = [
     "CHECKPOINT",
     "RUN_FILES",
+    "check_out_path",
     "prepare_out_dir",
     "capture_rng",
     "restore_rng",
@@ -45,24 +46,38 @@ RUN_FILES = (
 CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors); 1 held numpy objects
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> bool:
+def check_out_path(out: Path) -> None:
+    """``out`` can be a run folder: not a file, and no parent of it is a file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot create output folder {out}: {parent} is a file, not a folder")
+            return
+
+
+def prepare_out_dir(
+    out: Path, resume: bool, overwrite: bool, is_main: bool, config: dict[str, Any] | None = None
+) -> bool:
     """Check (and with ``overwrite`` clear) the run folder; True when a checkpoint will be resumed.
 
     A folder holding ``config.json`` or ``result.json`` is another run: refused unless ``--resume``
     (which continues from its ``last.pt``; a run killed before its first checkpoint starts again, a
     finished one is refused) or ``--overwrite`` (which deletes the run files listed in ``RUN_FILES``
-    and leftover temporary files, nothing else).
+    and leftover temporary files, nothing else). With ``config`` (the new run's config.json), the
+    refusal names the settings that differ from the run in the folder.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: give one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a folder")
+    check_out_path(out)
     has_run = any((out / name).is_file() for name in ("config.json", "result.json"))
     has_ckpt = (out / CHECKPOINT).is_file()
     if resume:
         if (out / "result.json").is_file():
             raise UserError(
-                f"--resume: the run in {out} already finished (result.json); use --overwrite to redo it"
+                f"--resume: the run in {out} already finished (result.json){_compared(out, config)}; "
+                "use --overwrite to redo it"
             )
         if has_ckpt:
             return True
@@ -72,13 +87,46 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
         return False
     if has_run or has_ckpt:
         if not overwrite:
-            raise UserError(
-                f"output folder {out} already holds a run; pass --resume to continue it, --overwrite to "
-                "replace it, or another --out"
-            )
+            raise UserError(_occupied(out, config))
         if is_main:
             _clear(out)
     return False
+
+
+def _compared(out: Path, config: dict[str, Any] | None) -> str:
+    """`` with other settings (a: 1 -> 2)`` / `` with these settings`` / `` (config.json ...: why)`` /
+    ``""`` (nothing to compare): how the run in ``out`` compares with the new ``config``."""
+    if config is None or not (out / "config.json").is_file():
+        return ""
+    from .spec import format_differences, run_differences
+
+    try:
+        saved = read_json(out / "config.json", "run config")
+    except ValueError as err:
+        return f" ({err})"
+    if not isinstance(saved, dict):
+        return f" ({out / 'config.json'} does not hold a dict)"
+    diff = run_differences(saved, config)
+    return f" with other settings ({format_differences(diff)})" if diff else " with these settings"
+
+
+def _occupied(out: Path, config: dict[str, Any] | None) -> str:
+    """Why a folder holding a run is refused without --resume or --overwrite, and what to do."""
+    compared = _compared(out, config)
+    if (out / "result.json").is_file():
+        return (
+            f"output folder {out} holds a finished run (result.json){compared}; pass --overwrite to "
+            "replace it, or another --out"
+        )
+    if compared.startswith(" with other"):
+        return (
+            f"output folder {out} already holds an unfinished run{compared}; --resume would refuse them: "
+            "pass --overwrite to replace it, or another --out"
+        )
+    return (
+        f"output folder {out} already holds a run{compared}; pass --resume to continue it, --overwrite "
+        "to replace it, or another --out"
+    )
 
 
 def _clear(out: Path) -> None:
