@@ -45,12 +45,13 @@ _REASONS = {
 
 
 class WriteError(OSError):
-    """A file or folder could not be written; ``str()`` is one line naming it and why."""
+    """A file or folder could not be written; ``str()`` is one line naming it and why, ``reason`` the
+    why alone (``no space left on device``, ``permission denied``, ``X is a file, not a folder``)."""
 
     def __init__(self, code: int | None, path: str | os.PathLike, detail: str = "") -> None:
         super().__init__(code, detail or os.strerror(code or errno.EIO))
         self.filename = str(path)
-        self.message = _describe(code, Path(path), detail)
+        self.reason, self.message = _describe(code, Path(path), detail)
 
     def __str__(self) -> str:
         return self.message
@@ -75,14 +76,19 @@ def _file_parent(path: Path) -> Path | None:
     return None
 
 
-def _describe(code: int | None, path: Path, detail: str) -> str:
-    if code in (errno.ENOTDIR, errno.EEXIST) or (code == errno.ENOENT and _file_parent(path)):
-        blocker = _file_parent(path)
-        if blocker is not None:
-            return f"cannot write {path}: {blocker} is a file, not a folder"
+def _describe(code: int | None, path: Path, detail: str) -> tuple[str, str]:
+    """``(reason, message)``: why, and the one line naming ``path``."""
+    if code == errno.EEXIST and path.exists() and not path.is_dir():
+        reason = f"{path} is a file, not a folder"
+        return reason, f"cannot create folder {path}: it is a file"
+    blocker = _file_parent(path) if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT) else None
+    if blocker is not None:
+        reason = f"{blocker} is a file, not a folder"
+        return reason, f"cannot write {path}: {reason}"
     if code in _REASONS:
-        return f"{_REASONS[code]} writing {path}"
-    return f"cannot write {path}: {detail or os.strerror(code or errno.EIO)}"
+        return _REASONS[code], f"{_REASONS[code]} writing {path}"
+    reason = detail or os.strerror(code or errno.EIO)
+    return reason, f"cannot write {path}: {reason}"
 
 
 def _guess_errno(path: Path) -> int:
@@ -189,10 +195,10 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        where = "it ends early" if err.pos >= len(text.rstrip()) else f"line {err.lineno} column {err.colno}"
-        raise ValueError(
-            f"{what} {path} is not valid JSON ({err.msg}; {where}): truncated or damaged"
-        ) from None
+        ends_early = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated")
+        where = f"{err.msg.removesuffix(' at')} at line {err.lineno} column {err.colno}"
+        hint = "; the file ends early: truncated?" if ends_early else ""
+        raise ValueError(f"{what} {path} is not valid JSON ({where}{hint})") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
