@@ -294,9 +294,7 @@ class SweepReport:
         for run in self.busy:
             lines.append(f"  BUSY {run.out}: {run.why}")
         for run in self.refused:
-            lines.append(
-                f"  REFUSED {run.out}: made with other settings ({run.why}); --overwrite replaces it"
-            )
+            lines.append(f"  REFUSED {run.out}: {run.why}; --overwrite replaces it")
         for run, why in self.failed:
             lines.append(f"  FAILED {run.out}: {why}")
             lines.append(f"    rerun: {command_line(run)}")
@@ -455,10 +453,8 @@ def _print_commands(runs: Sequence[SweepRun], everything: bool) -> int:
     try:
         for run in runs:
             if run.status in ("busy", "differs"):
-                what = (
-                    "in use" if run.status == "busy" else "made with other settings; --overwrite replaces it"
-                )
-                sys.stderr.write(f"# left out {run.out}: {what} ({run.why})\n")
+                replace = "; --overwrite replaces it" if run.status == "differs" else ""
+                sys.stderr.write(f"# left out {run.out}: {run.why}{replace}\n")
             elif run.status != "done" or everything:
                 print(command_line(run), flush=True)
     except BrokenPipeError:  # `... --print-commands | head` closed the pipe: not an error

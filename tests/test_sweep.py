@@ -139,7 +139,8 @@ def test_sweep_refuses_runs_of_other_settings_unless_overwrite(tmp_path, fake, t
     assert changed.returncode == 1 and len(calls(log)) == 3  # refused, not skipped as done, not run
     assert "0 ran, 0 skipped (result.json), 0 busy, 3 refused, 0 failed" in changed.stdout
     refused = [line for line in changed.stdout.splitlines() if line.startswith("  REFUSED")]
-    assert len(refused) == 3
+    assert len(refused) == 3 and all(": other settings: " in line for line in refused)
+    assert all(line.endswith("; --overwrite replaces it") for line in refused)
     for key in ("method_options.rank: 2 -> 4", "recipe.epochs: 1 -> 2", "recipe.lr: 0.001 -> 0.01"):
         assert all(key in line for line in refused), (key, refused[0])
     printed = sweep("--print-commands", *sweep_args(tmp_path, tasks, script, "--epochs", "2"))
@@ -160,8 +161,11 @@ def test_sweep_refuses_a_finished_run_it_cannot_check(tmp_path, fake, tasks):
     (tmp_path / "runs" / "lora" / "syn_b" / "result.json").write_text("{}")  # no recorded settings
     proc = sweep(*sweep_args(tmp_path, tasks, script, "--epochs", "1"))
     assert proc.returncode == 1 and [c[c.index("--task") + 1] for c in calls(log)] == ["syn_c"]
-    assert f"run result {done / 'result.json'} is not valid JSON" in proc.stdout
-    assert "cannot tell which settings made it" in proc.stdout
+    assert (
+        f"REFUSED {done}: cannot check its settings: run result {done / 'result.json'} is not valid JSON ("
+        in proc.stdout
+    )
+    assert "cannot check its settings: no config.json nor recorded fingerprint" in proc.stdout
 
 
 def test_sweep_stops_at_once_when_the_output_root_cannot_be_written(tmp_path, fake, tasks, monkeypatch):
@@ -347,6 +351,10 @@ def test_real_sweep_three_synthetic_tasks_then_skip_then_table(tmp_path):
     assert all(0.0 <= r["test_acc_best"] <= 1.0 and r["trainable_params"]["method"] > 0 for r in results)
     second = sweep(*args)
     assert second.returncode == 0 and "0 ran, 3 skipped" in second.stdout
+    # the recorded fingerprints of the real trainer's runs: another recipe is refused, not skipped
+    changed = sweep(*args, "--epochs", "2")
+    assert changed.returncode == 1 and "0 ran, 0 skipped (result.json), 0 busy, 3 refused" in changed.stdout
+    assert changed.stdout.count("other settings: recipe.epochs: 1 -> 2; --overwrite replaces it") == 6
     table = compute_table(build_rows(collect_results(tmp_path / "runs")), "last")
     ((row, cells),) = table.rows
     assert row.method == "lora" and all(cells[t].mean is not None for t in ("syn_a", "syn_b", "syn_c"))
