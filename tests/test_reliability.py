@@ -474,6 +474,16 @@ def test_eval_of_a_run_with_a_truncated_json_file_names_it(finished, tmp_path, c
     assert err.startswith(f"error: {what} {run / name} is not valid JSON (") and "the file ends early" in err
 
 
+def test_a_damaged_checkpoint_is_called_damaged_not_code(data_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"garbage")
+    assert main(base_args(data_root, out, "--resume")) == 1
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: cannot read checkpoint {out / 'last.pt'}: truncated or corrupt (")
+    assert "weights_only" not in err and "--overwrite" in err
+
+
 def test_a_truncated_method_config_is_named(data_root, tmp_path, capsys):
     cfg = tmp_path / "opts.json"
     cfg.write_text('{"rank": 2, "targets": ["q", ')
@@ -499,6 +509,10 @@ def _weights(tmp_path: Path, how: str) -> Path:
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"")
         return folder
+    if how == "garbage":
+        path = tmp_path / "w.pth"
+        path.write_bytes(b"garbage, not a torch file")
+        return path
     model = timm.create_model("vit_tiny_patch16_224", num_classes=3, **TINY_KW)
     if how == "code":
         path = tmp_path / "w.pth"
@@ -515,6 +529,7 @@ def _weights(tmp_path: Path, how: str) -> Path:
     [
         ("truncated", "cannot read pretrained file {path}: truncated or not a .safetensors file"),
         ("code", "refusing pretrained file {path}: it holds objects other than tensors and plain values"),
+        ("garbage", "cannot read pretrained file {path}: truncated or not a .pth file"),
         (
             "folder",
             "pretrained file {path} is a folder (it holds model.safetensors); give the weights file itself",
@@ -530,6 +545,23 @@ def test_a_bad_pretrained_file_is_one_line(data_root, tmp_path, capsys, how, nee
     assert needle.format(path=path) in err, err
     assert "weights_only=False" not in err and "weights_only` set to `False" not in err
     assert not (tmp_path / "code_ran").exists()
+
+
+def test_unsafe_advice_is_never_passed_on(capsys):
+    from petl_zoo.train.cli import _guarded
+
+    def body() -> int:
+        raise ValueError(
+            "cannot load x.pth: Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+            "`False` will likely succeed, but it can result in arbitrary code execution. If this checkpoint "
+            "is trusted, retry with weights_only=False. Unsupported operand 103."
+        )
+
+    assert _guarded(body) == 1
+    assert (
+        one_line_error(capsys)
+        == "error: cannot load x.pth: Weights only load failed. Unsupported operand 103."
+    )
 
 
 # ------------------------------------------------------------------------- folders that cannot be written

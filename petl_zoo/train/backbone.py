@@ -250,16 +250,20 @@ def _load_failure(
 
     from safetensors import SafetensorError
 
-    reason = " ".join(str(err).split())
-    if isinstance(err, pickle.UnpicklingError) or "weights_only" in reason:
-        found = re.search(r"GLOBAL (\S+)", reason)
-        what = f" ({found.group(1)})" if found else ""
+    from .checkpoint import unpickling_failure
+
+    code, unpickled = unpickling_failure(err)
+    if code is not None:
         return ValueError(
-            f"refusing pretrained file {path}: it holds objects other than tensors and plain values{what}, "
+            f"refusing pretrained file {path}: it holds objects other than tensors and plain values{code}, "
             "which are never run; save a plain state dict (torch.save(model.state_dict(), ...)) or a "
             ".safetensors file"
         )
-    if isinstance(err, (SafetensorError, zipfile.BadZipFile, EOFError)) or "zip archive" in reason:
+    if isinstance(err.__cause__, pickle.UnpicklingError):
+        err = err.__cause__  # timm's RuntimeError around torch's
+    reason = unpickled if isinstance(err, pickle.UnpicklingError) else " ".join(str(err).split())
+    damaged = (SafetensorError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError)
+    if isinstance(err, damaged) or "zip archive" in reason:
         return ValueError(
             f"cannot read pretrained file {path}: truncated or not a {suffix} file "
             f"({type(err).__name__}: {reason[:160]}); download it again"

@@ -32,6 +32,7 @@ __all__ = [
     "restore_rng",
     "save_checkpoint",
     "load_checkpoint",
+    "unpickling_failure",
 ]
 
 CHECKPOINT = "last.pt"
@@ -181,6 +182,22 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_torch_save(path, {"version": CHECKPOINT_VERSION, **state})
 
 
+def unpickling_failure(err: BaseException) -> tuple[str | None, str]:
+    """Why ``torch.load(weights_only=True)`` failed: ``(" (module.name)", reason)`` when the file holds
+    code or objects it refuses (a GLOBAL), ``(None, reason)`` when it is damaged (truncated, not a torch
+    file). ``reason`` is short and never torch's advice to retry with ``weights_only=False``. timm's
+    loader re-raises torch's UnpicklingError as a RuntimeError: the original is read."""
+    if isinstance(err.__cause__, pickle.UnpicklingError):
+        err = err.__cause__
+    text = str(err)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if isinstance(err, pickle.UnpicklingError) and (found or "Unsupported global" in text):
+        return (f" ({found.group(1)})" if found else ""), "objects other than tensors"
+    detail = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", text, flags=re.S)
+    reason = detail.group(1) if detail else text.split(". ")[0]
+    return None, " ".join(reason.split())[:160] or "empty file"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a ``save_checkpoint`` file with ``weights_only=True``; anything else is a one-line UserError."""
     again = "delete it, or start the run again with --overwrite"
@@ -188,15 +205,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. torch's note on a foreign pickle protocol
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(
-            f"refusing checkpoint {path}: it holds objects other than tensors and plain values{what}, "
-            f"which torch.load(weights_only=True) does not run; {again}"
-        ) from None
     except Exception as err:  # noqa: BLE001 - a truncated/corrupt file fails in many ways (zip, EOF, keys)
-        reason = " ".join(str(err).split(". ")[0].split())[:160] or "empty file"
+        code, reason = unpickling_failure(err)
+        if code is not None:
+            raise UserError(
+                f"refusing checkpoint {path}: it holds objects other than tensors and plain values{code}, "
+                f"which torch.load(weights_only=True) does not run; {again}"
+            ) from None
         raise UserError(
             f"cannot read checkpoint {path}: truncated or corrupt ({type(err).__name__}: {reason}); {again}"
         ) from None

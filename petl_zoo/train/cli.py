@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -37,8 +38,14 @@ class Terminated(BaseException):
     the run folder's lock is released."""
 
 
+#: A sentence advising ``torch.load(weights_only=False)`` (torch's and timm's messages carry one): never
+#: passed on, it would run whatever code a crafted file holds.
+_UNSAFE_ADVICE = re.compile(r"weights_only`?\s*(=|set to)\s*`?False", flags=re.I)
+
+
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+    sentences = re.split(r"(?<=[.;])\s+", " ".join(str(err).split()))
+    return " ".join(s for s in sentences if not _UNSAFE_ADVICE.search(s)) or type(err).__name__
 
 
 def _report(err: BaseException, status: int) -> int:
