@@ -251,22 +251,25 @@ def _hold(folder: str, ready, release) -> None:
     from petl_zoo.train.lock import RunLock
 
     with RunLock(folder):
-        ready.set()
-        release.wait(120)
+        ready.send("held")
+        release.poll(120)
 
 
 @contextlib.contextmanager
 def holder(folder: Path):
-    """Another process (forked: no second torch import) holding ``folder``'s lock while inside."""
+    """Another process (forked: no second torch import) holding ``folder``'s lock while inside. Pipes,
+    not multiprocessing Events: an Event's notify waits for a sleeper that a test may have killed."""
     ctx = multiprocessing.get_context("fork")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=_hold, args=(str(folder), ready, release), daemon=True)
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    release_r, release_w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_hold, args=(str(folder), ready_w, release_r), daemon=True)
     proc.start()
     try:
-        assert ready.wait(30), "the holder never took the lock"
+        assert ready_r.poll(60) and ready_r.recv() == "held", "the holder never took the lock"
         yield proc
     finally:
-        release.set()
+        with contextlib.suppress(OSError):
+            release_w.send("done")
         proc.join(10)
         if proc.is_alive():
             proc.kill()
