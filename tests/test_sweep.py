@@ -26,9 +26,10 @@ FAKE_TRAIN = textwrap.dedent(
     p = argparse.ArgumentParser()
     for flag in ("--method", "--model", "--task", "--out", "--data-root", "--seed", "--epochs"):
         p.add_argument(flag)
-    p.add_argument("--opt", nargs="+", default=[])
+    p.add_argument("--opt", action="append", default=[])
     p.add_argument("--resume", action="store_true")
-    a = p.parse_args()
+    p.add_argument("--overwrite", action="store_true")
+    a, _ = p.parse_known_args()
     with open(os.environ["SWEEP_LOG"], "a") as f:
         f.write(json.dumps(sys.argv[1:]) + "\\n")
     if a.task == os.environ.get("FAIL_TASK"):
@@ -78,34 +79,121 @@ def calls(log: Path) -> list[list[str]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_sweep_runs_then_skips(tmp_path, fake):
+TINY_FLAGS = [
+    "--model-kwargs", "img_size=32", "patch_size=8", "depth=2", "embed_dim=48", "num_heads=3",
+    "--no-pretrained", "--warmup-epochs", "0", "--batch-size", "4", "--no-progress",
+]  # fmt: skip
+TASKS = ("syn_a", "syn_b", "syn_c")
+
+
+@pytest.fixture
+def tasks(tmp_path) -> Path:
+    data = tmp_path / "vtab"
+    for i, name in enumerate(TASKS):
+        make_synthetic_task(data, name, seed=i)
+    return data
+
+
+def sweep_args(tmp_path, data, script, *extra):
+    return [
+        "--method", "lora", "--model", "vit_tiny_patch16_224", "--tasks", ",".join(TASKS),
+        "--out-root", str(tmp_path / "runs"), "--data-root", str(data), "--train-script", str(script),
+        "--", *TINY_FLAGS, "--opt", "rank=2", *extra,
+    ]  # fmt: skip
+
+
+def write_trainer_configs(tmp_path, data, *extra):
+    """What the real trainer writes next to result.json (the stand-in does not): config.json with the
+    fingerprints of its command line."""
+    from petl_zoo.io import atomic_write_json
+    from petl_zoo.train.spec import expected_config
+
+    extra_args = [*TINY_FLAGS, "--opt", "rank=2", *extra]
+    for run in plan_sweep(
+        "lora", "vit_tiny_patch16_224", TASKS, out_root=tmp_path / "runs", data_root=str(data),
+        extra_args=extra_args,
+    ):  # fmt: skip
+        atomic_write_json(run.out / "config.json", expected_config(run.train_args))
+
+
+def test_sweep_runs_then_skips(tmp_path, fake, tasks):
     script, log = fake
-    args = [
-        "--method",
-        "lora",
-        "--model",
-        "tiny",
-        "--tasks",
-        "syn_a,syn_b,syn_c",
-        "--out-root",
-        str(tmp_path / "runs"),
-        "--train-script",
-        str(script),
-        "--",
-        "--opt",
-        "rank=2",
-        "--epochs",
-        "1",
-    ]
+    args = sweep_args(tmp_path, tasks, script, "--epochs", "1")
     first = sweep(*args)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert [c[c.index("--task") + 1] for c in calls(log)] == ["syn_a", "syn_b", "syn_c"]
+    assert [c[c.index("--task") + 1] for c in calls(log)] == list(TASKS)
     assert all(c[-4:] == ["--opt", "rank=2", "--epochs", "1"] for c in calls(log))
-    for t in ("syn_a", "syn_b", "syn_c"):
+    for t in TASKS:
         assert (tmp_path / "runs" / "lora" / t / "result.json").is_file()
+    write_trainer_configs(tmp_path, tasks, "--epochs", "1")
     second = sweep(*args)
     assert second.returncode == 0 and len(calls(log)) == 3  # nothing re-ran
     assert second.stdout.count("[skip]") == 3 and "0 ran, 3 skipped" in second.stdout
+
+
+def test_sweep_refuses_runs_of_other_settings_unless_overwrite(tmp_path, fake, tasks):
+    script, log = fake
+    assert sweep(*sweep_args(tmp_path, tasks, script, "--epochs", "1")).returncode == 0
+    write_trainer_configs(tmp_path, tasks, "--epochs", "1")
+    changed = sweep(*sweep_args(tmp_path, tasks, script, "--epochs", "2", "--lr", "0.01", "--opt", "rank=4"))
+    assert changed.returncode == 1 and len(calls(log)) == 3  # refused, not skipped as done, not run
+    assert "0 ran, 0 skipped (result.json), 0 busy, 3 refused, 0 failed" in changed.stdout
+    refused = [line for line in changed.stdout.splitlines() if line.startswith("  REFUSED")]
+    assert len(refused) == 3 and all(": other settings: " in line for line in refused)
+    assert all(line.endswith("; --overwrite replaces it") for line in refused)
+    for key in ("method_options.rank: 2 -> 4", "recipe.epochs: 1 -> 2", "recipe.lr: 0.001 -> 0.01"):
+        assert all(key in line for line in refused), (key, refused[0])
+    printed = sweep("--print-commands", *sweep_args(tmp_path, tasks, script, "--epochs", "2"))
+    assert printed.stdout == "" and printed.stderr.count("# left out") == 3  # not commands that would fail
+    seed = sweep(*sweep_args(tmp_path, tasks, script, "--epochs", "1", "--seed", "1"))
+    assert seed.returncode == 1 and "recipe.seed: 0 -> 1" in seed.stdout  # a folder holds one seed
+    again = sweep("--overwrite", *sweep_args(tmp_path, tasks, script, "--epochs", "2"))
+    assert again.returncode == 0 and "3 ran" in again.stdout, again.stdout
+    assert all("--overwrite" in c for c in calls(log)[3:]) and len(calls(log)) == 6
+
+
+def test_sweep_refuses_a_finished_run_it_cannot_check(tmp_path, fake, tasks):
+    script, log = fake
+    done = tmp_path / "runs" / "lora" / "syn_a"
+    done.mkdir(parents=True)
+    (done / "result.json").write_text('{"method": "lora", "test_acc')  # truncated
+    (tmp_path / "runs" / "lora" / "syn_b").mkdir()
+    (tmp_path / "runs" / "lora" / "syn_b" / "result.json").write_text("{}")  # no recorded settings
+    proc = sweep(*sweep_args(tmp_path, tasks, script, "--epochs", "1"))
+    assert proc.returncode == 1 and [c[c.index("--task") + 1] for c in calls(log)] == ["syn_c"]
+    assert (
+        f"REFUSED {done}: cannot check its settings: run result {done / 'result.json'} is not valid JSON ("
+        in proc.stdout
+    )
+    assert "cannot check its settings: no config.json nor recorded fingerprint" in proc.stdout
+
+
+def test_sweep_stops_at_once_when_the_output_root_cannot_be_written(tmp_path, fake, tasks, monkeypatch):
+    import errno
+    import os
+
+    import petl_zoo.io as pio
+
+    script, log = fake
+    (tmp_path / "runs").write_text("a file where the runs should go")
+    proc = sweep(*sweep_args(tmp_path, tasks, script, "--epochs", "1"))
+    assert proc.returncode == 1 and calls(log) == []
+    runs = tmp_path / "runs"
+    assert proc.stderr == (
+        f"error: cannot write the output root {runs}: {runs} is a file, not a folder; nothing was run\n"
+    )
+    (tmp_path / "runs").unlink()
+
+    def full(path, mode):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pio, "open_for_write", full)
+    proc = sweep(*sweep_args(tmp_path, tasks, script, "--epochs", "1"))
+    assert proc.returncode == 1 and calls(log) == []
+    assert (
+        proc.stderr
+        == f"error: cannot write the output root {runs}: no space left on device; nothing was run\n"
+    )
 
 
 def test_killed_run_resumes_and_failures_are_reported(tmp_path, fake, monkeypatch):
@@ -263,6 +351,10 @@ def test_real_sweep_three_synthetic_tasks_then_skip_then_table(tmp_path):
     assert all(0.0 <= r["test_acc_best"] <= 1.0 and r["trainable_params"]["method"] > 0 for r in results)
     second = sweep(*args)
     assert second.returncode == 0 and "0 ran, 3 skipped" in second.stdout
+    # the recorded fingerprints of the real trainer's runs: another recipe is refused, not skipped
+    changed = sweep(*args, "--epochs", "2")
+    assert changed.returncode == 1 and "0 ran, 0 skipped (result.json), 0 busy, 3 refused" in changed.stdout
+    assert changed.stdout.count("other settings: recipe.epochs: 1 -> 2; --overwrite replaces it") == 6
     table = compute_table(build_rows(collect_results(tmp_path / "runs")), "last")
     ((row, cells),) = table.rows
     assert row.method == "lora" and all(cells[t].mean is not None for t in ("syn_a", "syn_b", "syn_c"))

@@ -3,7 +3,10 @@
 
     python tools/sweep.py --method neat --model vit_base_patch16_224 --tasks all [--seeds 0 1 2] \
         [--out-root runs] [--data-root DIR] [--print-commands] [--launcher 'torchrun --nproc_per_node 8'] \
-        [-- extra trainer flags, e.g. --opt rank=8 --epochs 100]
+        [--overwrite] [-- extra trainer flags, e.g. --opt rank=8 --epochs 100]
+
+Finished runs of the same settings are skipped, runs of other settings refused (``--overwrite``
+replaces them), runs in use by another process left alone (see docs/reliability.md).
 
 The same as ``petl-zoo sweep`` (see petl_zoo/sweep.py).
 """

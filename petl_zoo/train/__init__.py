@@ -8,8 +8,9 @@
 Modules: ``cli`` (entry points), ``args`` (command lines), ``spec`` (the resolved run settings),
 ``recipe`` (recipes, schedule, device defaults), ``backbone`` (the timm backbone builder), ``data``,
 ``state`` (``TrainState``: what ``last.pt`` holds), ``checkpoint`` (the run folder, ``last.pt`` on
-disk), ``loop`` (``run_training`` and its steps), ``engine`` (seeding, autocast, evaluation),
-``report`` (result.json), ``distributed``, ``eval`` (tools/eval.py). See docs/train.md.
+disk), ``lock`` (``run.lock``: one trainer per folder), ``loop`` (``run_training`` and its steps),
+``engine`` (seeding, autocast, evaluation), ``report`` (result.json), ``distributed``, ``eval``
+(tools/eval.py). See docs/train.md and docs/reliability.md.
 """
 
 from .args import TrainingError, UserError

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from ..config import MethodConfig, coerce_value, parse_cli_value, parse_key_values, split_key_value
+from ..io import read_json
 from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SELECT_ON
 
 __all__ = [
@@ -31,15 +31,22 @@ class TrainingError(RuntimeError):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line ``error: ...`` message (the usage is on ``--help``)."""
+    """argparse with a one-line ``error: ...`` message (the usage is on ``--help``); with
+    ``raise_errors`` a bad command line is a UserError instead (for callers that parse a trainer
+    command line in-process, e.g. the sweep)."""
+
+    raise_errors = False
 
     def error(self, message: str) -> NoReturn:
+        if self.raise_errors:
+            raise UserError(f"trainer arguments: {message}")
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
 
 
-def build_train_parser(prog: str = "tools/train.py") -> argparse.ArgumentParser:
-    """The trainer's command line; ``prog`` is how usage and error lines name the command."""
+def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False) -> argparse.ArgumentParser:
+    """The trainer's command line; ``prog`` is how usage and error lines name the command;
+    ``raise_errors``: a bad command line raises UserError rather than exiting."""
     p = _Parser(
         prog=prog,
         description="Train a PETL method on a VTAB-1K task (single process, or under torchrun with DDP).",
@@ -97,7 +104,11 @@ def build_train_parser(prog: str = "tools/train.py") -> argparse.ArgumentParser:
     x.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     x.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     x.add_argument("--overwrite", action="store_true", help="delete the run files in --out first")
-    x.add_argument("--no-progress", action="store_true", help="no tqdm bars (one line per epoch instead)")
+    x.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no tqdm bars, one line per epoch instead (the default when stderr is not a terminal)",
+    )
     x.add_argument("--keep-checkpoint", action="store_true", help="keep last.pt after the run ends")
     x.add_argument(
         "--find-unused-parameters",
@@ -106,6 +117,7 @@ def build_train_parser(prog: str = "tools/train.py") -> argparse.ArgumentParser:
     )
     # Testing aid: stop right after the checkpoint of this (1-based) epoch, as if the process were killed.
     x.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.raise_errors = raise_errors
     return p
 
 
@@ -133,7 +145,8 @@ def build_eval_parser(prog: str = "tools/eval.py") -> argparse.ArgumentParser:
     p.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 when the accuracy differs from result.json (exactly; by more than 1 sample with --merge)",
+        help="exit 1 when the accuracy differs from result.json's (exactly; by more than 1 sample with "
+        "--merge); compares test, or val for runs trained with --select-on val",
     )
     return p
 
@@ -141,18 +154,20 @@ def build_eval_parser(prog: str = "tools/eval.py") -> argparse.ArgumentParser:
 def read_options_file(path: str | Path) -> dict[str, Any]:
     """A YAML or JSON file holding a dict of method options."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"method config file {path} is a folder; give a YAML or JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"method config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+    if path.suffix.lower() == ".json":
+        data = read_json(path, "method config file")
+    else:
+        import yaml
 
-            data = yaml.safe_load(text)
-    except Exception as err:  # noqa: BLE001 - any parse error is the user's file
-        raise UserError(f"cannot parse method config file {path}: {err}") from None
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception as err:  # noqa: BLE001 - any parse error is the user's file
+            reason = " ".join(str(err).split())
+            raise UserError(f"method config file {path} is not valid YAML: {reason}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -6,6 +6,8 @@ import difflib
 import logging
 import os
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +16,22 @@ from typing import Any
 import timm
 from torch import nn
 
-__all__ = ["build_backbone", "resolve_model_name", "WeightsUnavailableError", "WEIGHT_SUFFIXES"]
+__all__ = [
+    "build_backbone",
+    "resolve_model_name",
+    "check_weights_file",
+    "hub_offline_reason",
+    "WeightsUnavailableError",
+    "WEIGHT_SUFFIXES",
+]
 
 WEIGHT_SUFFIXES = (".npz", ".safetensors", ".pth", ".pt", ".bin")
+_HUB_TIMEOUT_S = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_GIVE_WEIGHTS = (
+    "give a local file with --pretrained-file PATH (.npz Google ViT, .safetensors, .pth/.bin) or train "
+    "from a random initialisation with --no-pretrained"
+)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -102,8 +117,9 @@ def build_backbone(
     one under ``state_dict``/``model``; a head of another class count is dropped), ``.npz`` Google ViT
     checkpoints (``ViT-B_16.npz``) through the model's ``load_pretrained`` (timm's ``_load_weights``,
     selected by the overlay's ``custom_load=True``). A file whose keys do not fit the model is a
-    ValueError listing them. Without a file, ``pretrained=True`` uses timm's hub/cache and raises
-    WeightsUnavailableError when that fails; ``pretrained=False`` is a random initialisation (seed
+    ValueError listing them; a damaged file, or one holding code, is a one-line ValueError. Without a
+    file, ``pretrained=True`` uses timm's hub/cache and raises WeightsUnavailableError when that fails
+    (at once when offline: ``HF_HUB_OFFLINE``, or the endpoint unreachable); ``pretrained=False`` is a random initialisation (seed
     torch first for the same weights on every call). ``num_classes=None`` keeps the model's default
     head. The one backbone builder of petl_zoo (the trainer, tools/eval.py, the accounting tools).
     """
@@ -119,49 +135,159 @@ def build_backbone(
         return _from_file(model_name, kwargs, Path(pretrained_file).expanduser())
     if not pretrained:
         return _create(model_name, kwargs, pretrained=False)
+    return _from_hub(model_name, kwargs)
+
+
+def hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds (name
+    lookup included; behind a proxy it is not tried, and assumed to work)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, name="petl_zoo-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)  # a hanging name lookup is abandoned with the daemon thread
+    return bool(outcome and outcome[0])
+
+
+def hub_offline_reason() -> str | None:
+    """Why the hub cannot be used now (``HF_HUB_OFFLINE`` set, or the endpoint unreachable within
+    a few seconds), None when it can: weights then come from the local cache only, at once."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline (HF_HUB_OFFLINE=1)"
+    if not hub_reachable():
+        host = constants.ENDPOINT.split("://")[-1].rstrip("/")
+        return f"offline ({host} unreachable within {_HUB_TIMEOUT_S:.0f} s)"
+    return None
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub in offline mode while inside (cached files only, no network wait)."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
     try:
-        return _create(model_name, kwargs, pretrained=True)
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _from_hub(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The model with timm's pretrained weights (the hub cache, or a download when online); offline
+    without them in the cache: WeightsUnavailableError at once, saying how to give weights."""
+    offline = hub_offline_reason()
+    try:
+        with _hub_offline(offline is not None):
+            return _create(model_name, kwargs, pretrained=True)
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - hub/network/cache errors come in many types
+        where = (
+            f"{offline} and not in the local cache"
+            if offline
+            else f"{type(err).__name__}: " + (str(err).splitlines()[0][:200] if str(err) else "")
+        )
         raise WeightsUnavailableError(
-            f"no pretrained weights for {model_name} could be loaded ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''}); give a local file with "
-            "--pretrained-file PATH (.npz Google ViT, .safetensors, .pth/.bin) or train from a random "
-            "initialisation with --no-pretrained"
+            f"no pretrained weights for {model_name} could be loaded ({where}); {_GIVE_WEIGHTS}"
         ) from None
+
+
+def check_weights_file(path: str | os.PathLike) -> Path:
+    """``path`` as a weights file that exists and has a known suffix, else one FileNotFoundError or
+    ValueError line (a folder is called a folder, and its weight files are named)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ValueError(f"pretrained file {path} is a folder{hint}; give the weights file itself")
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(f"pretrained file {path} has suffix {suffix!r}; valid: {', '.join(WEIGHT_SUFFIXES)}")
+    return path
+
+
+class _OptionsError(ValueError):
+    """The model does not accept a ``--model-kwargs`` option."""
 
 
 def _create(model_name: str, kwargs: dict[str, Any], **extra: Any) -> nn.Module:
     try:
         return timm.create_model(model_name, **kwargs, **extra)
     except TypeError as err:
-        raise ValueError(
+        raise _OptionsError(
             f"model {model_name!r} does not accept these options {sorted(kwargs)}: {err}"
         ) from None
 
 
+def _load_failure(
+    path: Path, suffix: str, model_name: str, kwargs: dict[str, Any], err: Exception
+) -> ValueError:
+    """One line for a weights file timm could not load: damaged (truncated, not the format its suffix
+    says), holding code (a pickle that ``torch.load(weights_only=True)`` refuses: never to be run), or
+    of another layout."""
+    import pickle
+    import zipfile
+
+    from safetensors import SafetensorError
+
+    from .checkpoint import unpickling_failure
+
+    code, unpickled = unpickling_failure(err)
+    if code is not None:
+        return ValueError(
+            f"refusing pretrained file {path}: it holds objects other than tensors and plain values{code}, "
+            "which are never run; save a plain state dict (torch.save(model.state_dict(), ...)) or a "
+            ".safetensors file"
+        )
+    if isinstance(err.__cause__, pickle.UnpicklingError):
+        err = err.__cause__  # timm's RuntimeError around torch's
+    reason = unpickled if isinstance(err, pickle.UnpicklingError) else " ".join(str(err).split())
+    damaged = (SafetensorError, zipfile.BadZipFile, EOFError, pickle.UnpicklingError)
+    if isinstance(err, damaged) or "zip archive" in reason:
+        return ValueError(
+            f"cannot read pretrained file {path}: truncated or not a {suffix} file "
+            f"({type(err).__name__}: {reason[:160]}); download it again"
+        )
+    kind = "Google ViT .npz" if suffix == ".npz" else "state dict"
+    return ValueError(
+        f"cannot load pretrained file {path} ({kind}) into {model_name} {kwargs}: "
+        f"{type(err).__name__}: {reason[:400]}"
+    )
+
+
 def _from_file(model_name: str, kwargs: dict[str, Any], path: Path) -> nn.Module:
     """The model with ``path``'s weights (timm's loaders); refuses a file that does not fit it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"pretrained file {path} has suffix {suffix!r}; valid: {', '.join(WEIGHT_SUFFIXES)}")
+    suffix = check_weights_file(path).suffix.lower()
     overlay: dict[str, Any] = {"file": str(path.absolute()), "source": ""}
     if suffix == ".npz":
         overlay["custom_load"] = True  # timm calls the model's load_pretrained (Google's layout)
     with _capture_timm_log() as log:
         try:
             model = _create(model_name, kwargs, pretrained=True, pretrained_cfg_overlay=overlay)
-        except ValueError:
+        except _OptionsError:
             raise
-        except (RuntimeError, KeyError, AttributeError, OSError) as err:
-            kind = "Google ViT .npz" if suffix == ".npz" else "state dict"
-            raise ValueError(
-                f"cannot load pretrained file {path} ({kind}) into {model_name} {kwargs}: "
-                f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
-            ) from None
+        except Exception as err:  # noqa: BLE001 - a damaged or foreign file fails in many ways
+            raise _load_failure(path, suffix, model_name, kwargs, err) from None
     classifier = model.pretrained_cfg.get("classifier") or ()
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     missing = [k for k in _keys_in(log.messages, "Missing") if k.rsplit(".", 1)[0] not in heads]

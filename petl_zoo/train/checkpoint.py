@@ -20,17 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_torch_save
+from ..io import atomic_torch_save, read_json
 from .args import UserError
 
 __all__ = [
     "CHECKPOINT",
     "RUN_FILES",
+    "check_out_path",
     "prepare_out_dir",
     "capture_rng",
     "restore_rng",
     "save_checkpoint",
     "load_checkpoint",
+    "unpickling_failure",
 ]
 
 CHECKPOINT = "last.pt"
@@ -45,24 +47,38 @@ RUN_FILES = (
 CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors); 1 held numpy objects
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> bool:
+def check_out_path(out: Path) -> None:
+    """``out`` can be a run folder: not a file, and no parent of it is a file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot create output folder {out}: {parent} is a file, not a folder")
+            return
+
+
+def prepare_out_dir(
+    out: Path, resume: bool, overwrite: bool, is_main: bool, config: dict[str, Any] | None = None
+) -> bool:
     """Check (and with ``overwrite`` clear) the run folder; True when a checkpoint will be resumed.
 
     A folder holding ``config.json`` or ``result.json`` is another run: refused unless ``--resume``
     (which continues from its ``last.pt``; a run killed before its first checkpoint starts again, a
     finished one is refused) or ``--overwrite`` (which deletes the run files listed in ``RUN_FILES``
-    and leftover temporary files, nothing else).
+    and leftover temporary files, nothing else). With ``config`` (the new run's config.json), the
+    refusal names the settings that differ from the run in the folder.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: give one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a folder")
+    check_out_path(out)
     has_run = any((out / name).is_file() for name in ("config.json", "result.json"))
     has_ckpt = (out / CHECKPOINT).is_file()
     if resume:
         if (out / "result.json").is_file():
             raise UserError(
-                f"--resume: the run in {out} already finished (result.json); use --overwrite to redo it"
+                f"--resume: the run in {out} already finished (result.json){_compared(out, config)}; "
+                "use --overwrite to redo it"
             )
         if has_ckpt:
             return True
@@ -72,13 +88,46 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, is_main: bool) -> 
         return False
     if has_run or has_ckpt:
         if not overwrite:
-            raise UserError(
-                f"output folder {out} already holds a run; pass --resume to continue it, --overwrite to "
-                "replace it, or another --out"
-            )
+            raise UserError(_occupied(out, config))
         if is_main:
             _clear(out)
     return False
+
+
+def _compared(out: Path, config: dict[str, Any] | None) -> str:
+    """`` with other settings (a: 1 -> 2)`` / `` with these settings`` / `` (config.json ...: why)`` /
+    ``""`` (nothing to compare): how the run in ``out`` compares with the new ``config``."""
+    if config is None or not (out / "config.json").is_file():
+        return ""
+    from .spec import format_differences, run_differences
+
+    try:
+        saved = read_json(out / "config.json", "run config")
+    except ValueError as err:
+        return f" ({err})"
+    if not isinstance(saved, dict):
+        return f" ({out / 'config.json'} does not hold a dict)"
+    diff = run_differences(saved, config)
+    return f" with other settings ({format_differences(diff)})" if diff else " with these settings"
+
+
+def _occupied(out: Path, config: dict[str, Any] | None) -> str:
+    """Why a folder holding a run is refused without --resume or --overwrite, and what to do."""
+    compared = _compared(out, config)
+    if (out / "result.json").is_file():
+        return (
+            f"output folder {out} holds a finished run (result.json){compared}; pass --overwrite to "
+            "replace it, or another --out"
+        )
+    if compared.startswith(" with other"):
+        return (
+            f"output folder {out} already holds an unfinished run{compared}; --resume would refuse them: "
+            "pass --overwrite to replace it, or another --out"
+        )
+    return (
+        f"output folder {out} already holds a run{compared}; pass --resume to continue it, --overwrite "
+        "to replace it, or another --out"
+    )
 
 
 def _clear(out: Path) -> None:
@@ -133,6 +182,22 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_torch_save(path, {"version": CHECKPOINT_VERSION, **state})
 
 
+def unpickling_failure(err: BaseException) -> tuple[str | None, str]:
+    """Why ``torch.load(weights_only=True)`` failed: ``(" (module.name)", reason)`` when the file holds
+    code or objects it refuses (a GLOBAL), ``(None, reason)`` when it is damaged (truncated, not a torch
+    file). ``reason`` is short and never torch's advice to retry with ``weights_only=False``. timm's
+    loader re-raises torch's UnpicklingError as a RuntimeError: the original is read."""
+    if isinstance(err.__cause__, pickle.UnpicklingError):
+        err = err.__cause__
+    text = str(err)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if isinstance(err, pickle.UnpicklingError) and (found or "Unsupported global" in text):
+        return (f" ({found.group(1)})" if found else ""), "objects other than tensors"
+    detail = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", text, flags=re.S)
+    reason = detail.group(1) if detail else text.split(". ")[0]
+    return None, " ".join(reason.split())[:160] or "empty file"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a ``save_checkpoint`` file with ``weights_only=True``; anything else is a one-line UserError."""
     again = "delete it, or start the run again with --overwrite"
@@ -140,15 +205,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. torch's note on a foreign pickle protocol
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(
-            f"refusing checkpoint {path}: it holds objects other than tensors and plain values{what}, "
-            f"which torch.load(weights_only=True) does not run; {again}"
-        ) from None
     except Exception as err:  # noqa: BLE001 - a truncated/corrupt file fails in many ways (zip, EOF, keys)
-        reason = " ".join(str(err).split(". ")[0].split())[:160] or "empty file"
+        code, reason = unpickling_failure(err)
+        if code is not None:
+            raise UserError(
+                f"refusing checkpoint {path}: it holds objects other than tensors and plain values{code}, "
+                f"which torch.load(weights_only=True) does not run; {again}"
+            ) from None
         raise UserError(
             f"cannot read checkpoint {path}: truncated or corrupt ({type(err).__name__}: {reason}); {again}"
         ) from None

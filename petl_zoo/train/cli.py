@@ -1,9 +1,11 @@
 """Entry points: ``main`` (tools/train.py, ``python -m petl_zoo.train``) and ``eval_main``
 (tools/eval.py, ``python -m petl_zoo.train.eval``).
 
-User errors (bad options, unknown names, missing files, a clobbered run folder, an unreadable
-checkpoint, a NaN loss) end with one ``error: ...`` line on stderr and a non-zero exit status, without
-a traceback; set ``PETL_ZOO_DEBUG=1`` to see the traceback. ``main`` shows the trainer's log lines
+User errors (bad options, unknown names, missing or damaged files, a clobbered run folder, an
+unreadable checkpoint, a folder that cannot be written, a NaN loss) end with one ``error: ...`` line on
+stderr and exit status 1, without a traceback; a run folder in use by another live process exits with
+75 (``lock.BUSY_EXIT_STATUS``), Ctrl-C with 130 and SIGTERM with 143 (both release the folder's lock
+first). Set ``PETL_ZOO_DEBUG=1`` to see the traceback. ``main`` shows the trainer's log lines
 (``logging.getLogger("petl_zoo.train")``, INFO) as plain text on stdout while it runs.
 """
 
@@ -11,23 +13,47 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from ..io import WriteError
 from . import distributed as D
 from .args import TrainingError, build_eval_parser, build_train_parser
 from .backbone import WeightsUnavailableError
+from .lock import BUSY_EXIT_STATUS, RunBusyError
 
-__all__ = ["main", "eval_main", "default_argv"]
+__all__ = ["main", "eval_main", "default_argv", "Terminated"]
 
-_USER_ERRORS = (ValueError, FileNotFoundError, WeightsUnavailableError, TrainingError)
+_USER_ERRORS = (ValueError, FileNotFoundError, WeightsUnavailableError, TrainingError, WriteError)
 _TRAIN_LOGGER = "petl_zoo.train"
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or the sweep's stop) as an exception, so that ``finally`` blocks run and
+    the run folder's lock is released."""
+
+
+#: A sentence advising ``torch.load(weights_only=False)`` (torch's and timm's messages carry one): never
+#: passed on, it would run whatever code a crafted file holds.
+_UNSAFE_ADVICE = re.compile(r"weights_only`?\s*(=|set to)\s*`?False", flags=re.I)
+
+
 def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+    sentences = re.split(r"(?<=[.;])\s+", " ".join(str(err).split()))
+    return " ".join(s for s in sentences if not _UNSAFE_ADVICE.search(s)) or type(err).__name__
+
+
+def _report(err: BaseException, status: int) -> int:
+    if os.environ.get("PETL_ZOO_DEBUG"):
+        raise err
+    sys.stderr.write(f"error: {_one_line(err)}\n")
+    sys.stderr.flush()
+    return status
 
 
 def _guarded(body: Callable[[], int]) -> int:
@@ -36,15 +62,37 @@ def _guarded(body: Callable[[], int]) -> int:
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, message already printed)
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except RunBusyError as err:
+        return _report(err, BUSY_EXIT_STATUS)
     except _USER_ERRORS as err:
-        if os.environ.get("PETL_ZOO_DEBUG"):
-            raise
-        sys.stderr.write(f"error: {_one_line(err)}\n")
-        sys.stderr.flush()
-        return 1
+        return _report(err, 1)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130
+    except Terminated:
+        sys.stderr.write("error: terminated (SIGTERM)\n")
+        return 143
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises ``Terminated`` in the main thread (where no handler was set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _ConsoleHandler(logging.Handler):
@@ -120,7 +168,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         finally:
             D.teardown()
 
-    with console_logging():
+    with console_logging(), _sigterm_raises():
         return _guarded(body)
 
 

@@ -3,9 +3,11 @@
 The backbone is rebuilt from the run's ``config.json`` (model, model_kwargs, pretrained file, seed for
 ``--no-pretrained`` runs, protocol, batch size, precision); flags override each value, and a folder
 without ``config.json`` (an adapter saved by ``petl_zoo.save_adapter``) needs ``--model`` and
-``--task``. The accuracy is compared with ``result.json``'s ``test_acc_last`` (``test_acc_selected``
-for runs selected on val): equal for the plain adapter; with ``--merge`` float rounding may move a
-prediction, so within one sample.
+``--task``. The accuracy is compared with what ``result.json`` recorded for the saved adapter: on test
+``test_acc_last`` (``test_acc_selected`` for runs selected on val), on val ``val_acc_best`` (runs
+selected on val; other runs trained on val and recorded no val accuracy); equal for the plain
+adapter; with ``--merge`` float rounding may move a prediction, so within one sample. ``--check``
+refuses, in one line, a split or a folder with nothing recorded to compare with.
 
 ``python -m petl_zoo.train.eval`` runs it too.
 """
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..api import ADAPTER_WEIGHTS, merge, read_adapter_config
 from ..api import load_adapter as _load_adapter
-from ..api import merge, read_adapter_config
+from ..io import read_json
 from . import distributed as D
 from .args import UserError, parse_key_values
 from .recipe import execution_defaults
@@ -43,11 +46,37 @@ class EvalResult:
         return self.correct / self.total
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """The run's JSON file as a dict ({} when absent); a damaged one is one line naming it."""
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    data = read_json(path, what)
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} does not hold a dict (found {type(data).__name__})")
+    return data
+
+
+def _read_adapter(run_dir: Path) -> dict[str, Any]:
+    """adapter_config.json, after checking that it and adapter.safetensors can be read at all."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        adapter_cfg = read_adapter_config(run_dir)  # FileNotFoundError names what is missing
+    except json.JSONDecodeError:
+        read_json(run_dir / "adapter_config.json", "adapter config")  # raises, naming the file
+        raise
+    weights = run_dir / ADAPTER_WEIGHTS
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            reason = " ".join(str(err).split())[:160] or "empty file"
+            raise UserError(
+                f"cannot read adapter weights {weights}: truncated or not a safetensors file ({reason}); "
+                "restore the file or train the run again"
+            ) from None
+    return adapter_cfg
 
 
 def _backbone_settings(args: argparse.Namespace, config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -76,10 +105,39 @@ def _backbone_settings(args: argparse.Namespace, config: dict[str, Any], run_dir
     }
 
 
-def _compare(acc: float, total: int, result: dict[str, Any], merged: bool) -> tuple[str, bool]:
+def _recorded_key(split: str, result: dict[str, Any]) -> str | None:
+    """result.json's accuracy of the saved adapter on ``split``, if the run recorded one: test always;
+    val when the run was selected on val (its adapter is the best-val epoch's, ``val_acc_best``)."""
+    on_val = result.get("select_on") == "val"
+    if split == "test":
+        return "test_acc_selected" if on_val else "test_acc_last"
+    if split == "val" and on_val:
+        return "val_acc_best"
+    return None
+
+
+def _check_comparable(args: argparse.Namespace, run_dir: Path, result: dict[str, Any]) -> None:
+    """``--check`` needs a recorded accuracy of this split: refuse in one line when there is none."""
+    if not args.check:
+        return
+    if not result:
+        raise UserError(f"--check: {run_dir} has no result.json to compare with (an unfinished run?)")
+    if _recorded_key(args.split, result) is None or result.get(_recorded_key(args.split, result)) is None:
+        why = (
+            "the run trained on val (select_on test) and recorded no val accuracy"
+            if args.split == "val"
+            else f"runs record no {args.split} accuracy"
+        )
+        raise UserError(
+            f"--check --split {args.split}: {why}; --check compares test, and val for runs trained "
+            "with --select-on val"
+        )
+
+
+def _compare(acc: float, total: int, result: dict[str, Any], split: str, merged: bool) -> tuple[str, bool]:
     """The ``; result.json ...: matches`` suffix and whether it matches (within one sample when merged)."""
-    key = "test_acc_selected" if result.get("select_on") == "val" else "test_acc_last"
-    expected = result.get(key)
+    key = _recorded_key(split, result)
+    expected = result.get(key) if key else None
     if expected is None:
         return "", True
     diff = round(abs(acc - expected) * total)
@@ -96,9 +154,10 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
     from .engine import evaluate_counts, make_autocast, seed_everything
 
     run_dir = Path(args.adapter)
-    adapter_cfg = read_adapter_config(run_dir)  # FileNotFoundError names what is missing
-    config = _read_json(run_dir / "config.json")
-    result = _read_json(run_dir / "result.json")
+    adapter_cfg = _read_adapter(run_dir)
+    config = _read_json(run_dir / "config.json", "run config")
+    result = _read_json(run_dir / "result.json", "run result")
+    _check_comparable(args, run_dir, result)
     recipe = config.get("recipe", {})
     b = _backbone_settings(args, config, run_dir)
     device = D.resolve_device(args.device, D.DistInfo())
@@ -125,7 +184,7 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
         loader,
         device,
         make_autocast(device, precision),
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),
         desc=args.split,
     )
     merged = " (merged)" if args.merge else ""
@@ -134,8 +193,8 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
         f"accuracy {correct / total:.4f} ({correct}/{total})"
     )
     suffix, matches = ("", True)
-    if result and args.split == "test":
-        suffix, matches = _compare(correct / total, total, result, args.merge)
+    if result:
+        suffix, matches = _compare(correct / total, total, result, args.split, args.merge)
     return EvalResult(correct, total, line + suffix, matches)
 
 

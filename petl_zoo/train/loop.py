@@ -1,12 +1,13 @@
 """The training run behind ``tools/train.py``, in named steps (after timm's ``train.py``)::
 
-    run = build_run(spec, info)          # resume check, model, data, schedule, fresh start or resume, wrap
-    for epoch in range(run.state.epoch, epochs):
-        record = train_one_epoch(run, epoch)       # the steps (hand-written AMP step, on_after_backward)
-        end_of_epoch(run, epoch, record["lr"])     # on_epoch_end; a changed trainable set -> new optimizer
-        evaluate_and_select(run, record)           # test (and val) accuracy, best so far, val selection
-        save_epoch(run, record)                    # metrics.jsonl line and last.pt (TrainState.state_dict)
-    result = finish(run)                 # the adapter, result.json, the summary line
+    with hold_run_folder(spec, info) as lock:  # run.lock: one trainer per folder (lock.py)
+        run = build_run(spec, info, lock)    # resume check, model, data, schedule, fresh start or resume, wrap
+        for epoch in range(run.state.epoch, epochs):
+            record = train_one_epoch(run, epoch)       # the steps (hand-written AMP step, on_after_backward)
+            end_of_epoch(run, epoch, record["lr"])     # on_epoch_end; a changed trainable set -> new optimizer
+            evaluate_and_select(run, record)           # test (and val) accuracy, best so far, val selection
+            save_epoch(run, record)                    # metrics.jsonl, last.pt, the lock's heartbeat
+        result = finish(run)                 # the adapter, result.json, the summary line
 
 Logs go to ``logging.getLogger("petl_zoo.train.loop")`` on rank 0 only; ``petl_zoo.train.cli.main``
 shows them on stdout.
@@ -18,8 +19,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,14 +28,15 @@ import torch
 from torch import nn
 
 from ..api import create, save_adapter
-from ..io import atomic_write_json, atomic_write_text
+from ..io import WriteError, append_text, atomic_write_json, atomic_write_text, make_dir
 from ..registry import TrainContext
 from . import distributed as D
 from .args import TrainingError, UserError
 from .backbone import build_backbone
-from .checkpoint import CHECKPOINT, load_checkpoint, prepare_out_dir, save_checkpoint
+from .checkpoint import CHECKPOINT, check_out_path, load_checkpoint, prepare_out_dir, save_checkpoint
 from .data import RunData, build_data
 from .engine import evaluate_counts, make_autocast, seed_everything
+from .lock import RunLock
 from .recipe import WarmupCosine
 from .report import build_result, done_line, start_line
 from .spec import RunSpec, check_resume_config
@@ -43,6 +45,8 @@ from .state import TrainState, adapter_snapshot, restore_adapter, trainable_sign
 __all__ = [
     "Run",
     "SimulatedKill",
+    "DIVERGENCE_FACTOR",
+    "hold_run_folder",
     "build_patched_model",
     "build_run",
     "train_one_epoch",
@@ -54,6 +58,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: An epoch's training loss this many times a uniform guess's (or epoch 1's) is reported, once, as diverging.
+DIVERGENCE_FACTOR = 100.0
 
 
 class SimulatedKill(Exception):
@@ -101,12 +108,37 @@ class Run:
     forward: nn.Module | None = None
     signature: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
     resumed_from: int | None = None
+    lock: RunLock | None = None
 
 
-def build_run(spec: RunSpec, info: D.DistInfo) -> Run:
+@contextmanager
+def hold_run_folder(spec: RunSpec, info: D.DistInfo) -> Iterator[RunLock | None]:
+    """Rank 0 holds ``spec.out/run.lock`` while inside (every rank stops when it cannot: a live holder
+    is a RunBusyError); released on the way out, also on an error or Ctrl-C. Yields the lock on rank 0,
+    None on the others."""
+    check_out_path(spec.out)
+    lock, error = (RunLock(spec.out) if info.is_main else None), None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except (UserError, WriteError) as err:
+            error = err
+    if not D.all_true(error is None, spec.device, info):
+        if error is not None:
+            raise error
+        raise UserError(f"rank 0 could not take the lock of {spec.out} (see its error)")
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def build_run(spec: RunSpec, info: D.DistInfo, lock: RunLock | None = None) -> Run:
     """Everything before the first step: the folder (fresh, or the checkpoint to resume and its
     settings check), the seeded model, the data, the schedule, then a fresh start or the resumed
-    state, and the forward wrapper."""
+    state, and the forward wrapper. ``lock``: the folder's lock (``hold_run_folder``), refreshed
+    after every epoch."""
     wall_start = time.time()
     recipe, device = spec.recipe, spec.device
     if recipe["batch_size"] % info.world_size:
@@ -114,9 +146,9 @@ def build_run(spec: RunSpec, info: D.DistInfo) -> Run:
             f"--batch-size {recipe['batch_size']} is not divisible by the {info.world_size} processes; "
             f"give a multiple of {info.world_size}"
         )
-    resume = prepare_out_dir(spec.out, spec.resume, spec.overwrite, info.is_main)
-    D.barrier(info)
     config = spec.config_json(info)
+    resume = prepare_out_dir(spec.out, spec.resume, spec.overwrite, info.is_main, config)
+    D.barrier(info)
     ckpt = load_checkpoint(spec.out / CHECKPOINT) if resume else None
     if ckpt is not None:
         check_resume_config(ckpt["config"], config, spec.out)
@@ -134,6 +166,7 @@ def build_run(spec: RunSpec, info: D.DistInfo) -> Run:
         epoch=0, step=0, is_main=info.is_main,
     )  # fmt: skip
     run = Run(spec, info, TrainState(config, model, device), data, schedule, autocast, ctx, wall_start)
+    run.lock = lock
     if ckpt is None:
         _start_fresh(run)
     else:
@@ -150,7 +183,7 @@ def _start_fresh(run: Run) -> None:
     """A new run: config.json and an empty metrics.jsonl, ``on_train_start``, the optimizer."""
     spec, info, state = run.spec, run.info, run.state
     if info.is_main:
-        spec.out.mkdir(parents=True, exist_ok=True)
+        make_dir(spec.out)
         atomic_write_json(spec.out / "config.json", state.config)
         atomic_write_text(spec.out / "metrics.jsonl", "")
     state.model.to(spec.device)
@@ -333,14 +366,66 @@ def save_epoch(run: Run, record: dict[str, Any]) -> None:
     state.metrics.append(record)
     state.epoch = done
     if info.is_main:
-        with open(spec.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        save_checkpoint(spec.out / CHECKPOINT, state.state_dict())
+        warning = divergence_warning(state.metrics, spec.num_classes, spec.recipe["lr"])
+        if warning:
+            logger.warning(warning)
+        try:
+            append_text(spec.out / "metrics.jsonl", json.dumps(record) + "\n")
+            save_checkpoint(spec.out / CHECKPOINT, state.state_dict())
+        except WriteError as err:
+            raise TrainingError(f"{err}; {_kept_checkpoint(spec, done - 1)}") from None
+    _refresh_lock(run)
     D.barrier(info)
     if spec.stop_after_epoch is not None and done == spec.stop_after_epoch and done < spec.recipe["epochs"]:
         raise SimulatedKill(
             f"stopped after epoch {done} (--stop-after-epoch, a testing aid that simulates a kill)"
         )
+
+
+def _kept_checkpoint(spec: RunSpec, epoch: int) -> str:
+    """What is kept when a write fails after ``epoch`` finished epochs."""
+    if epoch > 0 and (spec.out / CHECKPOINT).is_file():
+        return f"the previous checkpoint after epoch {epoch} is kept ({spec.out / CHECKPOINT}; --resume)"
+    return "no checkpoint was written yet"
+
+
+def _refresh_lock(run: Run) -> None:
+    """The lock's per-epoch heartbeat; every rank stops when another process took the folder."""
+    error = None
+    if run.lock is not None:
+        try:
+            run.lock.refresh()
+        except TrainingError as err:
+            error = err
+    if not D.all_true(error is None, run.spec.device, run.info):
+        raise error or TrainingError(f"rank 0 lost the lock of {run.spec.out} (see its error)")
+
+
+def divergence_warning(metrics: list[dict[str, Any]], num_classes: int, lr: float) -> str | None:
+    """The one-line warning when the last epoch's training loss is ``DIVERGENCE_FACTOR`` times the
+    reference and no earlier epoch's was (so it is said once, also across a resume). The reference is
+    the loss of a uniform guess, ln(classes), or the first epoch's loss when lower: a first epoch can
+    itself diverge (a high --lr reached within the warmup)."""
+    if not metrics:
+        return None
+    first = metrics[0]["train_loss"]
+    uniform = math.log(num_classes) if num_classes >= 2 else first
+    reference = min(uniform, first) if first > 0 else uniform
+    if not reference > 0:
+        return None
+    limit = DIVERGENCE_FACTOR * reference
+    *earlier, last = (m["train_loss"] for m in metrics)
+    if not last > limit or any(loss > limit for loss in earlier):
+        return None
+    what = (
+        f"epoch 1's ({first:.4g})"
+        if reference < uniform
+        else f"the loss of a uniform guess over {num_classes} classes ({uniform:.4g})"
+    )
+    return (
+        f"warning: epoch {metrics[-1]['epoch']}: training loss {last:.4g} is {last / reference:.3g}x {what}; "
+        f"the run is diverging: try a lower --lr (this run: {lr:.3g})"
+    )
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -350,14 +435,10 @@ def finish(run: Run) -> dict[str, Any]:
     spec, info, state = run.spec, run.info, run.state
     result = build_result(spec, info, state, time.time() - run.wall_start, run.resumed_from)
     if info.is_main:
-        selected, epochs = state.selected, spec.recipe["epochs"]
-        if spec.recipe["select_on"] == "val" and selected is not None and selected["epoch"] != epochs:
-            chosen = build_patched_model(state.config, 0.0)
-            restore_adapter(chosen, selected, source=f"epoch {selected['epoch']} (best val)")
-            save_adapter(chosen, spec.out, model_kwargs=spec.model_kwargs)
-        else:
-            save_adapter(state.model, spec.out, model_kwargs=spec.model_kwargs)
-        atomic_write_json(spec.out / "result.json", result)
+        try:
+            _write_outputs(run, result)
+        except WriteError as err:
+            raise TrainingError(f"{err}; {_kept_checkpoint(spec, state.epoch)}") from None
         if not spec.keep_checkpoint:
             (spec.out / CHECKPOINT).unlink(missing_ok=True)
         logger.info(done_line(spec, state, result))
@@ -365,12 +446,27 @@ def finish(run: Run) -> dict[str, Any]:
     return result
 
 
+def _write_outputs(run: Run, result: dict[str, Any]) -> None:
+    """The adapter (with ``--select-on val`` the selected epoch's, rebuilt on a fresh model), then
+    result.json."""
+    spec, state = run.spec, run.state
+    selected, epochs = state.selected, spec.recipe["epochs"]
+    if spec.recipe["select_on"] == "val" and selected is not None and selected["epoch"] != epochs:
+        chosen = build_patched_model(state.config, 0.0)
+        restore_adapter(chosen, selected, source=f"epoch {selected['epoch']} (best val)")
+        save_adapter(chosen, spec.out, model_kwargs=spec.model_kwargs)
+    else:
+        save_adapter(state.model, spec.out, model_kwargs=spec.model_kwargs)
+    atomic_write_json(spec.out / "result.json", result)
+
+
 def run_training(spec: RunSpec, info: D.DistInfo) -> dict[str, Any]:
-    """Train ``spec`` on this rank; returns result.json's dict (written by rank 0)."""
-    run = build_run(spec, info)
-    for epoch in range(run.state.epoch, spec.recipe["epochs"]):
-        record = train_one_epoch(run, epoch)
-        end_of_epoch(run, epoch, record["lr"])
-        evaluate_and_select(run, record)
-        save_epoch(run, record)
-    return finish(run)
+    """Train ``spec`` on this rank, holding its folder; returns result.json's dict (written by rank 0)."""
+    with hold_run_folder(spec, info) as lock:
+        run = build_run(spec, info, lock)
+        for epoch in range(run.state.epoch, spec.recipe["epochs"]):
+            record = train_one_epoch(run, epoch)
+            end_of_epoch(run, epoch, record["lr"])
+            evaluate_and_select(run, record)
+            save_epoch(run, record)
+        return finish(run)

@@ -7,6 +7,7 @@ cosine to 1e-5, drop_path 0.1, the unnormalised ``vtab`` transform, test evaluat
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ __all__ = [
     "execution_defaults",
     "WarmupCosine",
 ]
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PROTOCOLS = ("vtab", "default")
@@ -71,7 +74,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def resolve_recipe(
     name: str, method_recipe: dict[str, Any] | None, flags: dict[str, Any], method: str = ""
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The recipe values and where each came from (``recipe:<name>``, ``method:<method>`` or ``flag``).
+    """The recipe values and where each came from (``recipe:<name>``, ``method:<method>``, ``flag``, or
+    ``scaled:epochs`` for a warmup shortened to fit a short run, see ``_fit_warmup``).
 
     ``flags`` maps recipe keys to command-line values; ``None`` means "not given".
     """
@@ -86,14 +90,36 @@ def resolve_recipe(
             )
         recipe[key] = value
         sources[key] = f"method:{method}"
+    planned_epochs = recipe["epochs"]
     for key, value in flags.items():
         if key not in recipe:
             raise ValueError(f"unknown recipe key {key!r}; valid keys: {', '.join(RECIPE_KEYS)}")
         if value is not None:
             recipe[key] = value
             sources[key] = "flag"
+    _fit_warmup(recipe, sources, planned_epochs)
     validate_recipe(recipe)
     return recipe, sources
+
+
+def _fit_warmup(recipe: dict[str, Any], sources: dict[str, str], planned_epochs: Any) -> None:
+    """A short run (``--epochs 3``) with the recipe's warmup (10 epochs) that does not fit it: the
+    warmup keeps its share of the recipe's run, ``warmup * epochs // planned epochs`` (10 of 100 -> 0
+    of 3, 1 of 10), recorded as ``recipe_sources["warmup_epochs"] = "scaled:epochs"`` and said in one
+    line. A warmup given with ``--warmup-epochs`` is never changed (too long: an error)."""
+    warmup, epochs = recipe["warmup_epochs"], recipe["epochs"]
+    if sources["warmup_epochs"] == "flag" or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (epochs, planned_epochs)
+    ):
+        return
+    if not isinstance(warmup, int) or warmup <= epochs or epochs >= planned_epochs:
+        return
+    scaled = warmup * epochs // planned_epochs
+    logger.info(
+        f"warmup: {warmup} epochs ({sources['warmup_epochs']}, of {planned_epochs}) do not fit {epochs} "
+        f"epochs; scaled to {scaled} (the same share of the run); choose with --warmup-epochs N"
+    )
+    recipe["warmup_epochs"], sources["warmup_epochs"] = scaled, "scaled:epochs"
 
 
 def validate_recipe(recipe: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,29 +15,24 @@ import timm
 import torch
 
 from .. import __version__ as petl_zoo_version
-from ..fingerprint import fingerprints
+from ..fingerprint import fingerprints, identity_diff
 from ..io import sha256_file
 from ..registry import get_method
 from . import distributed as D
-from .args import UserError, method_options, parse_key_values
-from .backbone import resolve_model_name
+from .args import UserError, build_train_parser, method_options, parse_key_values
+from .backbone import check_weights_file, resolve_model_name
 from .recipe import execution_defaults, resolve_recipe
 
-__all__ = ["RunSpec", "resolve_spec", "check_resume_config", "RESUME_KEYS"]
+__all__ = [
+    "RunSpec",
+    "resolve_spec",
+    "expected_config",
+    "run_differences",
+    "format_differences",
+    "check_resume_config",
+]
 
 logger = logging.getLogger(__name__)
-
-# Settings that must be equal for --resume to continue a run (everything that changes the numbers).
-RESUME_KEYS = (
-    "method",
-    "method_options",
-    "model",
-    "model_kwargs",
-    "task",
-    "pretrained_file",
-    "pretrained",
-    "recipe",
-)
 
 
 @dataclass
@@ -130,8 +126,7 @@ def _pretrained_file(args: Any) -> str | None:
     if args.pretrained_file is None:
         return None
     path = Path(args.pretrained_file).expanduser().absolute()
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained file {path} does not exist")
+    check_weights_file(path)
     return str(path)
 
 
@@ -172,7 +167,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         workers=workers,
         device=device,
         compile=args.compile,
-        progress=not args.no_progress,
+        progress=not args.no_progress and sys.stderr.isatty(),  # bars on a terminal, lines in a log
         keep_checkpoint=args.keep_checkpoint,
         find_unused_parameters=args.find_unused_parameters,
         resume=args.resume,
@@ -184,11 +179,45 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     )
 
 
+def expected_config(train_args: list[str]) -> dict[str, Any]:
+    """The ``config.json`` dict (with its fingerprints) that the trainer would write for the command
+    line ``train_args``, resolved in this process without touching the run folder (what the sweep
+    compares an existing run with). Bad arguments raise UserError (or another user error)."""
+    args = build_train_parser("tools/train.py", raise_errors=True).parse_args(train_args)
+    info = D.DistInfo()
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)  # only its type matters here (no CUDA context in the caller)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N") from None
+    return resolve_spec(args, device, ["tools/train.py", *train_args]).config_json(info)
+
+
+def run_differences(old: dict[str, Any], new: dict[str, Any], data_root: bool = True) -> list[str]:
+    """What makes the run of config ``old`` another run than ``new``: ``fingerprint.identity_diff``
+    (method, options, model, weights, recipe, task, data root) and the seed, as ``key: old -> new``;
+    ``data_root=False`` leaves the data root out (a resumed run may read moved data)."""
+    diff = identity_diff(old, new)
+    if not data_root:
+        diff = [d for d in diff if not d.startswith("data_root:")]
+    seeds = [(c.get("recipe") or {}).get("seed") for c in (old, new)]
+    if seeds[0] != seeds[1]:
+        diff.append(f"recipe.seed: {json.dumps(seeds[0])} -> {json.dumps(seeds[1])}")
+    return diff
+
+
+def format_differences(diff: list[str], limit: int = 6) -> str:
+    """``a: 1 -> 2, b: x -> y`` (at most ``limit``, then how many more)."""
+    shown = ", ".join(diff[:limit])
+    return shown + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
 def check_resume_config(saved: dict[str, Any], config: dict[str, Any], out: Path) -> None:
-    """Refuse to ``--resume`` the run in ``out`` with settings that change the numbers (``RESUME_KEYS``)."""
-    for key in RESUME_KEYS:
-        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(config[key], sort_keys=True):
-            raise UserError(
-                f"--resume: the run in {out} was started with {key}={json.dumps(saved.get(key))}, "
-                f"this command gives {json.dumps(config[key])}; repeat the original options or use --overwrite"
-            )
+    """Refuse to ``--resume`` the run in ``out`` with settings that change the numbers (everything in
+    ``run_differences`` but the data root), naming the keys that differ."""
+    diff = run_differences(saved, config, data_root=False)
+    if diff:
+        raise UserError(
+            f"--resume: the run in {out} was started with other settings ({format_differences(diff)}); "
+            "repeat the original options or use --overwrite"
+        )
