@@ -51,6 +51,7 @@ __all__ = [
     "AdaptedModule",
     "HookRegistry",
     "FOLD_OUTPUT_TYPES",
+    "Affine",
     "adapt_linear",
     "adapt_module",
     "adapt_child",
@@ -357,9 +358,9 @@ class AdaptedModule(_Wrapper):
         """Fold the sequential deltas into the wrapped layer; a no-op when merged or empty."""
         if self.merged or not (len(self.parallel) or len(self.sequential)):
             return
-        blockers = _module_blockers("", self)
-        if blockers[0] or blockers[1]:
-            raise ValueError(f"cannot merge: {(blockers[0] + blockers[1])[0]}")
+        dependent, unfoldable = _module_blockers(type(self.base).__name__, self)
+        if dependent or unfoldable:
+            raise ValueError(f"cannot merge: {(dependent + unfoldable)[0]}")
         self._originals = {name: t.detach().clone() for name, t in self.base.named_parameters(recurse=False)}
         try:
             for delta in self.sequential.values():
