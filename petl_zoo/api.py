@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .io import atomic_write, atomic_write_json, sha256_file
-from .layers import PetlModule, adapted_linears, place_like_host, unload_wrappers, unmergeable_deltas
+from .layers import PetlModule, adapted_wrappers, merge_blockers, place_like_host, unload_wrappers
 from .registry import Method, get_method
 from .targets import classifier_modules, model_family
 
@@ -350,12 +350,28 @@ def load_adapter_weights(
 def is_mergeable(model: nn.Module) -> bool:
     """Whether :func:`merge` can fold the method attached to ``model`` into its weights.
 
-    Derived from what is attached: every delta on a Linear has a weight-space form, and no delta sits on
-    a module (those depend on the input). A method that attaches nothing (``linear``, ``full``,
-    ``bitfit``) merges trivially.
+    Derived from what is attached: every delta has a weight-space form (a ``delta_weight`` on a Linear's
+    output slice, an ``affine`` map sequential on a Linear / Conv / LayerNorm or on a Linear's input) and
+    the host has a place for it (a bias for a shift); no delta sits in parallel on a module (those depend
+    on the input). A method that attaches nothing (``linear``, ``full``, ``bitfit``) merges trivially.
     """
     _require_method(model)
-    return not unmergeable_deltas(model)
+    dependent, unfoldable = merge_blockers(model)
+    return not dependent and not unfoldable
+
+
+def _raise_if_blocked(model: nn.Module, method: Method) -> None:
+    """One ValueError naming the first delta that keeps ``model`` from merging (and how many more)."""
+    dependent, unfoldable = merge_blockers(model)
+    blockers = dependent or unfoldable
+    if not blockers:
+        return
+    more = f" and {len(blockers) - 1} more" if len(blockers) > 1 else ""
+    if dependent:
+        why = "its update depends on the input, not only on the weights, so it has no weight-space form"
+    else:
+        why = "its weight-space form has no exact place in this host's layers"
+    raise ValueError(f"method '{method.name}' cannot be merged: {why} ({blockers[0]}{more})")
 
 
 def merge(model: nn.Module, unload: bool = False) -> nn.Module:
@@ -363,20 +379,22 @@ def merge(model: nn.Module, unload: bool = False) -> nn.Module:
 
     With ``unload=True`` the wrappers are also replaced by the plain timm layers and the method's hooks
     are folded or removed (irreversible: the model no longer carries the method). A model that is not
-    :func:`is_mergeable` and a second merge of a merged model are ValueErrors.
+    :func:`is_mergeable` and a second merge of a merged model are ValueErrors. A merge that fails part
+    way leaves the model unmerged.
     """
     method = _require_method(model)
-    blockers = unmergeable_deltas(model)
-    if blockers:
-        more = f" and {len(blockers) - 1} more" if len(blockers) > 1 else ""
-        raise ValueError(
-            f"method '{method.name}' cannot be merged: its update depends on the input, not only on the "
-            f"weights, so it has no weight-space form ({blockers[0]}{more})"
-        )
+    _raise_if_blocked(model, method)
     if getattr(model, "petl_merged", False):
         raise ValueError("model is already merged; call petl_zoo.unmerge(model) first")
-    for _, layer in adapted_linears(model):
-        layer.merge()
+    done = []
+    try:
+        for _, layer in adapted_wrappers(model):
+            layer.merge()
+            done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge()
+        raise
     model.petl_merged = True
     if unload:
         unload_wrappers(model)
@@ -387,11 +405,11 @@ def merge(model: nn.Module, unload: bool = False) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restore the exact original base weights after :func:`merge`."""
+    """Restore the exact original base weights (and biases) after :func:`merge`."""
     _require_method(model)
     if not getattr(model, "petl_merged", False):
         raise ValueError("model is not merged")
-    for _, layer in adapted_linears(model):
+    for _, layer in adapted_wrappers(model):
         layer.unmerge()
     model.petl_merged = False
     return model

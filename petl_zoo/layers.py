@@ -4,15 +4,28 @@ Every method module is a :class:`Delta`: ``forward(x, weight)`` returns an **add
 
 - On a Linear (:class:`AdaptedLinear`), ``weight`` is the frozen weight slice ``W0[start:stop]`` and the
   update is added to that output slice: ``y = x W0^T + b`` then ``y[..., start:stop] += d(x, W0[start:stop])``.
-  A delta with a weight-space form sets ``mergeable = True`` and implements ``delta_weight(weight)``: it
-  can be folded into ``W0`` (:meth:`AdaptedLinear.merge`) and taken out exactly.
-- On a timm sub-module (:class:`AdaptedModule`: an ``Mlp``, ``Attention`` or block), ``weight`` is None.
-  Parallel deltas see the module's input, ``out = base(x) + d(x, None)``; sequential ones its output,
-  ``out = m + d(m, None)`` with ``m = base(x)``. These depend on the input and never merge.
+  *Input deltas* of a Linear change what it reads instead: ``x <- x + d(x, None)``, then the Linear.
+- On a timm sub-module (:class:`AdaptedModule`: an ``Mlp``, ``Attention``, block, or a single Linear,
+  LayerNorm or Conv2d), ``weight`` is None. Parallel deltas see the module's input,
+  ``out = base(x) + d(x, None)``; sequential ones its output, ``out = m + d(m, None)`` with ``m = base(x)``.
 
-Whether a model merges is derived from what is attached (:func:`unmergeable_deltas`), never declared by
-the method. Forward pre-hooks that a method puts on timm modules are owned by one :class:`HookRegistry`
-(``Method.hooks``), which removes them all.
+Merging. A delta with a weight-space form sets ``mergeable = True`` and describes that form by where it
+sits; the wrapper folds it into the weights of the layer next to it and, while merged, keeps the
+originals so that unmerging is exact:
+
+- on a Linear's output slice: ``delta_weight(W0_slice)``, added to the slice: ``W <- W0 + delta_W``;
+- sequential on a Linear, Conv or LayerNorm (it reads the layer's output ``m``), or an input delta of a
+  Linear (it reads ``x``): ``affine() -> (M, c)``, the update as an affine map ``d(z) = M z + c`` of what
+  it reads, ``M`` per channel (``[C]``: ``M * z + c``) or a matrix (``[C, C]``), ``c`` a ``[C]`` shift or
+  None. Folded into the layer that produces ``m`` (:func:`fold_output`: ``W <- (I + M) W``,
+  ``b <- (I + M) b + c``) or into the Linear that consumes ``x`` (:func:`fold_input`: ``W <- W (I + M)``,
+  ``b <- b + W c``). A shift needs a bias to go to: a bias-free layer blocks the merge (it would add
+  a tensor that the plain timm model does not have).
+
+Parallel deltas on a module, and deltas without a weight-space form, depend on the input and never
+merge. Whether a model merges is derived from what is attached (:func:`merge_blockers`), never declared
+by the method. Forward pre-hooks that a method puts on timm modules are owned by one
+:class:`HookRegistry` (``Method.hooks``), which removes them all.
 
 Every tensor that lives under a :class:`PetlModule` belongs to the method: it is saved by
 ``save_adapter`` and counted as the method's.
@@ -20,7 +33,8 @@ Every tensor that lives under a :class:`PetlModule` belongs to the method: it is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,13 +50,25 @@ __all__ = [
     "AdaptedLinear",
     "AdaptedModule",
     "HookRegistry",
+    "FOLD_OUTPUT_TYPES",
+    "Affine",
     "adapt_linear",
     "adapt_module",
+    "adapt_child",
     "adapted_linears",
+    "adapted_wrappers",
+    "fold_output",
+    "fold_input",
+    "merge_blockers",
     "unmergeable_deltas",
     "unload_wrappers",
     "place_like_host",
 ]
+
+logger = logging.getLogger(__name__)
+
+#: Affine map ``d(z) = M z + c`` of a delta (see the module docstring): ``(M, c)``, ``c`` may be None.
+Affine = tuple[Tensor, "Tensor | None"]
 
 
 class PetlModule(nn.Module):
@@ -60,8 +86,10 @@ class Delta(PetlModule):
     """A method's trainable update; the one protocol of every method module (see the module docstring).
 
     ``forward(x, weight)`` returns the additive update for input ``x``: ``weight`` is the frozen weight
-    slice (``[stop-start, in]``) on a Linear and None on a module. Deltas that live in weight space set
-    ``mergeable = True`` and implement ``delta_weight(weight)`` (``[stop-start, in]``).
+    slice (``[stop-start, in]``) on a Linear's output slice and None elsewhere. Deltas that live in
+    weight space set ``mergeable = True`` and implement the form of their position:
+    ``delta_weight(weight)`` (``[stop-start, in]``) on a Linear's output slice, ``affine()`` as a
+    sequential delta on a Linear / Conv / LayerNorm or as an input delta of a Linear.
     """
 
     mergeable: bool = False
@@ -71,6 +99,10 @@ class Delta(PetlModule):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         raise ValueError(f"{type(self).__name__} has no weight-space form and cannot be merged")
+
+    def affine(self) -> Affine:
+        """``(M, c)`` with ``forward(z, None) == M z + c`` (``M * z + c`` for a per-channel ``[C]`` M)."""
+        raise ValueError(f"{type(self).__name__} has no affine form and cannot be folded into a layer")
 
 
 #: The former name of :class:`Delta` (a delta on a Linear slice), kept for existing code.
@@ -117,16 +149,105 @@ class _Wrapper(nn.Module):
             return getattr(self.base, name)
 
 
+#: Layers a sequential affine delta folds into: the first dim of their weight and their bias index the
+#: output channels (ConvTranspose, whose weight starts with the input channels, is not among them).
+FOLD_OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+def _work_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype folds are computed in: float32 for half types, the tensor's own otherwise (fp64 stays)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+@torch.no_grad()
+def fold_output(layer: nn.Module, matrix: Tensor, shift: Tensor | None) -> None:
+    """Fold ``out <- out + M out + c`` into the layer that produces ``out``: ``W <- (I + M) W`` and
+    ``b <- (I + M) b + c`` (``M`` per channel scales the first dim of any weight; a matrix ``M``
+    only folds into a Linear)."""
+    weight, bias = layer.weight, layer.bias
+    work = _work_dtype(weight)
+    w, m = weight.detach().to(work), matrix.detach().to(work)
+    b = None if bias is None else bias.detach().to(work)
+    if m.shape[0] != w.shape[0]:
+        raise ValueError(
+            f"an affine map of {m.shape[0]} channels cannot fold into a {type(layer).__name__} of {w.shape[0]}"
+        )
+    if m.dim() == 1:
+        dw = w * m.view(-1, *([1] * (w.dim() - 1)))
+        db = None if b is None else b * m
+    elif isinstance(layer, nn.Linear):
+        dw, db = m @ w, None if b is None else m @ b
+    else:
+        raise ValueError(f"a matrix affine map folds into a Linear, not into a {type(layer).__name__}")
+    if shift is not None:
+        if bias is None:
+            raise ValueError(f"the {type(layer).__name__} has no bias to take the shift")
+        db = db + shift.detach().to(work)
+    weight.add_(dw.to(weight.dtype))
+    if db is not None:
+        bias.add_(db.to(bias.dtype))
+
+
+@torch.no_grad()
+def fold_input(linear: nn.Linear, affines: Iterable[Affine]) -> None:
+    """Fold ``x <- x + sum_i (M_i x + c_i)`` into the Linear that reads ``x``: ``W <- W (I + sum M_i)``
+    and ``b <- b + W sum c_i`` (every term from the same ``W``)."""
+    weight, bias = linear.weight, linear.bias
+    work = _work_dtype(weight)
+    w = weight.detach().to(work)
+    dw = torch.zeros_like(w)
+    db = None
+    for matrix, shift in affines:
+        m = matrix.detach().to(work)
+        dw += w * m if m.dim() == 1 else w @ m
+        if shift is not None:
+            if bias is None:
+                raise ValueError("the Linear has no bias to take the shift")
+            db = (0 if db is None else db) + w @ shift.detach().to(work)
+    weight.add_(dw.to(weight.dtype))
+    if db is not None:
+        bias.add_(db.to(bias.dtype))
+
+
+def _has_shift(delta: Delta) -> bool:
+    with torch.no_grad():
+        return delta.affine()[1] is not None
+
+
+def _output_fold_blocker(layer: nn.Module, delta: Delta) -> str | None:
+    """Why ``delta``'s affine form cannot fold into the ``layer`` before it (None when it can)."""
+    kind = type(layer).__name__
+    if not isinstance(layer, FOLD_OUTPUT_TYPES):
+        return f"a {kind} is not a layer petl_zoo folds into (Linear, Conv, LayerNorm, GroupNorm)"
+    if getattr(layer, "weight", None) is None:
+        return f"the {kind} has no affine weight to fold into"
+    if isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) != 1:
+        return f"the {kind} normalises over {tuple(layer.normalized_shape)}, not over channels only"
+    if layer.bias is None and _has_shift(delta):
+        return f"the {kind} has no bias to take the shift"
+    return None
+
+
 class AdaptedLinear(_Wrapper):
-    """A frozen ``nn.Linear`` plus additive updates on output slices (see module docstring)."""
+    """A frozen ``nn.Linear`` plus additive updates on output slices and input deltas (see module
+    docstring): ``x' = x + sum d_in(x)``, ``y = base(x')``, ``y[..., start:stop] += d(x', W0[start:stop])``."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.base = base
         self.deltas = nn.ModuleDict()
+        self.input_deltas = nn.ModuleDict()
         self.slices: dict[str, tuple[int, int]] = {}
         self.merged = False
         self._original_weight: Tensor | None = None
+        self._original_bias: Tensor | None = None
 
     def add_delta(self, name: str, delta: Delta, start: int, stop: int) -> None:
         if name in self.deltas:
@@ -136,12 +257,24 @@ class AdaptedLinear(_Wrapper):
         self.deltas[name] = delta
         self.slices[name] = (start, stop)
 
+    def add_input_delta(self, name: str, delta: Delta) -> None:
+        """Attach ``delta`` on the input: the Linear then reads ``x + delta(x, None)``."""
+        if name in self.input_deltas:
+            raise ValueError(f"an input delta named {name!r} is already attached to this layer")
+        self.input_deltas[name] = delta
+
     def remove_delta(self, name: str) -> Delta:
         delta = self.deltas.pop(name)
         del self.slices[name]
         return delta
 
     def forward(self, x: Tensor) -> Tensor:
+        if len(self.input_deltas) and not self.merged:
+            update = None
+            for delta in self.input_deltas.values():
+                d = delta(x, None)
+                update = d if update is None else update + d
+            x = x + update
         y = self.base(x)
         if self.merged or not len(self.deltas):
             return y
@@ -158,46 +291,98 @@ class AdaptedLinear(_Wrapper):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold every delta into the base weight: ``W <- W0 + delta_W(W0)``; a no-op when merged."""
+        """Fold every delta into the base: ``W <- W0 + delta_W(W0)`` per output slice, then the input
+        deltas (:func:`fold_input`); a no-op when merged."""
         if self.merged:
             return
-        for name, delta in self.deltas.items():
+        for name, delta in (*self.deltas.items(), *self.input_deltas.items()):
             if not delta.mergeable:
                 raise ValueError(f"delta {name!r} ({type(delta).__name__}) cannot be merged")
-        weight = self.base.weight
+        weight, bias = self.base.weight, self.base.bias
         original = weight.detach().clone()
+        original_bias = bias.detach().clone() if len(self.input_deltas) and bias is not None else None
         for name, delta in self.deltas.items():
             start, stop = self.slices[name]
             weight[start:stop] += delta.delta_weight(original[start:stop]).to(weight.dtype)
+        if len(self.input_deltas):
+            try:
+                fold_input(self.base, [d.affine() for d in self.input_deltas.values()])
+            except BaseException:
+                weight.copy_(original)
+                if original_bias is not None:
+                    bias.copy_(original_bias)
+                raise
         self._original_weight = original
+        self._original_bias = original_bias
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the exact original weight W0 (kept from :meth:`merge`)."""
+        """Restore the exact original weight W0 (and bias, when input deltas were folded)."""
         if not self.merged:
             return
         self.base.weight.copy_(self._original_weight)
+        if self._original_bias is not None:
+            self.base.bias.copy_(self._original_bias)
         self._original_weight = None
+        self._original_bias = None
         self.merged = False
 
 
 class AdaptedModule(_Wrapper):
-    """A timm sub-module plus parallel deltas (on its input) and sequential ones (on its output)."""
+    """A timm sub-module plus parallel deltas (on its input) and sequential ones (on its output).
+
+    Sequential deltas with an affine form (:meth:`Delta.affine`) on a Linear, Conv or LayerNorm merge
+    into its weight and bias (:func:`fold_output`, in order); the originals are kept while merged."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.parallel = nn.ModuleDict()
         self.sequential = nn.ModuleDict()
+        self.merged = False
+        self._originals: dict[str, Tensor] | None = None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base(x, *args, **kwargs)
+        if self.merged:
+            return out
         for delta in self.parallel.values():
             out = out + delta(x, None)
         for delta in self.sequential.values():
             out = out + delta(out, None)
         return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the sequential deltas into the wrapped layer; a no-op when merged or empty."""
+        if self.merged or not (len(self.parallel) or len(self.sequential)):
+            return
+        dependent, unfoldable = _module_blockers(type(self.base).__name__, self)
+        if dependent or unfoldable:
+            raise ValueError(f"cannot merge: {(dependent + unfoldable)[0]}")
+        self._originals = {name: t.detach().clone() for name, t in self.base.named_parameters(recurse=False)}
+        try:
+            for delta in self.sequential.values():
+                fold_output(self.base, *delta.affine())
+        except BaseException:
+            self._restore()
+            raise
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the wrapped layer's exact original weight and bias (kept from :meth:`merge`)."""
+        if not self.merged:
+            return
+        self._restore()
+        self.merged = False
+
+    def _restore(self) -> None:
+        params = dict(self.base.named_parameters(recurse=False))
+        for name, original in (self._originals or {}).items():
+            params[name].copy_(original)
+        self._originals = None
 
 
 def adapt_linear(site: LinearSite) -> AdaptedLinear:
@@ -213,13 +398,25 @@ def adapt_linear(site: LinearSite) -> AdaptedLinear:
     return wrapper
 
 
-def adapt_module(site: ModuleSite) -> AdaptedModule:
-    """The :class:`AdaptedModule` at ``site``, wrapping the module there on first use."""
-    current = site.module
+def adapt_module(site: ModuleSite | LinearSite) -> AdaptedModule:
+    """The :class:`AdaptedModule` at ``site``, wrapping the module there on first use. For a
+    :class:`LinearSite` the whole Linear is wrapped (after the site's ``before_adapt`` step)."""
+    return adapt_child(site.parent, site.attr, getattr(site, "before_adapt", None))
+
+
+def adapt_child(
+    parent: nn.Module, attr: str, before_adapt: Callable[[], None] | None = None
+) -> AdaptedModule:
+    """The :class:`AdaptedModule` at ``parent.attr`` (a patch-embedding conv, a norm ...), wrapping the
+    module there on first use; ``before_adapt`` runs first when given."""
+    current = getattr(parent, attr)
     if isinstance(current, AdaptedModule):
         return current
+    if before_adapt is not None:
+        before_adapt()
+        current = getattr(parent, attr)
     wrapper = AdaptedModule(current)
-    setattr(site.parent, site.attr, wrapper)
+    setattr(parent, attr, wrapper)
     return wrapper
 
 
@@ -236,6 +433,12 @@ def _move(module: PetlModule, like: Tensor) -> None:
     module.to(device=like.device, dtype=dtype)
 
 
+def _wrapper_deltas(module: AdaptedLinear | AdaptedModule) -> tuple[Delta, ...]:
+    if isinstance(module, AdaptedLinear):
+        return (*module.deltas.values(), *module.input_deltas.values())
+    return (*module.parallel.values(), *module.sequential.values())
+
+
 @torch.no_grad()
 def place_like_host(model: nn.Module) -> None:
     """Move every method module to the device and floating dtype of what it adapts: a Linear's weight for
@@ -246,15 +449,7 @@ def place_like_host(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, (AdaptedLinear, AdaptedModule)):
             like = _reference_tensor(module.base)
-            children = (
-                module.deltas.values()
-                if isinstance(module, AdaptedLinear)
-                else (
-                    *module.parallel.values(),
-                    *module.sequential.values(),
-                )
-            )
-            for delta in children:
+            for delta in _wrapper_deltas(module):
                 if like is not None:
                     _move(delta, like)
                 placed.update(id(m) for m in delta.modules())
@@ -271,24 +466,67 @@ def adapted_linears(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
             yield name, module
 
 
-def unmergeable_deltas(model: nn.Module) -> list[str]:
-    """Why the updates attached to ``model`` have no weight-space form: one entry per delta that blocks a
-    merge (a delta on a Linear without one, or any delta on a module); empty when the model merges."""
-    found = []
+def adapted_wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear | AdaptedModule]]:
+    """Every wrapper in ``model`` (both kinds), in module order: what ``merge``/``unmerge`` visit."""
+    for name, module in model.named_modules():
+        if isinstance(module, (AdaptedLinear, AdaptedModule)):
+            yield name, module
+
+
+def _linear_blockers(name: str, module: AdaptedLinear) -> tuple[list[str], list[str]]:
+    dependent = [
+        f"{name}.deltas.{key} ({type(d).__name__})" for key, d in module.deltas.items() if not d.mergeable
+    ]
+    unfoldable = []
+    for key, d in module.input_deltas.items():
+        if not d.mergeable:
+            dependent.append(f"{name}.input_deltas.{key} ({type(d).__name__} on a Linear's input)")
+        elif module.base.bias is None and _has_shift(d):
+            unfoldable.append(
+                f"{name}.input_deltas.{key} ({type(d).__name__}: the Linear has no bias to take its shift)"
+            )
+    return dependent, unfoldable
+
+
+def _module_blockers(name: str, module: AdaptedModule) -> tuple[list[str], list[str]]:
+    dependent = [
+        f"{name}.parallel.{key} ({type(d).__name__} on a module)" for key, d in module.parallel.items()
+    ]
+    unfoldable = []
+    for key, d in module.sequential.items():
+        if not d.mergeable:
+            dependent.append(f"{name}.sequential.{key} ({type(d).__name__} on a module)")
+            continue
+        reason = _output_fold_blocker(module.base, d)
+        if reason is not None:
+            unfoldable.append(f"{name}.sequential.{key} ({type(d).__name__}: {reason})")
+    return dependent, unfoldable
+
+
+def merge_blockers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """What keeps ``model`` from merging, one entry per delta, in two kinds: deltas whose update depends
+    on the input (no weight-space form: a delta on a module, or on a Linear without ``delta_weight`` /
+    ``affine``), and deltas with a weight-space form that this host has no exact place for (a shift on
+    a layer without a bias ...). Both empty when the model merges."""
+    dependent: list[str] = []
+    unfoldable: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLinear):
-            found += [
-                f"{name}.deltas.{key} ({type(d).__name__})"
-                for key, d in module.deltas.items()
-                if not d.mergeable
-            ]
+            found = _linear_blockers(name, module)
         elif isinstance(module, AdaptedModule):
-            for kind in ("parallel", "sequential"):
-                found += [
-                    f"{name}.{kind}.{key} ({type(d).__name__} on a module)"
-                    for key, d in getattr(module, kind).items()
-                ]
-    return found
+            found = _module_blockers(name, module)
+        else:
+            continue
+        dependent += found[0]
+        unfoldable += found[1]
+    return dependent, unfoldable
+
+
+def unmergeable_deltas(model: nn.Module) -> list[str]:
+    """Every delta that blocks a merge of ``model`` (both kinds of :func:`merge_blockers`); empty when
+    the model merges."""
+    dependent, unfoldable = merge_blockers(model)
+    return dependent + unfoldable
 
 
 def unload_wrappers(model: nn.Module) -> int:
@@ -301,14 +539,39 @@ def unload_wrappers(model: nn.Module) -> int:
     for name, module in reversed(list(model.named_modules())):
         if not isinstance(module, (AdaptedLinear, AdaptedModule)):
             continue
-        if isinstance(module, AdaptedLinear) and len(module.deltas) and not module.merged:
+        if isinstance(module, AdaptedLinear) and len(_wrapper_deltas(module)) and not module.merged:
             raise ValueError(f"{name} holds unmerged updates; merge before unloading")
-        if isinstance(module, AdaptedModule) and (len(module.parallel) or len(module.sequential)):
+        if isinstance(module, AdaptedModule) and len(module.parallel):
             raise ValueError(f"{name} holds input-dependent deltas that cannot be unloaded")
+        if isinstance(module, AdaptedModule) and len(module.sequential) and not module.merged:
+            raise ValueError(f"{name} holds unmerged updates; merge before unloading")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, module.base)
         count += 1
     for module in model.modules():  # separate q/v biases back where the host keeps them
         unfold_qkv_bias(module)
+    _warn_unsaved_buffers(model)
     return count
+
+
+def _warn_unsaved_buffers(model: nn.Module) -> None:
+    """A merge that moved a key bias into a host's non-persistent ``k_bias`` buffer (Eva, BEiT, SwinV2
+    keep no key-bias parameter): the model computes the merged function, its ``state_dict`` does not
+    hold that buffer."""
+    names = [
+        f"{name}.k_bias"
+        for name, module in model.named_modules()
+        if "k_bias" in module._non_persistent_buffers_set
+        and module._buffers.get("k_bias") is not None
+        and not module._buffers["k_bias"].is_meta
+        and bool(module._buffers["k_bias"].detach().abs().max() > 0)
+    ]
+    if names:
+        logger.warning(
+            "the merged key bias of %d attention(s) (e.g. %s) lives in the host's non-persistent k_bias "
+            "buffer: this model computes the merged function, but model.state_dict() does not hold it "
+            "(save the adapter, or the whole module, rather than the state dict)",
+            len(names),
+            names[0],
+        )
