@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..config import MethodConfig, bounded, positive
 from ..layers import AdaptedModule, Delta
@@ -80,10 +81,14 @@ class VptPrompts(Delta):
         super().__init__()
         self.tokens = nn.Parameter(torch.empty(num_prompts, width))
         nn.init.uniform_(self.tokens, -bound, bound)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = dropout
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
-        return self.dropout(self.tokens.to(x.dtype).expand(x.shape[0], -1, -1))
+        # Under no_grad a view of the parameter would require grad without a grad_fn, which module hooks
+        # (torch's FlopCounterMode / ModuleTracker) reject: take the detached tensor there (same values).
+        source = self.tokens if torch.is_grad_enabled() else self.tokens.detach()
+        tokens = source.to(x.dtype).expand(x.shape[0], -1, -1)
+        return F.dropout(tokens, self.dropout, self.training) if self.dropout > 0 else tokens
 
 
 class PromptedBlock(AdaptedModule):
