@@ -49,6 +49,7 @@ __all__ = [
     "LinearDelta",
     "AdaptedLinear",
     "AdaptedModule",
+    "Wrapper",
     "HookRegistry",
     "FOLD_OUTPUT_TYPES",
     "Affine",
@@ -135,8 +136,9 @@ class HookRegistry:
         return len(self._handles)
 
 
-class _Wrapper(nn.Module):
-    """Shared behaviour of the wrappers: attribute fall-through to the wrapped timm module."""
+class Wrapper(nn.Module):
+    """Shared behaviour of the wrappers: the wrapped timm module is ``base`` (``targets`` unwraps it),
+    attributes fall through to it."""
 
     _petl_wrapper = True
 
@@ -235,7 +237,7 @@ def _output_fold_blocker(layer: nn.Module, delta: Delta) -> str | None:
     return None
 
 
-class AdaptedLinear(_Wrapper):
+class AdaptedLinear(Wrapper):
     """A frozen ``nn.Linear`` plus additive updates on output slices and input deltas (see module
     docstring): ``x' = x + sum d_in(x)``, ``y = base(x')``, ``y[..., start:stop] += d(x', W0[start:stop])``."""
 
@@ -329,7 +331,7 @@ class AdaptedLinear(_Wrapper):
         self.merged = False
 
 
-class AdaptedModule(_Wrapper):
+class AdaptedModule(Wrapper):
     """A timm sub-module plus parallel deltas (on its input) and sequential ones (on its output).
 
     Sequential deltas with an affine form (:meth:`Delta.affine`) on a Linear, Conv or LayerNorm merge

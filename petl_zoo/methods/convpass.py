@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig, fraction, nonzero, positive
-from ..layers import AdaptedModule, Delta
+from ..layers import AdaptedModule, Delta, Wrapper
 from ..registry import Method, register_method
 from ..targets import BlockInfo, family_of, iter_blocks
 
@@ -191,25 +191,15 @@ class ConvpassTap(AdaptedModule):
         return self.sequential["convpass"](h, None, grid)
 
 
-class ConvpassInject(nn.Module):
+class ConvpassInject(Wrapper):
     """Wraps a block's drop-path after a sub-layer: ``DropPath(y) + DropPath(C(N(x))) * s``, two
     independent drop-path masks (the authors' ``forward_block``); the bypass skips the layer scale."""
-
-    _petl_wrapper = True
 
     def __init__(self, drop_path: nn.Module, tap: ConvpassTap, scale: float) -> None:
         super().__init__()
         self.base = drop_path
         object.__setattr__(self, "tap", tap)  # not a child: the tap lives at the norm
         self.scale = scale
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base":
-                raise
-            return getattr(self.base, name)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
