@@ -379,3 +379,13 @@ def test_paper_preset_gives_valid_recipes_for_every_task():
         "drop_path": 0.1,
         "protocol": "default",
     }
+
+
+def test_recipe_lr_is_the_authors_most_common_per_task_lr():
+    import statistics
+
+    from petl_zoo.presets import load_preset
+
+    preset = load_preset("ssf")
+    lrs = [preset.for_task(task)[1]["lr"] for task in preset.tasks]
+    assert petl_zoo.get_method("ssf").recipe == {"lr": statistics.mode(lrs)} == {"lr": 5e-3}
