@@ -74,6 +74,7 @@ def create(method: str, model: nn.Module, *, train_attn_pool: bool = False, **op
             p.requires_grad_(False)
         instance.apply(model)
         place_like_host(model)
+        _match_training_mode(model, snapshot)
         for p in classifier_parameters(model, include_attn_pool=train_attn_pool):
             p.requires_grad_(True)
     except BaseException:
@@ -82,6 +83,16 @@ def create(method: str, model: nn.Module, *, train_attn_pool: bool = False, **op
         raise
     model.petl_method = instance
     return model
+
+
+def _match_training_mode(model: nn.Module, snapshot: "_ModelSnapshot") -> None:
+    """Modules the method added take the model's train/eval mode (a fresh module is in train mode, so a
+    prompt or adapter dropout would otherwise run on a model the user had put in eval mode); the
+    model's own modules keep theirs."""
+    known = {id(m) for m, _, _ in snapshot.modules}
+    for module in model.modules():
+        if id(module) not in known:
+            module.training = model.training
 
 
 class _ModelSnapshot:

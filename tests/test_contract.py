@@ -230,6 +230,19 @@ def test_bf16_model_forward_backward(name, family):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("name", BUILTIN)
+def test_added_modules_take_the_models_mode(name):
+    """A fresh module is in train mode: on a model the user put in eval mode, an added dropout (VPT's
+    prompts, adapters) would run anyway unless create() gives the new modules the model's mode."""
+    for training in (False, True):
+        model = FAMILIES["vit"]().train(training)
+        model.blocks[0].attn.attn_drop.train(not training)  # a module of the model keeps its own mode
+        petl_zoo.create(name, model)
+        assert model.blocks[0].attn.attn_drop.training is not training
+        added = [n for n, m in model.named_modules() if isinstance(m, PetlModule)]
+        assert all(m.training is training for m in model.modules() if isinstance(m, PetlModule)), added
+
+
 @pytest.mark.parametrize("family", ["vit", "swin", "eva02"])
 @pytest.mark.parametrize("name", BUILTIN)
 def test_meta_device_then_to_empty_and_load(name, family):

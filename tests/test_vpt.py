@@ -192,10 +192,9 @@ def test_options_and_recipe():
     with pytest.raises(ValueError, match=r"prompt_dropout must be in \[0, 1\)"):
         VptConfig(prompt_dropout=1.0)
     recipe, sources = resolve_recipe("vtab", Vpt.recipe, {}, "vpt")
-    assert (
-        recipe["batch_size"] == 128 and recipe["drop_path"] == 0.0 and sources["batch_size"] == "method:vpt"
-    )
-    assert recipe["lr"] == 1e-3  # the paper's SGD learning rates do not carry over: the shared AdamW value
+    assert recipe["drop_path"] == 0.0 and sources["drop_path"] == "method:vpt" and recipe["min_lr"] == 0.0
+    # the paper's SGD learning rate, and the batch size its lr rule is tied to, do not carry over to AdamW
+    assert (recipe["lr"], recipe["batch_size"]) == (1e-3, 64) and sources["lr"] == "recipe:vtab"
 
 
 # -- refusals, merge, save/load ------------------------------------------------------------------------
@@ -235,3 +234,24 @@ def test_not_mergeable_and_save_load(deep, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+def test_eval_mode_host_gets_eval_mode_prompt_dropout():
+    model = petl_zoo.create("vpt", tiny_vit().eval(), prompt_dropout=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+
+
+def test_flop_counter_sees_the_prompted_forward():
+    """torch's module tracking (FlopCounterMode, used by tools/benchmark.py) under no_grad: the prompt
+    dropout's input must not be a no-grad view of a Parameter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = petl_zoo.create("vpt", tiny_vit()).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 32, 32))
+    assert counter.get_total_flops() > 0

@@ -22,9 +22,10 @@ VTAB-1K setting: VPT-deep (the paper's main rows), 10 prompts, prompt dropout 0.
 commands; shallow uses 0.0): ``12 * 768 * 10 = 92,160`` trainable parameters on ViT-B/16 (head
 excluded); shallow ``768 p`` (7,680 for p = 10), deep p = 50: 460,800. The paper tunes ``p`` per task
 and trains with SGD (momentum 0.9, batch 128, lr and weight decay from a grid): petl_zoo's recipe has
-no optimizer key, so ``Vpt.recipe`` carries only the paper's batch size, its drop-path 0 (its backbone
-is kept in eval mode) and its schedule ends (warmup from 0, cosine to 0); the rest is documented in
-``petl_zoo/presets/vpt.yaml`` (``recipe_extra``) and ``docs/vpt.md``. Not mergeable.
+no optimizer key, so ``Vpt.recipe`` carries only the paper's values that do not depend on it: drop-path
+0 (its backbone is kept in eval mode) and the schedule ends (warmup from 0, cosine to 0). Its batch size
+is tied to its SGD learning rate (``lr = base_lr * batch / 256``) and stays in the preset; the rest is
+documented in ``petl_zoo/presets/vpt.yaml`` (``recipe_extra``) and ``docs/vpt.md``. Not mergeable.
 
 Parity (``tests/test_vpt.py``): the authors' ``incorporate_prompt`` and ``forward_deep_prompt``
 (KMnP/vpt ``src/models/vit_prompt/vit.py`` @ 4410440), re-hosted on timm's blocks with the same prompt
@@ -74,7 +75,8 @@ def prompt_init_bound(patch_size: tuple[int, int], width: int) -> float:
 
 class VptPrompts(Delta):
     """One block's prompt tokens ``P`` (``[p, D]``). ``forward(x, None)`` returns ``drop(P)`` expanded
-    over the batch of ``x`` (``[B, p, D]``, x's dtype); :class:`PromptedBlock` puts them in the sequence.
+    over the batch of ``x`` (``[B, p, D]``, x's dtype, one dropout mask per sample);
+    :class:`PromptedBlock` puts them in the sequence.
     """
 
     def __init__(self, num_prompts: int, width: int, bound: float, dropout: float) -> None:
@@ -138,10 +140,10 @@ def _count_prompts_as_prefix(model: nn.Module, prefix: int, num_prompts: int) ->
         attn = info.module.attn
         while getattr(attn, "_petl_wrapper", False):
             attn = attn.base
-        if getattr(attn, "num_prefix_tokens", prefix) != prefix:
+        if getattr(attn, "num_prefix_tokens", None) != prefix:
             raise ValueError(
-                f"vpt: attention of block {info.path} counts {attn.num_prefix_tokens} prefix tokens, "
-                f"the model {prefix}"
+                f"vpt: the {type(attn).__name__} of block {info.path} does not count the model's {prefix} "
+                "prefix tokens (num_prefix_tokens), so its rotary embedding cannot skip the prompts"
             )
         attn.num_prefix_tokens = prefix + num_prompts
 
@@ -156,7 +158,7 @@ class Vpt(Method):
         "prompts change the token count, and its relative position bias tables or window attention "
         "are built for a fixed token layout (VPT's Swin variant is not implemented)"
     )
-    recipe = {"batch_size": 128, "drop_path": 0.0, "warmup_lr": 0.0, "min_lr": 0.0}
+    recipe = {"drop_path": 0.0, "warmup_lr": 0.0, "min_lr": 0.0}
 
     def apply(self, model: nn.Module) -> None:
         cfg: VptConfig = self.config
