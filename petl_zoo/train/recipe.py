@@ -72,12 +72,18 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 
 def resolve_recipe(
-    name: str, method_recipe: dict[str, Any] | None, flags: dict[str, Any], method: str = ""
+    name: str,
+    method_recipe: dict[str, Any] | None,
+    flags: dict[str, Any],
+    method: str = "",
+    preset: tuple[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The recipe values and where each came from (``recipe:<name>``, ``method:<method>``, ``flag``, or
-    ``scaled:epochs`` for a warmup shortened to fit a short run, see ``_fit_warmup``).
+    """The recipe values and where each came from (``recipe:<name>``, ``method:<method>``,
+    ``preset:<method>/<name>``, ``flag``, or ``scaled:epochs`` for a warmup shortened to fit a short run,
+    see ``_fit_warmup``): the recipe < the method's recipe < the preset's values < flags.
 
-    ``flags`` maps recipe keys to command-line values; ``None`` means "not given".
+    ``flags`` maps recipe keys to command-line values; ``None`` means "not given". ``preset`` is
+    ``(label, values)`` of a per-task preset (``petl_zoo.presets``).
     """
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}")
@@ -90,7 +96,15 @@ def resolve_recipe(
             )
         recipe[key] = value
         sources[key] = f"method:{method}"
-    planned_epochs = recipe["epochs"]
+    planned_epochs = recipe["epochs"]  # a shorter run from the preset or a flag scales the warmup
+    label, values = preset if preset is not None else ("", {})
+    for key, value in values.items():
+        if key not in recipe:
+            raise ValueError(
+                f"preset {label} sets unknown recipe key {key!r}; valid keys: {', '.join(RECIPE_KEYS)}"
+            )
+        recipe[key] = value
+        sources[key] = f"preset:{label}"
     for key, value in flags.items():
         if key not in recipe:
             raise ValueError(f"unknown recipe key {key!r}; valid keys: {', '.join(RECIPE_KEYS)}")
