@@ -1,4 +1,4 @@
-"""Image transforms resolved from a timm model: the model's own config, or the papers' VTAB protocol."""
+"""Image transforms resolved from a timm model: the model's own config, or unnormalised inputs (``vtab``)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def build_transform(model: torch.nn.Module, protocol: str = "default", augment: 
 
     ``default``: resize to exactly (H, W) with the model config's interpolation, ToTensor,
     Normalize(mean, std) from ``timm.data.resolve_model_data_config``.
-    ``vtab``: the papers' protocol: bicubic resize to (H, W), ToTensor, no normalisation.
+    ``vtab``: unnormalised inputs, the Lily / Binary-Adapter convention: bicubic resize to (H, W),
+    ToTensor, no normalisation (VPT, SSF, FacT, Convpass, RepAdapter and NOAH normalise).
     ``augment=True`` replaces the resize with RandomResizedCrop(scale 0.8-1.0) plus a random
     horizontal flip (train time only; it changes the meaning of position/orientation labels).
     """

@@ -42,7 +42,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup_lr": 1e-6,
         "min_lr": 1e-5,
         "drop_path": 0.1,
-        "protocol": "vtab",
+        # The backbone's own input normalisation (timm's pretrained config), as a timm user expects and
+        # as VPT, SSF, FacT, Convpass, RepAdapter and NOAH trained; "vtab" (unnormalised [0, 1] inputs,
+        # the Lily / Binary-Adapter convention) was the default until it was measured to cost a linear
+        # probe on the proxy ViT 37 points (docs/train.md, "Input protocol").
+        "protocol": "default",
         "augment": False,
         "eval_every": 10,
         "seed": 0,
