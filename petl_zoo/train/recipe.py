@@ -11,6 +11,8 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+from vtab.transforms import PROTOCOLS
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,7 +31,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PROTOCOLS = ("vtab", "default")
 SELECT_ON = ("test", "val")
 
 RECIPES: dict[str, dict[str, Any]] = {
