@@ -69,9 +69,13 @@ def _draw(ax: Any, points: list[PlotPoint], selection_label: str) -> None:
             continue
         legend = f"{legend}, {selection_label}" if style == "ours" else legend
         ax.scatter([x for x, _ in mine], [p.accuracy for _, p in mine], marker=marker, c=colour, label=legend)
-        for x, p in mine:
-            text = p.label + (" (0 params)" if p.params_m <= 0 else "")
-            ax.annotate(text, (x, p.accuracy), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    # labels above and below in turn (by accuracy), so that close points do not write over each other
+    order = sorted(range(len(points)), key=lambda i: points[i].accuracy)
+    for rank, i in enumerate(order):
+        p = points[i]
+        text = p.label + (" (0 params)" if p.params_m <= 0 else "")
+        offset = (4, 3) if rank % 2 == 0 else (4, -8)
+        ax.annotate(text, (xs[i], p.accuracy), textcoords="offset points", xytext=offset, fontsize=6)
 
 
 def plot_accuracy_vs_params(
@@ -101,7 +105,9 @@ def plot_accuracy_vs_params(
     _draw(ax, usable, selection_label)
     ax.set_xscale("log")
     ax.set_xlabel("Trainable parameters (M, classifier head excluded, log scale)")
-    ax.set_ylabel(f"{mean_label}, top-1 (%)\nours: {selection_label}; published: the source's rule")
+    rules = [f"ours: {selection_label}"] if any(p.style == "ours" for p in usable) else []
+    rules += ["published: the source's rule"] if any(p.style != "ours" for p in usable) else []
+    ax.set_ylabel(f"{mean_label}, top-1 (%)\n{'; '.join(rules)}")
     ax.set_title("VTAB-1K: accuracy vs trainable parameters", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

@@ -1,19 +1,31 @@
 """The VTAB-1K results table: collect every ``result.json`` below a folder and print one row per method.
 
-Columns: the 19 tasks in VTAB order, then any other task found (custom tasks), the three group means
-(Natural, Specialized, Structured), the mean of the group means (what most papers print), the 19-task
-mean and the method's trainable parameters in millions (head excluded, mean over the row's runs).
+Columns: method, model, input protocol (recipe ``protocol``: ``vtab`` = unnormalised [0, 1] inputs,
+``default`` = the backbone's own normalisation) and preset (config.json ``preset``, ``-`` for none);
+the 19 tasks in VTAB order, then any other task found (custom tasks); the three group means (Natural,
+Specialized, Structured, then the groups of other tasks: ``demo`` for digits, ``other``); the two
+averaging conventions, always labelled: ``Mean of groups`` (the mean of the group means, what most
+papers print) and ``Mean of tasks`` (the plain mean; the 19-task mean at 19/19); the method's
+trainable parameters in millions (head excluded, mean over the row's runs) and ``Tasks`` (VTAB tasks
+present of 19, ``+k`` other tasks).
 
 Rules: accuracies are percentages with one decimal; several seeds of a task give ``mean +- std`` (sample
-std, ddof=1); a missing run is a blank cell, never a zero; a group mean with any task of the group
-missing is blank (the ``Tasks`` column says how many of the 19 are present), and so are the means built
-on it. Best (``test_acc_best``, the papers' convention) and last (``test_acc_last``) are separate tables.
+std, ddof=1); a missing run is a blank cell, never a zero. Means are over the tasks present: a group
+over part of its tasks prints ``(present/all)``, and the notes under the table say which tasks the
+means of an incomplete row cover. Last epoch (``test_acc_last``, no selection on test) is the first
+table, best-of-test (``test_acc_best``, most papers' number) the second.
 
 Only runs made the same way are averaged as seeds: a row is one method, model, method config and
 **recipe fingerprint** (:func:`petl_zoo.fingerprint.recipe_fingerprint` of the run's ``config.json``
-next to its ``result.json``, or the ``fingerprint`` the run recorded). Runs of one method that differ
-get rows of their own, labelled with what differs (``lora (recipe.epochs=3)``). A result folder
-without ``config.json`` is grouped as before, by method, model and method config.
+next to its ``result.json``, or the ``fingerprint`` the run recorded; it covers the protocol and the
+preset). Runs of one method that differ get rows of their own, labelled with what differs
+(``lora (recipe.epochs=3)``). A result folder without ``config.json`` is grouped as before, by method,
+model and method config. A tuning sweep's runs (below ``tune-*`` folders, :mod:`petl_zoo.tuned`) are
+left out of this grouping: the retrained runs of one grid make one *tuned* row per method over tasks.
+
+``--published`` adds the published rows (:mod:`petl_zoo.published`) as a table of their own, with
+source, selection rule, weights and input normalisation; ``--plot`` draws accuracy against trainable
+parameters (:mod:`petl_zoo.plot`). Details: docs/table.md.
 
 A ``result.json`` or ``config.json`` that cannot be read or is not valid JSON is an error naming the
 file (a run folder is damaged: nothing is averaged over what is left); the command line reports it as
@@ -289,6 +301,8 @@ def _already_shown(key: str, shown: set[str]) -> bool:
 
 
 def _label_text(key: str, value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, str):
         return value[:12] if key.endswith("sha256") else value
     return json.dumps(value, sort_keys=True)
@@ -824,8 +838,7 @@ def plot_points(
             points.append(PlotPoint(row.name, params, acc, "ours"))
     for r in published:
         if r.params_m is not None:
-            label = f"{r.name} ({r.source.key})"
-            points.append(PlotPoint(label, r.params_m, recompute(r.accuracy)[lit_key], r.selection))
+            points.append(PlotPoint(r.name, r.params_m, recompute(r.accuracy)[lit_key], r.selection))
     return points
 
 

@@ -220,7 +220,7 @@ def test_plot_writes_png_and_svg(tmp_path):
     root = ET.parse(svg).getroot()
     assert root.tag.endswith("svg")
     text = svg.read_text()
-    assert "Mean of group means" in text and "last epoch" in text and "LoRA (fact-aaai23)" in text
+    assert "Mean of group means" in text and "last epoch" in text and "<!-- LoRA -->" in text
     rows, _ = collect_rows(tmp_path)
     from petl_zoo.published import load_published
 
