@@ -935,6 +935,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     prog = prog or os.path.basename(sys.argv[0])
     p = _parser(prog)
     args = p.parse_args(argv)
+    if args.root is None and args.published not in (None, "same", "all") and Path(args.published).is_dir():
+        args.root, args.published = args.published, "same"  # `--published runs/`: the folder, not methods
+    if args.root is None and args.published == "same":
+        args.published = "all"  # no rows of ours to match: every published row
     if args.root is None and args.published is None:
         p.error("give a results folder (or --published to show the published rows alone)")
 

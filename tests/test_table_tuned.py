@@ -204,6 +204,9 @@ def test_published_rows_beside_ours_same_methods_all_and_csv(tmp_path, capsys):
     ours = next(r for r in rows if r["metric"] == "last" and r["preset"] == "lora/paper")
     assert ours["protocol"] == "default" and ours["source"] == "ours"
     assert main(["--published", "all"]) == 0 and "RepAdapter" in capsys.readouterr().out
+    assert main(["--published", str(tmp_path)]) == 0  # a folder after --published is the results folder
+    out = capsys.readouterr().out
+    assert "| lora (tuned on val200" in out and "| LoRA | fact-aaai23 |" in out and "| SSF |" not in out
     with pytest.raises(SystemExit) as exit_:
         main([], prog="table")
     assert exit_.value.code == 2 and "give a results folder" in capsys.readouterr().err
