@@ -123,6 +123,8 @@ def test_wheel_in_fresh_venv_runs_the_console_commands(venv):
     _run([petl_zoo_cmd, "eval", "--adapter", str(run), "--check"], work, env)
     table = _run([petl_zoo_cmd, "table", str(work / "runs")], work, env).stdout
     assert "lora" in table
+    published = _run([petl_zoo_cmd, "table", "--published", "all"], work, env).stdout  # package data
+    assert "| RepAdapter | vpetl-bench |" in published and "JieShibo/PETL-ViT" in published
     card = work / "card"
     _run([petl_zoo_cmd, "card", str(run), "--out", str(card)], work, env)
     assert "petl_zoo.from_pretrained" in (card / "README.md").read_text()

@@ -91,17 +91,17 @@ def test_group_means_match_hand_numbers(tmp_path):
     assert c["specialized"].mean == pytest.approx(83.0)
     assert c["structured"].mean == pytest.approx(55.0)
     assert c["mean_groups"].mean == pytest.approx((40 + 83 + 55) / 3)
-    assert c["mean_19"].mean == pytest.approx(1052 / 19)
+    assert c["mean_tasks"].mean == pytest.approx(1052 / 19)
     assert c["params_m"].mean == pytest.approx(2.0)
     assert c["tasks"].mean == 19
     lc = cells_of(last, "full")
-    assert lc["natural"].mean == pytest.approx(39.0) and lc["mean_19"].mean == pytest.approx(1052 / 19 - 1)
+    assert lc["natural"].mean == pytest.approx(39.0) and lc["mean_tasks"].mean == pytest.approx(1052 / 19 - 1)
     md = render(best, "markdown")
     line = next(ln for ln in md.splitlines() if ln.startswith("| full "))
     assert "| 40.0 | 83.0 | 55.0 | 59.3 | 55.4 | 2.00 | 19/19 |" in line
 
 
-def test_missing_tasks_are_blank_never_zero(tmp_path):
+def test_missing_tasks_are_blank_never_zero_and_means_say_what_they_cover(tmp_path):
     for task, acc in HAND.items():
         if task != "dmlab":
             write_result(tmp_path, "lora", task, acc / 100, acc / 100)
@@ -109,20 +109,21 @@ def test_missing_tasks_are_blank_never_zero(tmp_path):
     c = cells_of(table, "lora")
     assert c["dmlab"].mean is None
     assert c["natural"].mean == pytest.approx(40.0) and c["specialized"].mean == pytest.approx(83.0)
-    assert c["structured"].mean is None and c["mean_groups"].mean is None and c["mean_19"].mean is None
+    # structured over the 7 tasks present (dmlab = 40 missing): (440 - 40) / 7, marked 7/8
+    assert c["structured"].mean == pytest.approx(400 / 7) and c["structured"].part == (7, 8)
+    assert c["mean_groups"].mean == pytest.approx((40 + 83 + 400 / 7) / 3)
+    assert c["mean_tasks"].mean == pytest.approx((1052 - 40) / 18)
     assert c["tasks"].mean == 18
-    line = next(ln for ln in render(table, "markdown").splitlines() if ln.startswith("| lora "))
+    md = render(table, "markdown")
+    line = next(ln for ln in md.splitlines() if ln.startswith("| lora "))
     cols = [s.strip() for s in line.strip("|").split("|")]
-    headers = [s.strip() for s in render(table, "markdown").splitlines()[2].strip("|").split("|")]
+    headers = [s.strip() for s in md.splitlines()[2].strip("|").split("|")]
     row = dict(zip(headers, cols))
-    assert (
-        row["DMLab"] == ""
-        and row["Structured"] == ""
-        and row["Mean (groups)"] == ""
-        and row["Mean (19)"] == ""
-    )
-    assert row["Natural"] == "40.0" and row["Tasks"] == "18/19"
+    assert row["DMLab"] == "" and row["Structured"] == "57.1 (7/8)" and row["Natural"] == "40.0"
+    assert row["Mean of groups"] == "60.0" and row["Mean of tasks"] == "56.2" and row["Tasks"] == "18/19"
     assert "0.0" not in cols
+    assert "- lora: means over 18 task(s): the VTAB tasks but dmlab" in md
+    assert "Mean of groups: the mean of the group means" in md
 
 
 def test_seeds_mean_std_and_single_vs_seed_folders(tmp_path):
@@ -170,7 +171,7 @@ def test_csv_and_cli(tmp_path):
         write_result(tmp_path / "runs", "full", task, acc / 100, acc / 100)
     text = vtab_table(tmp_path / "runs", "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert [r["metric"] for r in rows] == ["best", "last"]
+    assert [r["metric"] for r in rows] == ["last", "best"]  # last epoch first: no selection on test
     assert float(rows[0]["mean_groups"]) == pytest.approx(59.33, abs=0.01) and rows[0]["natural_std"] == ""
     out = tmp_path / "table.tex"
     proc = subprocess.run(

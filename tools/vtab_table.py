@@ -1,8 +1,8 @@
-"""Aggregate every result.json below a folder into the VTAB-1K table (best and last, separately).
+"""Aggregate every result.json below a folder into the VTAB-1K table (last epoch, then best-of-test).
 
-    python tools/vtab_table.py runs/ [--format markdown|csv|latex] [--out FILE]
+    python tools/vtab_table.py runs/ [--format markdown|csv|latex] [--out FILE] [--published [all]] [--plot PATH]
 
-The same as ``python -m petl_zoo.table``; the logic lives in petl_zoo.table (docs/reproduce.md).
+The same as ``python -m petl_zoo.table``; the logic lives in petl_zoo.table (docs/table.md).
 """
 
 import sys

@@ -1,0 +1,233 @@
+"""Published VTAB-1K rows (ViT-B/16 in21k) shipped with the package, with their sources.
+
+The data file ``petl_zoo/reference/published_vtab1k.yaml`` holds, per row, the 19 per-task accuracies as
+printed, the printed average and the convention it follows, the source (repository file and commit), the
+selection rule of the source's protocol (last epoch or best-of-test), the backbone weights and the input
+normalisation (format: docs/table.md). :func:`load_published` reads and validates it;
+:func:`recompute` gives both averages from the per-task values and :func:`check_row` compares them with
+what the source prints, within the source's rounding.
+
+The two averaging conventions: ``mean_of_19`` is the plain mean of the 19 tasks; ``mean_of_group_means``
+is the mean of the Natural, Specialized and Structured means (what most papers print). The second weighs
+each of the 4 Specialized tasks more than each of the 8 Structured ones, so the two differ by 2.1 to 4.7
+points on the same row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import vtab
+
+__all__ = [
+    "CONVENTIONS",
+    "SELECTIONS",
+    "WEIGHTS",
+    "INPUT_NORMS",
+    "Source",
+    "PublishedRow",
+    "load_published",
+    "recompute",
+    "tolerance",
+    "check_row",
+]
+
+log = logging.getLogger(__name__)
+
+CONVENTIONS = ("mean_of_19", "mean_of_group_means")
+SELECTIONS = ("last", "best", "unstated")
+WEIGHTS = ("orig_in21k", "augreg_in21k")
+INPUT_NORMS = ("imagenet", "inception", "none")
+_SOURCE_KEYS = ("title", "repository", "file", "commit", "where", "average", "decimals", "average_decimals")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a row was read: a repository file at a commit, and how that source prints numbers."""
+
+    key: str
+    title: str
+    repository: str
+    file: str
+    commit: str
+    where: str
+    average: str
+    decimals: int
+    average_decimals: int
+    params: str = ""
+
+    @property
+    def cite(self) -> str:
+        return f"{self.repository} {self.file} @ {self.commit[:7]}, {self.where}"
+
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """One published row: per-task accuracies (percent) as printed, with its source and protocol."""
+
+    name: str
+    method: str | None
+    source: Source
+    selection: str
+    weights: str
+    input_norm: str
+    average: float
+    accuracy: dict[str, float]
+    params_m: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    seeds: int | None = None
+    selection_detail: str = ""
+    original: str = ""
+    note: str = ""
+    group_means: dict[str, float] = field(default_factory=dict)
+    discrepancy: str = ""
+
+    @property
+    def label(self) -> str:
+        """``LoRA [fact-aaai23; best; orig_in21k; imagenet]``: name, source, selection, weights, input norm."""
+        return f"{self.name} [{self.source.key}; {self.selection}; {self.weights}; {self.input_norm}]"
+
+
+def _data_path() -> Path:
+    return Path(str(resources.files("petl_zoo") / "reference" / "published_vtab1k.yaml"))
+
+
+def _need(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{where}: {what}")
+
+
+def _source(key: str, raw: Any, where: str) -> Source:
+    _need(isinstance(raw, dict), where, "a source is a mapping")
+    missing = [k for k in _SOURCE_KEYS if k not in raw]
+    _need(not missing, where, f"source '{key}' lacks {', '.join(missing)}")
+    _need(raw["average"] in CONVENTIONS, where, f"average '{raw['average']}' is not one of {CONVENTIONS}")
+    known = set(_SOURCE_KEYS) | {"params"}
+    _need(set(raw) <= known, where, f"unknown source keys {sorted(set(raw) - known)}")
+    return Source(key=key, **{k: raw[k] for k in raw})
+
+
+def _choice(raw: dict[str, Any], key: str, valid: tuple[str, ...], where: str) -> str:
+    value = raw.get(key)
+    _need(value in valid, where, f"{key} '{value}' is not one of {', '.join(valid)}")
+    return str(value)
+
+
+def _accuracy(raw: Any, where: str) -> dict[str, float]:
+    names = [t.name for t in vtab.tasks()]
+    _need(isinstance(raw, dict), where, "accuracy is a mapping task -> percent")
+    _need(set(raw) == set(names), where, f"accuracy must name the 19 tasks exactly; got {sorted(raw)}")
+    bad = [t for t in names if not isinstance(raw[t], (int, float)) or not 0 <= raw[t] <= 100]
+    _need(not bad, where, f"accuracies of {bad} are not percentages in [0, 100]")
+    return {t: float(raw[t]) for t in names}
+
+
+_ROW_KEYS = {
+    "name",
+    "method",
+    "options",
+    "source",
+    "original",
+    "note",
+    "selection",
+    "selection_detail",
+    "seeds",
+    "weights",
+    "input_norm",
+    "params_m",
+    "average",
+    "group_means",
+    "discrepancy",
+    "accuracy",
+}
+
+
+def _row(raw: Any, sources: dict[str, Source], index: int) -> PublishedRow:
+    where = f"published row {index}"
+    _need(isinstance(raw, dict) and "name" in raw, where, "a row is a mapping with a name")
+    where = f"published row {index} ({raw['name']})"
+    _need(set(raw) <= _ROW_KEYS, where, f"unknown keys {sorted(set(raw) - _ROW_KEYS)}")
+    _need(
+        raw.get("source") in sources, where, f"source '{raw.get('source')}' is not one of {sorted(sources)}"
+    )
+    _need(isinstance(raw.get("average"), (int, float)), where, "average (as printed) is a number")
+    groups = raw.get("group_means") or {}
+    _need(set(groups) <= set(vtab.GROUPS), where, f"group_means keys must be among {vtab.GROUPS}")
+    return PublishedRow(
+        name=str(raw["name"]),
+        method=raw.get("method"),
+        source=sources[raw["source"]],
+        selection=_choice(raw, "selection", SELECTIONS, where),
+        weights=_choice(raw, "weights", WEIGHTS, where),
+        input_norm=_choice(raw, "input_norm", INPUT_NORMS, where),
+        average=float(raw["average"]),
+        accuracy=_accuracy(raw.get("accuracy"), where),
+        params_m=None if raw.get("params_m") is None else float(raw["params_m"]),
+        options=dict(raw.get("options") or {}),
+        seeds=raw.get("seeds"),
+        selection_detail=str(raw.get("selection_detail", "")),
+        original=str(raw.get("original", "")),
+        note=str(raw.get("note", "")),
+        group_means={g: float(v) for g, v in groups.items()},
+        discrepancy=str(raw.get("discrepancy", "")),
+    )
+
+
+def load_published(path: str | Path | None = None) -> list[PublishedRow]:
+    """The published rows (default: the file shipped in the package), validated; a malformed file is a
+    ValueError naming the row and the bad field."""
+    path = Path(path) if path is not None else _data_path()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read the published rows {path}: {e}") from e
+    _need(isinstance(data, dict) and data.get("version") == 1, str(path), "expected 'version: 1'")
+    sources = {k: _source(k, v, f"{path} source {k}") for k, v in (data.get("sources") or {}).items()}
+    rows = [_row(raw, sources, i) for i, raw in enumerate(data.get("rows") or [])]
+    log.debug("read %d published rows from %s", len(rows), path)
+    return rows
+
+
+def recompute(accuracy: dict[str, float]) -> dict[str, float]:
+    """The group means, ``mean_of_group_means`` and ``mean_of_19`` of 19 per-task accuracies."""
+    out: dict[str, float] = {}
+    for g in vtab.GROUPS:
+        members = [t.name for t in vtab.tasks() if t.group == g]
+        out[g] = sum(accuracy[t] for t in members) / len(members)
+    out["mean_of_group_means"] = sum(out[g] for g in vtab.GROUPS) / len(vtab.GROUPS)
+    out["mean_of_19"] = sum(accuracy[t.name] for t in vtab.tasks()) / len(vtab.tasks())
+    return out
+
+
+def tolerance(source: Source, printed_decimals: int) -> float:
+    """How far a mean recomputed from rounded per-task values may be from a printed one: half a unit of
+    the per-task rounding (the most the mean of rounded values can move) plus half a unit of the printed
+    number's rounding (a source that truncates instead of rounding stays within this too)."""
+    return 0.5 * 10.0**-source.decimals + 0.5 * 10.0**-printed_decimals + 1e-9
+
+
+def check_row(row: PublishedRow, convention: str | None = None) -> list[str]:
+    """What does not recompute: the printed average under ``convention`` (default: the source's) and any
+    printed group mean, each compared with the value recomputed from the per-task accuracies."""
+    convention = convention or row.source.average
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention '{convention}' is not one of {CONVENTIONS}")
+    means = recompute(row.accuracy)
+    problems = []
+    tol = tolerance(row.source, row.source.average_decimals)
+    if not math.isclose(means[convention], row.average, abs_tol=tol):
+        problems.append(
+            f"{row.label}: printed average {row.average} but {convention} of its tasks is "
+            f"{means[convention]:.3f} (tolerance {tol:.3f})"
+        )
+    for g, printed in row.group_means.items():
+        if not math.isclose(means[g], printed, abs_tol=tol):
+            problems.append(f"{row.label}: printed {g} mean {printed} but its tasks give {means[g]:.3f}")
+    return problems
