@@ -4,7 +4,7 @@ petl_zoo[cluster]``).
 The sweep plans every folder's status on the submitting machine as it does for local runs (finished
 runs skipped, killed ones resumed with ``--resume``, busy and refused ones left alone), submits one job
 per run to start, each job running the same ``python -m petl_zoo.train ...`` command a local sweep
-would, and waits for the jobs (polling), filing each one's outcome as it ends. Interrupted while
+would (the job calls ``subprocess.call``), and waits for the jobs (polling), filing each one's outcome as it ends. Interrupted while
 waiting (Ctrl-C, SIGTERM), it cancels the jobs it submitted that have not ended; a rerun plans again
 and submits what is still missing. ``cluster="local"`` (submitit's LocalExecutor: jobs as local
 processes) and ``"debug"`` (in this process) run the same path without Slurm.
@@ -12,6 +12,7 @@ processes) and ``"debug"`` (in this process) run the same path without Slurm.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -23,16 +24,9 @@ from typing import Any
 from .execute import Sweep
 from .plan import SweepRun
 
-__all__ = ["CLUSTERS", "SlurmOptions", "SubmititExecutor", "run_command"]
+__all__ = ["CLUSTERS", "SlurmOptions", "SubmititExecutor", "default_folder"]
 
 CLUSTERS = ("slurm", "local", "debug")
-
-
-def run_command(argv: list[str]) -> tuple[int, float]:
-    """What a job runs: ``argv`` as a subprocess; returns its exit status and duration in seconds."""
-    start = time.time()
-    rc = subprocess.run(argv, check=False).returncode
-    return rc, time.time() - start
 
 
 @dataclass(frozen=True)
@@ -99,8 +93,8 @@ class SubmititExecutor:
             if not sweep.ready(run, verb="submit"):
                 continue
             executor.update_parameters(name=f"petl-{run.out.parent.name}-{run.out.name}")
-            try:
-                job = executor.submit(run_command, run.argv)
+            try:  # a stdlib function: the job unpickles it without importing petl_zoo (and torch)
+                job = executor.submit(subprocess.call, run.argv)
             except Exception as err:  # noqa: BLE001 - sbatch errors come in many types
                 sweep.ended(run, None, 0.0, f"could not submit: {' '.join(str(err).split())[:300]}")
                 continue
@@ -126,12 +120,21 @@ class SubmititExecutor:
     @staticmethod
     def _collect(run: SweepRun, job: Any, sweep: Sweep) -> None:
         try:
-            rc, took = job.result()
+            rc = job.result()
         except Exception as err:  # noqa: BLE001 - a job that died (timeout, node failure, cancelled)
             reason = " ".join(str(err).split())[:300]
             sweep.ended(run, None, 0.0, f"job {job.job_id} failed: {reason}; log in {job.paths.folder}")
             return
-        sweep.ended(run, rc, took)
+        sweep.ended(run, rc, _run_seconds(run))
+
+
+def _run_seconds(run: SweepRun) -> float:
+    """How long a finished run took: its result.json's ``wall_time_s`` (0 when there is none)."""
+    try:
+        with open(run.out / "result.json", encoding="utf-8") as f:
+            return float(json.load(f).get("wall_time_s") or 0.0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def default_folder(out_root: str | os.PathLike) -> Path:
