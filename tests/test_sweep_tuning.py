@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from test_sweep import TINY_FLAGS, make_synthetic_task, sweep
+from test_sweep import FAKE_TRAIN, TINY_FLAGS, calls, make_synthetic_task, sweep
 
 from petl_zoo.sweep.tuning import (
     DEFAULT_LR_GRID,
@@ -279,3 +279,26 @@ def test_submitit_local_jobs_tune_then_retrain_then_skip(tmp_path, data):
     assert (
         again.returncode == 0 and "sweep: 0 ran, 3 skipped" in again.stdout and "[submit]" not in again.stdout
     )
+
+
+def test_several_methods_one_line_per_run_start_and_end_with_progress(tmp_path, monkeypatch):
+    script, log = tmp_path / "fake_train.py", tmp_path / "calls.jsonl"
+    script.write_text(FAKE_TRAIN)  # a stand-in trainer: logs its argv, writes result.json
+    monkeypatch.setenv("SWEEP_LOG", str(log))
+    runs = tmp_path / "runs"
+    proc = sweep(
+        "--methods", "lora,adapter", "--tasks", "syn_a,syn_b", "--out-root", str(runs), "--train-script",
+        str(script), "--", "--epochs", "1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(c[c.index("--method") + 1], c[c.index("--task") + 1]) for c in calls(log)] == [
+        ("lora", "syn_a"), ("lora", "syn_b"), ("adapter", "syn_a"), ("adapter", "syn_b"),
+    ]  # fmt: skip
+    starts = [line for line in proc.stdout.splitlines() if line.startswith("[start]")]
+    ends = [line for line in proc.stdout.splitlines() if line.startswith("[done]")]
+    assert len(starts) == len(ends) == 4
+    assert starts[0] == f"[start] fresh {runs / 'lora' / 'syn_a'} (0/4 runs done)"
+    assert ends[1].startswith(f"[done] {runs / 'lora' / 'syn_b'} in ") and "(2/4 runs done, ETA " in ends[1]
+    assert ends[3].endswith("(4/4 runs done)")
+    bad = sweep("--methods", "lora,,neat", "--tasks", "syn_a", "--print-commands")
+    assert bad.returncode == 2 and "empty or repeated name" in bad.stderr
