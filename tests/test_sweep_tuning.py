@@ -4,6 +4,7 @@ val200, winner retrained over seeds), rerun / resume, --print-commands, and subm
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -302,3 +303,12 @@ def test_several_methods_one_line_per_run_start_and_end_with_progress(tmp_path, 
     assert ends[3].endswith("(4/4 runs done)")
     bad = sweep("--methods", "lora,,neat", "--tasks", "syn_a", "--print-commands")
     assert bad.returncode == 2 and "empty or repeated name" in bad.stderr
+
+
+def test_the_docs_lr_table_is_the_code_table():
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sweep.md").read_text()
+    rows = dict(re.findall(r"^\| (\(others\)|\w+) \| ([0-9e., -]+) \|", text, flags=re.M))
+    assert {k: tuple(float(v) for v in vals.split(",")) for k, vals in rows.items()} == {
+        "(others)": DEFAULT_LR_GRID,
+        **LR_GRIDS,
+    }
