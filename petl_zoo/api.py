@@ -85,7 +85,7 @@ def create(method: str, model: nn.Module, *, train_attn_pool: bool = False, **op
     return model
 
 
-def _match_training_mode(model: nn.Module, snapshot: "_ModelSnapshot") -> None:
+def _match_training_mode(model: nn.Module, snapshot: _ModelSnapshot) -> None:
     """Modules the method added take the model's train/eval mode (a fresh module is in train mode, so a
     prompt or adapter dropout would otherwise run on a model the user had put in eval mode); the
     model's own modules keep theirs."""

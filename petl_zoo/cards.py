@@ -140,12 +140,38 @@ def short_run(config: dict[str, Any], result: dict[str, Any]) -> str | None:
     epochs = result.get("epochs", (config.get("recipe") or {}).get("epochs"))
     if not names or names[0] not in RECIPES or epochs is None:
         return None
+    method = str(result.get("method") or config.get("method"))
     try:
-        method_recipe = get_method(str(result.get("method") or config.get("method"))).recipe
+        method_recipe = get_method(method).recipe
     except ValueError:
         method_recipe = {}
-    intended = resolve_recipe(names[0], method_recipe, {})[0]["epochs"]
+    intended = resolve_recipe(names[0], method_recipe, {}, method, _preset_recipe(config))[0]["epochs"]
     return f"{epochs} of the recipe's {intended} epochs" if int(epochs) < int(intended) else None
+
+
+def _preset_recipe(config: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """``(label, recipe values)`` of the preset a run used for its task (None: no preset, or one this
+    install does not ship)."""
+    label = config.get("preset")
+    if not label or "/" not in str(label):
+        return None
+    from .presets import load_preset
+
+    method, name = str(label).split("/", 1)
+    try:
+        return str(label), load_preset(method, name).for_task(str(config.get("task")))[1]
+    except ValueError:
+        return None
+
+
+def _protocol_text(recipe: dict[str, Any]) -> str:
+    """How the run's inputs were normalised, in words (the recipe's ``protocol``)."""
+    protocol = recipe.get("protocol")
+    if protocol == "default":
+        return "`default`: the backbone's own normalisation (timm's pretrained config mean / std)"
+    if protocol == "vtab":
+        return "`vtab`: unnormalised [0, 1] inputs (the Lily / Binary-Adapter convention)"
+    return f"`{protocol}`" if protocol else "not recorded"
 
 
 def _reproduce_command(config: dict[str, Any], result: dict[str, Any]) -> str:
@@ -316,6 +342,8 @@ def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> d
         mergeable=_mergeable(run["dir"], ident["model"], model_kwargs),
         short_run=short_run(config, result),
         has_metrics=(run["dir"] / "metrics.jsonl").is_file(),
+        preset=config.get("preset"),
+        protocol=_protocol_text(recipe),
     )
 
 

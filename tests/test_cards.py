@@ -251,3 +251,22 @@ def test_index_refuses_or_marks_short_runs(tmp_path):
     assert not (cards / "README.md").exists()  # nothing written
     text = write_index(cards, allow_short=True).read_text()
     assert "short run: 10 of the recipe's 100 epochs" in text
+
+
+def test_card_records_preset_and_input_protocol(tmp_path):
+    run = tmp_path / "runs" / "ssf" / "svhn"
+    make_run(run, task="svhn", method="ssf", options={})
+    config = json.loads((run / "config.json").read_text())
+    config["preset"] = "ssf/paper"
+    config["recipe"].update(epochs=100, protocol="default")
+    config["recipe_sources"] = {"epochs": "preset:ssf/paper", "lr": "recipe:vtab"}
+    (run / "config.json").write_text(json.dumps(config))
+    result = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps({**result, "epochs": 100}))
+    body = ModelCard.load(write_card(run, tmp_path / "card")).text
+    assert "Per-task preset: `ssf/paper`" in body and "the backbone's own normalisation" in body
+    assert "Short run" not in body  # the preset's 100 epochs are the intended length
+    plain = tmp_path / "runs" / "lora" / "dtd"
+    make_run(plain)
+    body = ModelCard.load(write_card(plain, tmp_path / "card2")).text
+    assert "Per-task preset: none" in body and "Input protocol: not recorded" in body

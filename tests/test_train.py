@@ -471,7 +471,7 @@ def test_recipe_resolution_and_schedule():
     assert recipe["lr"] == 5e-3 and sources["lr"] == "method:m"
     assert recipe["epochs"] == 20 and sources["epochs"] == "flag"
     assert (recipe["batch_size"], recipe["weight_decay"], recipe["warmup_epochs"]) == (64, 1e-4, 10)
-    assert (recipe["drop_path"], recipe["protocol"], recipe["eval_every"]) == (0.1, "vtab", 10)
+    assert (recipe["drop_path"], recipe["protocol"], recipe["eval_every"]) == (0.1, "default", 10)
     with pytest.raises(ValueError, match="unknown recipe key 'lrr'"):
         resolve_recipe("vtab", {"lrr": 1.0}, {})
     with pytest.raises(ValueError, match="lr -1"):

@@ -297,8 +297,22 @@ def test_augmentation_is_random_resized_crop_and_flip():
 
 
 def test_unknown_protocol_is_an_error():
-    with pytest.raises(ValueError, match=r"Unknown protocol 'imagenet'; valid: 'default', 'vtab'"):
-        vtab.build_transform(tiny_vit(), protocol="imagenet")
+    with pytest.raises(
+        ValueError, match=r"Unknown protocol 'inception'; valid: 'default', 'vtab', 'imagenet'"
+    ):
+        vtab.build_transform(tiny_vit(), protocol="inception")
+
+
+def test_imagenet_protocol_uses_imagenet_statistics_on_any_backbone():
+    """The VPT / FacT / Convpass / RepAdapter code normalises with ImageNet mean/std even on the in21k
+    ViT pretrained at 0.5 / 0.5: ``imagenet`` reproduces that; ``default`` follows the backbone."""
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    vit = tiny_vit()
+    assert vtab.transform_config(vit)["mean"] == (0.5, 0.5, 0.5)
+    cfg = vtab.transform_config(vit, "imagenet")
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    expected = _manual(image, (32, 32), InterpolationMode.BICUBIC, cfg["mean"], cfg["std"])
+    assert torch.allclose(vtab.build_transform(vit, "imagenet")(image), expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Image transforms resolved from a timm model: the model's own config, or the papers' VTAB protocol."""
+"""Image transforms resolved from a timm model: the model's own config, or unnormalised inputs (``vtab``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-PROTOCOLS = ("default", "vtab")
+#: ``default``: the backbone's own mean/std (timm's pretrained config); ``vtab``: unnormalised [0, 1]
+#: inputs (Lily, Binary Adapter, OSU's study); ``imagenet``: ImageNet mean/std whatever the backbone (the
+#: VPT, FacT, Convpass, RepAdapter and NOAH code, which feed it to in21k ViTs pretrained at 0.5/0.5).
+PROTOCOLS = ("default", "vtab", "imagenet")
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Train-time augmentation behind augment=True (off by default, as in the papers).
 AUGMENT_SCALE = (0.8, 1.0)
@@ -69,11 +73,12 @@ def transform_config(model: torch.nn.Module, protocol: str = "default") -> dict[
         raise ValueError(
             f"Model config asks for interpolation {interpolation!r}; supported: {', '.join(_INTERPOLATIONS)}."
         )
+    mean, std = (_IMAGENET_MEAN, _IMAGENET_STD) if protocol == "imagenet" else (cfg["mean"], cfg["std"])
     return {
         "input_size": size,
         "interpolation": interpolation,
-        "mean": tuple(float(m) for m in cfg["mean"]),
-        "std": tuple(float(s) for s in cfg["std"]),
+        "mean": tuple(float(m) for m in mean),
+        "std": tuple(float(s) for s in std),
     }
 
 
@@ -82,7 +87,9 @@ def build_transform(model: torch.nn.Module, protocol: str = "default", augment: 
 
     ``default``: resize to exactly (H, W) with the model config's interpolation, ToTensor,
     Normalize(mean, std) from ``timm.data.resolve_model_data_config``.
-    ``vtab``: the papers' protocol: bicubic resize to (H, W), ToTensor, no normalisation.
+    ``imagenet``: as ``default`` with ImageNet's mean/std instead of the model config's.
+    ``vtab``: unnormalised inputs, the Lily / Binary-Adapter convention: bicubic resize to (H, W),
+    ToTensor, no normalisation (VPT, SSF, FacT, Convpass, RepAdapter and NOAH normalise).
     ``augment=True`` replaces the resize with RandomResizedCrop(scale 0.8-1.0) plus a random
     horizontal flip (train time only; it changes the meaning of position/orientation labels).
     """

@@ -85,7 +85,7 @@ def _load(method: str, name: str, path: str) -> Preset:
     import yaml
 
     from ..registry import get_method
-    from ..train.recipe import PROTOCOLS, RECIPE_KEYS
+    from ..train.recipe import PROTOCOLS, RECIPE_KEYS, resolve_recipe
 
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     where = f"preset file {Path(path).name}"
@@ -118,6 +118,7 @@ def _load(method: str, name: str, path: str) -> Preset:
             )
         try:
             cls.config_class.from_options(method, **options)
+            resolve_recipe("vtab", cls.recipe, {}, method, (preset.label, recipe))  # types and ranges
         except ValueError as err:
             raise ValueError(f"{where}{f' (task {task})' if task else ''}: {err}") from None
     return preset

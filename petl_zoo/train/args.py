@@ -68,6 +68,12 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
     )
     g.add_argument("--method-config", default=None, metavar="FILE", help="YAML/JSON dict of method options")
     g.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="a paper's per-task option and recipe values (e.g. paper; petl_zoo.presets.available_presets)",
+    )
+    g.add_argument(
         "--pretrained-file", default=None, metavar="PATH", help=".npz (Google ViT), .safetensors, .pth/.bin"
     )
     g.add_argument(
@@ -189,9 +195,14 @@ def _coerce_option(config_class: type[MethodConfig], key: str, text: str) -> Any
     return text  # from_options reports the bad value with the valid ones
 
 
-def method_options(method_cls: Any, opts: list[str], config_file: str | None) -> MethodConfig:
-    """The method's validated config from ``--method-config FILE`` then ``--opt KEY=VALUE`` (later wins)."""
-    options: dict[str, Any] = dict(read_options_file(config_file)) if config_file else {}
+def method_options(
+    method_cls: Any, opts: list[str], config_file: str | None, preset: dict[str, Any] | None = None
+) -> MethodConfig:
+    """The method's validated config: its defaults < a preset's options < ``--method-config FILE`` <
+    ``--opt KEY=VALUE`` (later wins)."""
+    options: dict[str, Any] = dict(preset or {})
+    if config_file:
+        options.update(read_options_file(config_file))
     for item in opts:
         key, value = split_key_value(item, "--opt")
         options[key] = _coerce_option(method_cls.config_class, key, value)

@@ -11,6 +11,8 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+from vtab.transforms import PROTOCOLS
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,7 +31,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-PROTOCOLS = ("vtab", "default")
 SELECT_ON = ("test", "val")
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -42,7 +43,11 @@ RECIPES: dict[str, dict[str, Any]] = {
         "warmup_lr": 1e-6,
         "min_lr": 1e-5,
         "drop_path": 0.1,
-        "protocol": "vtab",
+        # The backbone's own input normalisation (timm's pretrained config), as a timm user expects and
+        # as VPT, SSF, FacT, Convpass, RepAdapter and NOAH trained; "vtab" (unnormalised [0, 1] inputs,
+        # the Lily / Binary-Adapter convention) was the default until it was measured to cost a linear
+        # probe on the proxy ViT 37 points (docs/train.md, "Input protocol").
+        "protocol": "default",
         "augment": False,
         "eval_every": 10,
         "seed": 0,
@@ -72,12 +77,18 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 
 def resolve_recipe(
-    name: str, method_recipe: dict[str, Any] | None, flags: dict[str, Any], method: str = ""
+    name: str,
+    method_recipe: dict[str, Any] | None,
+    flags: dict[str, Any],
+    method: str = "",
+    preset: tuple[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """The recipe values and where each came from (``recipe:<name>``, ``method:<method>``, ``flag``, or
-    ``scaled:epochs`` for a warmup shortened to fit a short run, see ``_fit_warmup``).
+    """The recipe values and where each came from (``recipe:<name>``, ``method:<method>``,
+    ``preset:<method>/<name>``, ``flag``, or ``scaled:epochs`` for a warmup shortened to fit a short run,
+    see ``_fit_warmup``): the recipe < the method's recipe < the preset's values < flags.
 
-    ``flags`` maps recipe keys to command-line values; ``None`` means "not given".
+    ``flags`` maps recipe keys to command-line values; ``None`` means "not given". ``preset`` is
+    ``(label, values)`` of a per-task preset (``petl_zoo.presets``).
     """
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; valid recipes: {', '.join(sorted(RECIPES))}")
@@ -90,7 +101,15 @@ def resolve_recipe(
             )
         recipe[key] = value
         sources[key] = f"method:{method}"
-    planned_epochs = recipe["epochs"]
+    planned_epochs = recipe["epochs"]  # a shorter run from the preset or a flag scales the warmup
+    label, values = preset if preset is not None else ("", {})
+    for key, value in values.items():
+        if key not in recipe:
+            raise ValueError(
+                f"preset {label} sets unknown recipe key {key!r}; valid keys: {', '.join(RECIPE_KEYS)}"
+            )
+        recipe[key] = value
+        sources[key] = f"preset:{label}"
     for key, value in flags.items():
         if key not in recipe:
             raise ValueError(f"unknown recipe key {key!r}; valid keys: {', '.join(RECIPE_KEYS)}")

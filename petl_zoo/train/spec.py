@@ -63,6 +63,7 @@ class RunSpec:
     argv: list[str] = field(default_factory=list)
     resolved_model: str = ""  # timm's architecture.tag for ``model`` (deprecated names remapped)
     pretrained_file_sha256: str | None = None
+    preset: str | None = None  # ``method/name`` of the per-task preset applied (petl_zoo.presets)
 
     def config_json(self, info: D.DistInfo) -> dict[str, Any]:
         config = {
@@ -77,6 +78,7 @@ class RunSpec:
             "pretrained_file": self.pretrained_file,
             "pretrained_file_sha256": self.pretrained_file_sha256,
             "pretrained": self.pretrained,
+            "preset": self.preset,
             "recipe": self.recipe,
             "recipe_sources": self.recipe_sources,
             "world_size": info.world_size,
@@ -135,9 +137,19 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     import vtab
 
     method_cls = get_method(args.method)
-    config = method_options(method_cls, args.opt, args.method_config)
+    folder = vtab.task_dir(args.task, args.data_root)  # unknown task / missing root: clear errors
+    info = vtab.find_task(args.task)
+    task = info.name if info is not None else folder.name
+    preset_label, preset_options, preset_recipe = _preset_values(method_cls.name, args.preset, task)
+    config = method_options(method_cls, args.opt, args.method_config, preset_options)
     model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
-    recipe, sources = resolve_recipe(args.recipe, method_cls.recipe, _recipe_flags(args), method_cls.name)
+    recipe, sources = resolve_recipe(
+        args.recipe,
+        method_cls.recipe,
+        _recipe_flags(args),
+        method_cls.name,
+        (preset_label, preset_recipe) if preset_label else None,
+    )
     if recipe["precision"] is None:
         sources["precision"] = f"device:{device.type}"
     recipe["precision"], workers = execution_defaults(device, recipe["precision"], args.workers)
@@ -145,9 +157,6 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     resolved_model, note = resolve_model_name(args.model)
     if note:
         logger.warning(note)
-    folder = vtab.task_dir(args.task, args.data_root)  # unknown task / missing root: clear errors
-    info = vtab.find_task(args.task)
-    task = info.name if info is not None else folder.name
     num_classes = vtab.num_classes(args.task, args.data_root)
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise UserError(f"--stop-after-epoch {args.stop_after_epoch} is invalid; valid: an integer >= 1")
@@ -176,7 +185,22 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         argv=argv,
         resolved_model=resolved_model,
         pretrained_file_sha256=sha256_file(pretrained_file) if pretrained_file else None,
+        preset=preset_label or None,
     )
+
+
+def _preset_values(method: str, name: str | None, task: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(label, method options, recipe values)`` of preset ``name`` for ``task`` (empty without one).
+    A task the preset has no entry for (a custom task) gets the preset's common values, said in a line."""
+    if name is None:
+        return "", {}, {}
+    from ..presets import load_preset
+
+    preset = load_preset(method, name)
+    if task not in preset.tasks:
+        logger.info(f"preset {preset.label} has no values for task {task}: its common values only")
+    options, recipe = preset.for_task(task)
+    return preset.label, options, recipe
 
 
 def expected_config(train_args: list[str]) -> dict[str, Any]:
