@@ -254,6 +254,24 @@ def test_print_commands_show_the_points_then_the_retrained_runs(tmp_path, data):
     assert [o.name for o in outs] == ["lr0.001", "lr0.03"] and outs[
         0
     ].parent.parent.parent == runs / "lora" / "syn_a"
+    # --preset goes to every trainer run and is part of the grid fingerprint: its own tune- folder
+    preset = [
+        "--method",
+        "ssf",
+        "--tasks",
+        "syn_a",
+        "--out-root",
+        str(runs),
+        "--grid",
+        "lr=1e-3",
+        "--print-commands",
+    ]
+    plain_cmd, preset_cmd = (
+        shlex.split(sweep(*preset, *more).stdout) for more in ([], ["--preset", "paper"])
+    )
+    assert "--preset" not in plain_cmd and preset_cmd[preset_cmd.index("--preset") + 1] == "paper"
+    tune_dirs = {Path(c[c.index("--out") + 1]).parent.parent.name for c in (plain_cmd, preset_cmd)}
+    assert len(tune_dirs) == 2
     bad = sweep(
         "--method", "lora", "--tasks", "syn_a", "--grid", "lr=1e-3", "--print-commands", "--", "--lr", "1e-3"
     )
