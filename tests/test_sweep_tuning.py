@@ -41,6 +41,12 @@ def test_grid_items_parse_with_types_aliases_and_clear_errors():
     setting = {"lr": 0.001, "weight_decay": 0.0001, "opt.rank": 4, "opt.targets": "q,v"}
     assert setting_flags(setting) == ["--lr", "0.001", "--weight-decay", "0.0001", "--opt", "rank=4", "--opt", "targets=q,v"]  # fmt: skip
     assert setting_name(setting) == "lr0.001_weight_decay0.0001_rank4_targetsq-v"
+    from petl_zoo.sweep.cli import _parser
+
+    repeated = _parser(None).parse_args(
+        ["--method", "x", "--grid", "lr=1", "--grid", "wd=2", "--grid-opt", "r=1"]
+    )
+    assert repeated.grid == ["lr=1", "wd=2"] and repeated.grid_opt == ["r=1"]  # repeated flags add up
     for bad, match in [
         (["momentum=0.9"], "--grid key 'momentum' is invalid; valid: lr, weight_decay"),
         (["lr"], "--grid 'lr' is invalid; valid: KEY=VALUE"),

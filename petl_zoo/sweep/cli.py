@@ -19,7 +19,7 @@ from .plan import (
     train_prefix,
 )
 from .stages import planned_runs, run_tunings
-from .tuning import GRID_KEYS, build_grid, parse_grid, plan_tuning
+from .tuning import GRID_KEYS, parse_grid, plan_tuning
 
 __all__ = ["main"]
 
@@ -52,11 +52,18 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="a paper preset for every run (the trainer's --preset)")
     t = p.add_argument_group("tuning (grid on train800 -> val200, winner retrained on train800val200)")
     t.add_argument(
-        "--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+        "--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
         help=f"recipe values to tune: {', '.join(GRID_KEYS)} (wd = weight_decay); without lr, each method's "
         "default lr grid (petl_zoo.sweep.tuning.LR_GRIDS) unless -- --lr fixes it",
     )  # fmt: skip
-    t.add_argument("--grid-opt", nargs="+", default=[], metavar="KEY=V1,V2", help="method options to tune")
+    t.add_argument(
+        "--grid-opt",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="method options to tune",
+    )
     t.add_argument("--tune", action="store_true", help="tune with the default grid (each method's lr grid)")
     p.add_argument(
         "--print-commands", action="store_true", help="print one shell command per run, run nothing"
@@ -142,7 +149,6 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> tuple[list[SweepRun], l
     for method in methods:
         check_method_and_seeds(method, args.seeds)
         if tuning:
-            build_grid(method, grid, extra)  # a conflict is one line before anything is planned
             tunings += plan_tuning(
                 method, args.model, tasks, grid, args.seeds, args.out_root, args.data_root, extra, prefix,
                 args.overwrite,
@@ -189,6 +195,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except StopSweep as stop:
         sweep.report.notes.append(f"STOPPED: {stop}")
         print(sweep.report.summary(), flush=True)
+        return 1
+    except ValueError as err:  # a damaged point result or selection record: one line, nothing more run
+        print(sweep.report.summary(), flush=True)
+        sys.stderr.write(f"error: {err}\n")
         return 1
     print(sweep.report.summary(), flush=True)
     return 0 if sweep.report.ok else 1
