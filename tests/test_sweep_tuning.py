@@ -17,6 +17,7 @@ from petl_zoo.sweep.tuning import (
     RULE,
     build_grid,
     choose_winner,
+    edge_axes,
     grid_fingerprint,
     grid_settings,
     parse_grid,
@@ -125,6 +126,11 @@ def test_winner_rule_and_its_ties():
     text = pts(({"opt.targets": "qkv"}, 70.0), ({"opt.targets": "q,v"}, 70.0))
     assert choose_winner(text) == {"opt.targets": "q,v"}
     assert "ties: the smaller lr" in RULE
+    grid = {"lr": [1e-3, 3e-3, 1e-2], "opt.rank": [4, 8], "wd": [1e-4], "opt.targets": ["q", "qkv"]}
+    assert edge_axes(grid, {"lr": 1e-2, "opt.rank": 4, "wd": 1e-4, "opt.targets": "q"}) == [
+        "lr=0.01 (largest)", "opt.rank=4 (smallest)",
+    ]  # fmt: skip
+    assert edge_axes(grid, {"lr": 3e-3, "opt.rank": 8}) == ["opt.rank=8 (largest)"]
 
 
 # ------------------------------------------------------------------------------ end to end

@@ -18,7 +18,7 @@ from typing import Any
 
 from .execute import Sweep
 from .plan import ExpectedConfig, SweepRun, _expected_config, classify, make_run
-from .tuning import RECORD_VERSION, RULE, Tuning, choose_winner
+from .tuning import RECORD_VERSION, RULE, Tuning, choose_winner, edge_axes
 
 __all__ = ["point_accuracy", "selection_record", "retrain_runs", "planned_runs", "run_tunings"]
 
@@ -143,7 +143,9 @@ def run_tunings(
             sweep.add_total(-len(tuning.seeds))
             continue
         _write(tuning, _with_retrained(tuning, record, expected))
-        sweep.log(f"[selected] {tuning.folder}: {record['winner']} (val {_best(record):.2f})")
+        edges = edge_axes(tuning.grid, record["winner"])
+        edge = f"; at the grid's edge: {', '.join(edges)}" if edges else ""
+        sweep.log(f"[selected] {tuning.folder}: {record['winner']} (val {_best(record):.2f}{edge})")
         by_folder[str(tuning.folder)] = (tuning, record)
         retrains += retrain_runs(tuning, record["winner"], overwrite, expected)
 

@@ -61,6 +61,7 @@ __all__ = [
     "setting_flags",
     "setting_name",
     "choose_winner",
+    "edge_axes",
     "Tuning",
     "plan_tuning",
 ]
@@ -267,6 +268,22 @@ def choose_winner(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
         return (-point["val_accuracy"], *(_order(point["setting"][a]) for a in axes))
 
     return dict(min(points, key=key)["setting"])
+
+
+def edge_axes(grid: dict[str, list[Any]], winner: dict[str, Any]) -> list[str]:
+    """The numeric axes (of 2+ values) whose winning value is the grid's smallest or largest, as
+    ``lr=0.01 (largest)``: the best value may lie outside the grid."""
+    out = []
+    for key, values in grid.items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if (
+            len(numbers) < 2
+            or len(numbers) != len(values)
+            or winner.get(key) not in (min(numbers), max(numbers))
+        ):
+            continue
+        out.append(f"{key}={_text(winner[key])} ({'largest' if winner[key] == max(numbers) else 'smallest'})")
+    return out
 
 
 @dataclass
