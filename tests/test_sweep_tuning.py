@@ -20,6 +20,7 @@ from petl_zoo.sweep.tuning import (
     edge_axes,
     grid_fingerprint,
     grid_settings,
+    lr_grid,
     parse_grid,
     setting_flags,
     setting_name,
@@ -84,7 +85,9 @@ def test_lr_grids_span_the_published_ranges():
     lrs = {ssf.for_task(task)[1]["lr"] for task in ssf.tasks}  # the authors' per-task lrs
     assert min(LR_GRIDS["ssf"]) <= min(lrs) and max(lrs) <= max(LR_GRIDS["ssf"])
     assert {5e-3, 1e-2} <= set(LR_GRIDS["neat"])  # the NEAT authors' vision range
-    assert {1e-3, 1e-2} <= set(LR_GRIDS["vpt"])  # docs/vpt.md: 82.3 at 1e-3, 88.2 at 1e-2
+    vpt = lr_grid("vpt")  # the default grid; docs/vpt.md: 82.3 at 1e-3, 88.2 at 1e-2
+    assert "vpt" not in LR_GRIDS and {1e-3, 1e-2} <= set(vpt)
+    assert max(DEFAULT_LR_GRID) >= max(LR_GRIDS["neat"])  # no method gets larger steps than the others
 
 
 def test_grid_fingerprint_follows_the_base_recipe_not_how_runs_run(tmp_path):
