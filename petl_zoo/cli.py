@@ -18,7 +18,10 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("petl_zoo.train.cli:main", "train a method on a VTAB-1K task (also under torchrun)"),
     "eval": ("petl_zoo.train.cli:eval_main", "evaluate a saved adapter / run folder, plain or merged"),
-    "sweep": ("petl_zoo.sweep:main", "run or print the runs of methods x tasks x seeds, tuned on val200 with --grid/--tune"),
+    "sweep": (
+        "petl_zoo.sweep:main",
+        "run (or print) methods x tasks x seeds; --grid/--tune: tuned on val200",
+    ),
     "table": ("petl_zoo.table:main", "the VTAB-1K table of every result.json below a folder"),
     "card": ("petl_zoo.cards:main", "a Hugging Face model card for a finished run (and --push-to-hub)"),
     "bench": ("petl_zoo.accounting.cli:main", "parameters, FLOPs, memory and step time of methods"),
