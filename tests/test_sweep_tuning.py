@@ -217,6 +217,27 @@ def check_records(out_root: Path) -> None:
             assert config["method_options"]["rank"] == rec["winner"]["opt.rank"]
 
 
+def check_table_and_plot(runs: Path, plot: Path) -> None:
+    """The table of a tuned sweep: one tuned row per method over the three tasks (grid points left
+    out), both averaging conventions labelled, the selection shown; the plot written as PNG and SVG."""
+    import contextlib
+    import io
+
+    from petl_zoo.table import main as table
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert table([str(runs), "--selection", "--plot", str(plot)]) == 0
+    out = text.getvalue()
+    assert "Mean of groups" in out and "Mean of tasks" in out
+    tables, selections = out.split("**Selection", 1)[0], out.count("**Selection: ")
+    rows = [line for line in tables.splitlines() if line.startswith(("| lora", "| neat"))]
+    assert len(rows) == 4 and rows == [r for r in rows if "tuned on val200" in r]  # last + best, no points
+    assert selections == 6 and out.count("| winner |") == 6
+    assert plot.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in plot.with_suffix(".svg").read_bytes()[:2000]
+
+
 @pytest.mark.slow  # 36 tiny runs in-process, twice (about 15 s on 2 busy cores)
 def test_tuned_protocol_end_to_end_rerun_and_resume(tmp_path, data):
     from petl_zoo.train import main as train
@@ -232,6 +253,7 @@ def test_tuned_protocol_end_to_end_rerun_and_resume(tmp_path, data):
     assert again.returncode == 0 and "sweep: 0 ran, 36 skipped" in again.stdout  # a rerun runs nothing
     assert "[start]" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("selection.json")} == stamps  # nor writes
+    check_table_and_plot(runs, tmp_path / "plot")
 
     # Killed mid-way: stopped after 7 runs, and the next point killed during its first epoch.
     other = tmp_path / "killed"
