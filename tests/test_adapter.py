@@ -296,3 +296,24 @@ def test_pear_default_adapter_is_the_residual_adaptformer():
     with torch.no_grad():
         torch.testing.assert_close(pear(x), adapter(x), atol=0, rtol=0)
         assert (pear(x) - pristine(x)).abs().max() > 1e-4
+
+
+def test_paper_plus_preset_holds_the_authors_dims():
+    from petl_zoo.presets import available_presets, load_preset
+
+    assert "paper_plus" in available_presets("adapter")
+    preset = load_preset("adapter", "paper_plus")
+    dims = {task: preset.for_task(task)[0]["dim"] for task in preset.tasks}
+    assert len(dims) == 19 and dims["cifar"] == 1 and dims["resisc45"] == 32 and dims["dmlab"] == 8
+    options, recipe = preset.for_task("svhn")
+    assert options == {
+        "style": "plus",
+        "act": "gelu",
+        "dropout": 0.0,
+        "drop_path": 0.1,
+        "scale": 1.0,
+        "dim": 16,
+    }
+    assert recipe["drop_path"] == 0.1 and recipe["seed"] == 18
+    model = petl_zoo.create("adapter", tiny_host("vit"), **options)
+    assert petl_zoo.trainable_parameters(model)["method"] == 2 * (48 * 16 + 16 + 16 * 48 + 48 + 48)
