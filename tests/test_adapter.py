@@ -20,7 +20,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import perturb_, tiny_host
+from conftest import HOSTS, perturb_, tiny_host
 from timm.layers import DropPath
 from torch import nn
 from torch.nn import functional as F
@@ -317,3 +317,38 @@ def test_paper_plus_preset_holds_the_authors_dims():
     assert recipe["drop_path"] == 0.1 and recipe["seed"] == 18
     model = petl_zoo.create("adapter", tiny_host("vit"), **options)
     assert petl_zoo.trainable_parameters(model)["method"] == 2 * (48 * 16 + 16 + 16 * 48 + 48 + 48)
+
+
+@pytest.mark.parametrize("host", sorted(HOSTS))
+@pytest.mark.parametrize(
+    "options", [{"style": "plus"}, {"targets": ("mlp", "attn")}, {"adapter_input": "norm"}], ids=str
+)
+def test_non_default_forms_on_every_host(host, options, tmp_path):
+    """The contract checks for the forms the contract test (defaults only) does not build."""
+    from test_contract import batches, check_gradients, check_sites_called, check_trainable
+
+    torch.manual_seed(0)
+    pristine = tiny_host(host).eval()
+    model = copy.deepcopy(pristine)
+    try:
+        petl_zoo.create("adapter", model, **options)
+    except ValueError as err:  # residual attention on windowed post-norm hosts only
+        assert options.get("targets") and host in ("swinv2", "swinv2_cr"), err
+        return
+    data = batches()
+    perturb_(model)
+    check_trainable(model)
+    check_gradients(model, data[1])
+    check_sites_called(model, data[0][0])
+    model.eval()
+    with torch.no_grad():
+        tuned = model(data[0][0])
+        assert (tuned - pristine(data[0][0])).abs().max() > 1e-6
+    petl_zoo.save_adapter(model, tmp_path / "ad")
+    fresh = petl_zoo.load_adapter(copy.deepcopy(pristine), tmp_path / "ad").eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(data[0][0]), tuned)
+    with pytest.raises(ValueError, match="method 'adapter' cannot be merged: "):
+        petl_zoo.merge(model)
+    bf16 = petl_zoo.create("adapter", copy.deepcopy(pristine).to(torch.bfloat16), **options)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
