@@ -289,6 +289,12 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
         return json.load(f)
 
 
+def saved_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The method options of an ``adapter_config.json`` (its ``config``), completed by the method's
+    :meth:`~petl_zoo.registry.Method.upgrade_options` for folders saved by an older petl_zoo."""
+    return get_method(config["method"]).upgrade_options(dict(config.get("config", {})))
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True) -> nn.Module:
     """Rebuild the saved method on an unpatched ``model`` and load its tensors; returns the model.
 
@@ -322,7 +328,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
             f"adapter in {directory} was saved for a model with {saved_model['num_blocks']} blocks, "
             f"this one has {signature['num_blocks']}"
         )
-    create(config["method"], model, **config.get("config", {}))
+    create(config["method"], model, **saved_options(config))
     method = _require_method(model)
     method.set_state(model, config.get("state", {}))
     place_like_host(model)

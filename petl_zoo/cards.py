@@ -373,7 +373,7 @@ def _mergeable(run_dir: Path, model: str, model_kwargs: dict[str, Any]) -> bool:
     import timm
     import torch
 
-    from .api import create, is_mergeable, method_of, read_adapter_config
+    from .api import create, is_mergeable, method_of, read_adapter_config, saved_options
 
     adapter = read_adapter_config(run_dir)
     if "mergeable" in adapter:
@@ -381,7 +381,7 @@ def _mergeable(run_dir: Path, model: str, model_kwargs: dict[str, Any]) -> bool:
     try:
         with torch.device("meta"):
             net = timm.create_model(model, pretrained=False, **model_kwargs)
-            create(adapter["method"], net, **adapter.get("config", {}))
+            create(adapter["method"], net, **saved_options(adapter))
             method_of(net).set_state(net, adapter.get("state", {}))
         return is_mergeable(net)
     except Exception as err:  # noqa: BLE001 - unknown model or method, or an older format: say nothing

@@ -99,6 +99,12 @@ class Method:
         them into the weights first (HEAT's head gates)."""
         self.hooks.remove()
 
+    @classmethod
+    def upgrade_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options of a saved adapter folder, for this version of the method: a method whose default
+        changed fills in what older folders ran with (they did not record the option). Identity here."""
+        return options
+
     def get_state(self) -> dict[str, Any]:
         """Structural state created during training (JSON-ready); empty for static methods."""
         return {}

@@ -1,47 +1,126 @@
-"""Bottleneck adapters: AdaptFormer's parallel adapter and Houlsby's sequential adapter.
+"""Bottleneck adapters: AdaptFormer's parallel adapter, Houlsby's sequential adapter and Adapter+.
 
-- ``style='parallel'`` (AdaptFormer, Chen et al., 2022): ``mlp_out = Mlp(h) + s * up(ReLU(down(h)))`` where
-  ``h`` is the MLP input (``norm2(x)``); ``down``: ``Linear(d, dim)``, ``up``: ``Linear(dim, d)``, both with
-  bias, ``up`` zero-initialised so the model is unchanged at init; ``s = 0.1`` (AdaptFormer's VTAB value).
+- ``style='parallel'`` (AdaptFormer, Chen et al., 2022), on the MLP of every block::
+
+      x <- x + DropPath(LS(Mlp(norm2(x)))) + s * up(ReLU(down(x)))
+
+  with ``adapter_input='residual'`` (the default): the adapter reads the block's residual stream ``x``
+  *before* ``norm2`` and its output joins the residual stream outside the host's drop-path ``DropPath``
+  and layer scale ``LS`` (the authors' ``Block.forward``, ``models/custom_modules.py`` of
+  ShoufaChen/AdaptFormer @ 6967d67, with ``ffn_adapter_layernorm_option="none"`` in ``main_image.py``:
+  ``adapt_x = adaptmlp(x)`` before ``norm2``, ``x = drop_path(mlp(norm2(x))) + adapt_x``; their block has
+  no layer scale, so ``LS`` stays on the MLP branch only, like the drop-path). We follow the authors
+  rather than OSU's PETL_Vision (``drop_path2(ls2(mlp + adapter))``): a dropped MLP branch keeps its
+  adapter, and on layer-scale hosts (DeiT-III, DINOv2, EVA, BEiT) ``s`` keeps its meaning instead of
+  being multiplied by the host's learned per-channel ``gamma``. ``down``: ``Linear(d, dim)``
+  (kaiming-uniform, bias 0), ``up``: ``Linear(dim, d)`` zero-initialised with its bias, so the model is
+  unchanged at init; ``s = 0.1`` (AdaptFormer's VTAB value). On res-post-norm blocks (SwinV2, SwinV2-Cr,
+  ``ResPostBlock``, ``EvaBlockPostNorm``) the MLP reads ``x`` itself: the adapter reads the same ``x`` and
+  still joins outside the branch's post-norm and drop-path. ``targets=('attn',)`` does the same around
+  attention (``norm1``, ``drop_path1``); not on windowed post-norm hosts, whose attention sees windows.
+  ``adapter_input='norm'`` is the form petl_zoo shipped before: the adapter reads the MLP's input
+  ``h = norm2(x)`` and is added to the MLP output, inside ``LS`` and ``DropPath``
+  (``x + DropPath(LS(Mlp(h) + s * up(ReLU(down(h)))))``).
 - ``style='sequential'`` (Houlsby et al., 2019): ``out = m + s * up(ReLU(down(m)))`` applied to the
   sub-layer's output ``m`` before the residual add, ``s = 1``.
+- ``style='plus'`` (Adapter+, Steitz & Roth, 2024), after every block (post-FFN, on the residual
+  stream)::
+
+      x <- x + s * DropPath_a(up(GELU(down(x))))
+
+  ``s`` a learned per-channel scale (init 1), Houlsby init (``down`` and ``up`` weights truncated normal,
+  std 0.01 cut at +-2 std; biases 0), no LayerNorm, adapter drop-path ``0.1`` (its own, not the host's).
+  Not the identity at init (``up`` is not zero). Checked against ``Adapter`` and
+  ``AdapterBlock.forward_post`` of visinf/adapter_plus @ 191c4ab (``adapter_plus/vit_adapter.py``,
+  ``conf/adapter/adapter_plus.yaml`` and ``base_adapter.yaml``). Per-task dims: the ``paper_plus``
+  preset (``petl_zoo/presets/adapter_plus.yaml``).
 
 VTAB-1K setting: dim 8 on the MLP of every block: ``12 * (768*8 + 8 + 8*768 + 768) = 156,768``
-trainable parameters on ViT-B/16 (head excluded). Not mergeable: the update depends on the input.
+trainable parameters on ViT-B/16 (head excluded); Adapter+ adds the 768 scales per block: 165,984.
+Not mergeable: the update depends on the input.
+
+Saved adapters record ``adapter_input``; folders saved before it existed were trained with the
+``'norm'`` form and load as ``'norm'`` (:meth:`Adapter.upgrade_options`).
+
+Parity (``tests/test_adapter.py``): the authors' AdaptFormer adapter and block math and the Adapter+
+module and ``forward_post``, re-hosted on tiny timm ViTs with our weights copied in, give the same
+logits (fp64, 1e-10), in eval and in train mode with drop-path from the same seed.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
 
 from ..config import MethodConfig, fraction, positive
-from ..layers import Delta, adapt_module
+from ..layers import AdaptedModule, Delta, Wrapper, adapt_module
 from ..registry import Method, register_method
-from ..targets import check_targets, module_sites
+from ..targets import BlockInfo, check_targets, family_of, module_sites
+from .repadapter import POST_NORM_BLOCKS
 
-__all__ = ["AdapterConfig", "BottleneckAdapter", "Adapter", "ACTIVATIONS"]
+__all__ = [
+    "AdapterConfig",
+    "BottleneckAdapter",
+    "PlusAdapter",
+    "ResidualTap",
+    "ResidualInject",
+    "attach_residual_tap",
+    "Adapter",
+    "ACTIVATIONS",
+]
+
+logger = logging.getLogger(__name__)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 ADAPTER_TARGETS = ("mlp", "attn")
+#: Per target: the index of its norm in ``HostFamily.norms`` and the drop-path after the sub-layer.
+_BRANCHES = {"attn": (0, "drop_path1"), "mlp": (1, "drop_path2")}
 
 
 @dataclass
 class AdapterConfig(MethodConfig):
-    """Adapter options. ``scale=None`` means 0.1 for ``parallel`` and 1.0 for ``sequential``."""
+    """Adapter options (module docstring).
+
+    ``style``: ``'parallel'`` (AdaptFormer), ``'sequential'`` (Houlsby) or ``'plus'`` (Adapter+).
+    ``adapter_input`` (parallel only; None elsewhere): ``'residual'`` (default, the authors') or
+    ``'norm'`` (the MLP input, petl_zoo's form before). ``scale=None``: 0.1 parallel, 1.0 sequential, and
+    for ``plus`` the init of its learned per-channel scale (1.0). ``act=None``: ReLU, GELU for ``plus``.
+    ``drop_path=None``: the adapter's own drop-path, 0.1 for ``plus``, 0 otherwise.
+    """
 
     dim: int = positive(8)
     scale: float | None = None
-    style: Literal["parallel", "sequential"] = "parallel"
+    style: Literal["parallel", "sequential", "plus"] = "parallel"
     targets: tuple[str, ...] = ("mlp",)
-    act: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+    act: Literal["relu", "gelu", "silu", "tanh"] | None = None
     dropout: float = fraction(0.0)
+    adapter_input: Literal["residual", "norm"] | None = None
+    drop_path: float | None = fraction(None)
 
     def validate(self) -> None:
         check_targets(self.targets, ADAPTER_TARGETS, "adapter")
+        if self.style == "plus" and tuple(self.targets) != ("mlp",):
+            raise ValueError(
+                f"style='plus' sits after the MLP only: targets must be ('mlp',), got {self.targets}"
+            )
+        if self.style != "parallel" and self.adapter_input is not None:
+            raise ValueError(
+                f"adapter_input={self.adapter_input!r} applies to style='parallel' only; "
+                f"style={self.style!r} reads {'the block output' if self.style == 'plus' else 'the sub-layer output'}"
+            )
+        # resolved values are stored, so that saved configs say what ran
+        if self.style == "parallel" and self.adapter_input is None:
+            self.adapter_input = "residual"
+        if self.act is None:
+            self.act = "gelu" if self.style == "plus" else "relu"
+        if self.drop_path is None:
+            self.drop_path = 0.1 if self.style == "plus" else 0.0
 
     @property
     def resolved_scale(self) -> float:
@@ -53,18 +132,27 @@ class AdapterConfig(MethodConfig):
 class BottleneckAdapter(Delta):
     """The update ``s * up(act(down(h)))`` of a bottleneck adapter; ``up`` starts at zero.
 
-    Attached in parallel (``h`` is the module's input) or sequentially (``h`` is its output, and the
-    wrapper adds ``h`` back: ``out = h + s * up(act(down(h)))``). Input-dependent: not mergeable.
+    Attached in parallel (``h`` is the module's input, or the residual stream through a
+    :class:`ResidualTap`) or sequentially (``h`` is its output, and the wrapper adds ``h`` back:
+    ``out = h + s * up(act(down(h)))``). ``drop_path`` is the adapter's own, on its output.
+    Input-dependent: not mergeable.
     """
 
     def __init__(
-        self, features: int, dim: int, scale: float, act: str = "relu", dropout: float = 0.0
+        self,
+        features: int,
+        dim: int,
+        scale: float,
+        act: str = "relu",
+        dropout: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.down = nn.Linear(features, dim)
         self.act = ACTIVATIONS[act]()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.up = nn.Linear(dim, features)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.scale = scale
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
@@ -72,19 +160,149 @@ class BottleneckAdapter(Delta):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: Tensor, weight: Tensor | None) -> Tensor:
-        return self.up(self.dropout(self.act(self.down(h)))) * self.scale
+        return self.drop_path(self.up(self.dropout(self.act(self.down(h))))) * self.scale
 
 
-@register_method("adapter", "Bottleneck adapters: AdaptFormer parallel (default) or Houlsby sequential")
+class PlusAdapter(Delta):
+    """Adapter+: ``s * DropPath(up(act(down(x))))`` with a learned per-channel ``s`` (init ``scale``),
+    Houlsby init (truncated normal, std 0.01, cut at +-0.02; biases 0). A sequential delta on a block:
+    the wrapper adds the block output ``x`` back. Input-dependent: not mergeable."""
+
+    def __init__(
+        self, features: int, dim: int, scale: float, act: str, dropout: float, drop_path: float
+    ) -> None:
+        super().__init__()
+        self.down = nn.Linear(features, dim)
+        self.act = ACTIVATIONS[act]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.up = nn.Linear(dim, features)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.scale = nn.Parameter(torch.full((features,), float(scale)))
+        std = 0.01
+        for layer in (self.down, self.up):
+            nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        return self.drop_path(self.up(self.dropout(self.act(self.down(x))))) * self.scale
+
+
+class ResidualTap(AdaptedModule):
+    """Wraps the module that reads a block's residual stream ``x`` for one branch (``norm2`` before the
+    MLP, or the MLP itself on res-post-norm blocks): returns its output unchanged and keeps ``x`` for
+    the :class:`ResidualInject` after the branch, which adds ``sum_i d_i(x)`` there.
+
+    The deltas live in ``parallel`` (they read this module's input), so placement, saving and the merge
+    check see them as input-dependent updates on a module.
+    """
+
+    def __init__(self, base: nn.Module, where: str) -> None:
+        super().__init__(base)
+        self.where = where
+        self.pending: Tensor | None = None
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        self.pending = x
+        return self.base(x, *args, **kwargs)
+
+    def update(self) -> Tensor:
+        """``sum_i d_i(x)`` for the residual stream this tap saw last (consumed)."""
+        x, self.pending = self.pending, None
+        if x is None:
+            raise RuntimeError(
+                f"adapter: the branch after {self.where} ran before it (the block's forward changed)"
+            )
+        total = None
+        for delta in self.parallel.values():
+            d = delta(x, None)
+            total = d if total is None else total + d
+        return total
+
+
+class ResidualInject(Wrapper):
+    """Wraps a block's drop-path after a branch: ``DropPath(y) + tap.update()``, the adapters' output
+    outside the host's drop-path and layer scale (the authors' AdaptFormer block)."""
+
+    def __init__(self, drop_path: nn.Module, tap: ResidualTap) -> None:
+        super().__init__()
+        self.base = drop_path
+        object.__setattr__(self, "tap", tap)  # not a child: the tap lives where the residual is read
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        update = self.tap.update()
+        return out if update is None else out + update
+
+
+def _is_post_norm(model: nn.Module, info: BlockInfo) -> bool:
+    return family_of(model).post_norm or type(info.module).__name__ in POST_NORM_BLOCKS
+
+
+def attach_residual_tap(model: nn.Module, info: BlockInfo, target: str) -> ResidualTap:
+    """The :class:`ResidualTap` of ``target``'s branch in block ``info`` (with its inject), created on
+    first use: the norm before the sub-layer, or the sub-layer itself on res-post-norm blocks."""
+    family = family_of(model)
+    norm_index, drop_name = _BRANCHES[target]
+    block = info.module
+    post_norm = _is_post_norm(model, info)
+    if post_norm and target == "attn" and family.windowed:
+        raise ValueError(
+            f"adapter_input='residual' on attention needs the residual stream, but the res-post-norm {type(block).__name__} "
+            f"of {info.path} feeds its attention windows; use targets=('mlp',) or adapter_input='norm'"
+        )
+    attr = (family.attn if target == "attn" else family.mlp) if post_norm else family.norms[norm_index]
+    current = getattr(block, attr, None)
+    if isinstance(current, ResidualTap):
+        return current
+    if current is None or not isinstance(getattr(block, drop_name, None), nn.Module):
+        raise ValueError(
+            f"adapter_input='residual' needs '{attr}' and '{drop_name}' in the {type(block).__name__} of "
+            f"{info.path}; use adapter_input='norm'"
+        )
+    tap = ResidualTap(current, f"{info.path}.{attr}")
+    setattr(block, attr, tap)
+    setattr(block, drop_name, ResidualInject(getattr(block, drop_name), tap))
+    return tap
+
+
+@register_method(
+    "adapter", "Bottleneck adapters: AdaptFormer parallel (default), Houlsby sequential or Adapter+ (plus)"
+)
 class Adapter(Method):
+    """Bottleneck adapters (module docstring). ``identity_at_init`` holds for the parallel and
+    sequential styles; ``style='plus'`` starts from its Houlsby init, not from the identity."""
+
     config_class = AdapterConfig
     identity_at_init = True
 
+    @classmethod
+    def upgrade_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Folders saved before ``adapter_input`` existed ran the parallel adapter on ``norm2(x)``."""
+        if options.get("style", "parallel") == "parallel" and "adapter_input" not in options:
+            logger.info(
+                "adapter: a folder without adapter_input loads as adapter_input='norm' (its saved form)"
+            )
+            return {**options, "adapter_input": "norm"}
+        return options
+
     def apply(self, model: nn.Module) -> None:
         cfg: AdapterConfig = self.config
-        sites = [site for target in cfg.targets for site in module_sites(model, target)]
-        for site in sites:
-            wrapper = adapt_module(site)
-            sequential = cfg.style == "sequential"
-            adapter = BottleneckAdapter(site.in_features, cfg.dim, cfg.resolved_scale, cfg.act, cfg.dropout)
-            (wrapper.sequential if sequential else wrapper.parallel)["adapter"] = adapter
+        if cfg.style == "plus":
+            for site in module_sites(model, "block"):
+                wrapper = adapt_module(site)
+                adapter = PlusAdapter(
+                    site.in_features, cfg.dim, cfg.resolved_scale, cfg.act, cfg.dropout, cfg.drop_path
+                )
+                wrapper.sequential["adapter"] = adapter
+            return
+        for target in cfg.targets:
+            for site in module_sites(model, target):
+                adapter = BottleneckAdapter(
+                    site.in_features, cfg.dim, cfg.resolved_scale, cfg.act, cfg.dropout, cfg.drop_path
+                )
+                if cfg.style == "sequential":
+                    adapt_module(site).sequential["adapter"] = adapter
+                elif cfg.adapter_input == "norm":
+                    adapt_module(site).parallel["adapter"] = adapter
+                else:
+                    attach_residual_tap(model, site.block, target).parallel["adapter"] = adapter

@@ -8,8 +8,12 @@ preserves the information of the pruned adapters". **Everything below that goes 
 reconstruction** (each choice is an option):
 
 - Positions (ours): one adapter per block and kind: ``'mlp'`` an AdaptFormer parallel adapter
-  ``a(h) = s * up(ReLU(down(h)))`` (dim 8, s = 0.1) on the MLP input, and/or LoRA ``s_l * B A x`` on the
-  ``q``/``v`` slices of the fused qkv (``base='adapter' | 'lora' | 'both'``).
+  ``a(x) = s * up(ReLU(down(x)))`` (dim 8, s = 0.1) as in ``adapter``: by default
+  (``adapter_input='residual'``) it reads the block's residual stream before ``norm2`` and joins it
+  outside the MLP's drop-path and layer scale (AdaptFormer's block, see ``petl_zoo.methods.adapter``);
+  ``adapter_input='norm'`` is the form before (it reads ``norm2(x)``, added to the MLP output). And/or
+  LoRA ``s_l * B A x`` on the ``q``/``v`` slices of the fused qkv (``base='adapter' | 'lora' | 'both'``).
+  Folders saved before ``adapter_input`` existed load as ``'norm'``.
 - Phase 1 (ours: epochs ``< prune_epoch``): every adapter trains.
 - Importance (ours): first-order Taylor score over the epoch ``prune_epoch - 1``, summed over batches,
   ``I_a = sum_batches | sum_{theta in a} theta * dL/dtheta |`` (``importance='abs'``: ``sum |theta * g|``).
@@ -47,7 +51,7 @@ from ..importance import TaylorAccumulator
 from ..layers import AdaptedLinear, AdaptedModule, Delta, adapt_linear, adapt_module
 from ..registry import Method, TrainContext, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites, module_sites
-from .adapter import BottleneckAdapter
+from .adapter import BottleneckAdapter, attach_residual_tap
 from .lora import LoraDelta
 
 __all__ = [
@@ -81,6 +85,7 @@ class PearConfig(MethodConfig):
     knowledge_checkpoint: bool = True
     kc_scale: float = non_negative(1.0)
     kc_shared: Literal["gate", "offset"] = "gate"
+    adapter_input: Literal["residual", "norm"] = "residual"  # what the MLP adapters read (module docstring)
 
     def validate(self) -> None:
         if self.base != "adapter":
@@ -231,13 +236,23 @@ class Pear(Method):
         self.plan: dict[str, Any] | None = None
         self._accumulator: TaylorAccumulator | None = None
 
+    @classmethod
+    def upgrade_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Folders saved before ``adapter_input`` existed ran the MLP adapters on ``norm2(x)``."""
+        if options.get("base", "adapter") != "lora" and "adapter_input" not in options:
+            return {**options, "adapter_input": "norm"}
+        return options
+
     # -- structure -----------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> None:
         cfg: PearConfig = self.config
         found: list[_Position] = []
         if cfg.base in ("adapter", "both"):
             for site in module_sites(model, "mlp"):
-                wrapper = adapt_module(site)
+                if cfg.adapter_input == "norm":
+                    wrapper = adapt_module(site)
+                else:
+                    wrapper = attach_residual_tap(model, site.block, "mlp")
                 adapter = BottleneckAdapter(site.in_features, cfg.dim, cfg.scale)
                 wrapper.parallel["pear"] = adapter
                 shape = (site.in_features, cfg.dim)
