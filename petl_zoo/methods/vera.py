@@ -20,8 +20,9 @@ whatever the RNG of the loading torch build; ``seed`` only decides what ``create
 ``vit_base_patch16_224`` with ``q``, ``v`` at ``r = 256`` the file holds 24,576 trained and 393,216
 frozen values.
 
-Defaults: the paper's ViT setting, rank 256 on the query and value projections (``q``, ``v`` slices of
-the fused ``qkv``): 24,576 trainable parameters on ViT-B/16 (head excluded), the paper's 24.6K; peft's
+Defaults: rank 256 (peft's) on the query and value projections (``q``, ``v`` slices of the fused
+``qkv``): 24,576 trainable parameters on ViT-B/16 (head excluded), our reading of the paper's ViT-B row
+(24.6K; see docs/vera.md); peft's
 ``target_modules=["qkv"]`` at the same rank is ``targets=("qkv",)``: 30,720. The paper reports no
 VTAB-1K numbers. Mergeable: ``delta_W`` is folded into the weight, unmerged from the cached ``W0``.
 
