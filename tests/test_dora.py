@@ -63,6 +63,15 @@ def test_row_norm_equals_the_norm_of_the_formed_weight(dtype):
     torch.testing.assert_close(ours.double(), direct, rtol=tol, atol=0)
 
 
+def test_row_norm_stays_float32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    w0, a, b = (torch.randn(shape, generator=g) for shape in ((40, 24), (5, 24), (40, 5)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = dora_row_norm(w0, a, b, 0.7)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, dora_row_norm(w0, a, b, 0.7), rtol=1e-6, atol=0)
+
+
 def test_forward_and_merge_give_the_papers_weight(images):
     torch.manual_seed(0)
     model = petl_zoo.create("dora", tiny_vit(), rank=4, alpha=8.0).eval()

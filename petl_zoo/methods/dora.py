@@ -37,6 +37,7 @@ with and without dropout (``tests/test_dora.py``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -64,13 +65,17 @@ class DoraConfig(LoraConfig):
 def dora_row_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """``||W0 + s B A||`` per output row (``[out]``, float32 or wider), without forming ``B A``:
     ``||W0||^2 + 2 s rowsum((W0 A^T) * B) + s^2 rowsum((B (A A^T)) * B)``. No gradient (DoRA's
-    detached norm). The only ``[out, in]`` temporary is a float32 copy of a half-precision ``W0``."""
+    detached norm), in full precision also inside an autocast region. The only ``[out, in]`` temporary
+    is a float32 copy of a half-precision ``W0``."""
     work = torch.promote_types(weight.dtype, torch.float32)
     w = weight.detach().to(work)
     a, b = (t.detach().to(device=w.device, dtype=work) for t in (lora_A, lora_B))
-    squared = torch.linalg.vector_norm(w, dim=1).square()
-    cross = (F.linear(w, a) * b).sum(dim=1)
-    quad = ((b @ (a @ a.T)) * b).sum(dim=1)
+    kind = w.device.type  # an autocast region would run the products in half precision
+    exact = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else nullcontext()
+    with exact:
+        squared = torch.linalg.vector_norm(w, dim=1).square()
+        cross = (F.linear(w, a) * b).sum(dim=1)
+        quad = ((b @ (a @ a.T)) * b).sum(dim=1)
     return (squared + (2.0 * scaling) * cross + (scaling * scaling) * quad).clamp_min(0).sqrt()
 
 
