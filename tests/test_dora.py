@@ -52,6 +52,19 @@ def test_magnitude_starts_at_the_row_norms_of_each_slice(build, images):
         assert torch.equal(model(images), pristine(images))
 
 
+def test_bf16_model_is_unchanged_at_init_and_trains(images):
+    """m is rounded to bf16 and the norm is rounded the same way before dividing: g = 1 exactly."""
+    torch.manual_seed(0)
+    pristine = tiny_vit().to(torch.bfloat16).eval()
+    model = petl_zoo.create("dora", copy.deepcopy(pristine)).eval()
+    assert all(d.magnitude.dtype == torch.bfloat16 for d in dora_deltas(model).values())
+    x = images.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(x), pristine(x))
+    model(x).float().sum().backward()
+    assert all(d.magnitude.grad is not None for d in dora_deltas(model).values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_row_norm_equals_the_norm_of_the_formed_weight(dtype):
     g = torch.Generator().manual_seed(0)
