@@ -9,6 +9,17 @@ Every method module is a :class:`Delta`: ``forward(x, weight)`` returns an **add
   LayerNorm or Conv2d), ``weight`` is None. Parallel deltas see the module's input,
   ``out = base(x) + d(x, None)``; sequential ones its output, ``out = m + d(m, None)`` with ``m = base(x)``.
 
+Low-rank form. A delta on a Linear's output slice whose update is ``(x D^T) U^T`` for two small
+matrices (LoRA: ``D = A``, ``U = s B``; NEAT: ``D = act(A W0)``, ``U = B``) says so through
+``low_rank(W0_slice) -> LowRank(down=D, up=U)`` (None when it has no such form right now, e.g. an
+active dropout). :class:`AdaptedLinear` then computes all such deltas of the layer in one pass instead
+of one pass per slice: the ``D`` stacked (``[sum r_i, in]``, one matmul), the ``U`` placed as blocks of
+one ``[out, sum r_i]`` matrix (row block = the slice, column block = the delta's rank; zeros
+elsewhere, one matmul) and the result added to the whole output (one add, no per-slice in-place
+writes). A delta with forward hooks of its own is still called through its forward (the hooks run). A ``LowRank`` may also carry ``base_scale`` (``g``, ``[stop-start]``): the update then also
+adds ``g * (x W0_slice^T)``, the layer's output without bias (a per-row rescaling of the base output,
+the form of DoRA: ``g = m / ||W0 + s B A||_row - 1`` with ``U = (g + 1) s B``).
+
 Merging. A delta with a weight-space form sets ``mergeable = True`` and describes that form by where it
 sits; the wrapper folds it into the weights of the layer next to it and, while merged, keeps the
 originals so that unmerging is exact:
@@ -35,10 +46,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from .targets import LinearSite, ModuleSite, unfold_qkv_bias
@@ -46,6 +58,7 @@ from .targets import LinearSite, ModuleSite, unfold_qkv_bias
 __all__ = [
     "PetlModule",
     "Delta",
+    "LowRank",
     "LinearDelta",
     "AdaptedLinear",
     "AdaptedModule",
@@ -83,6 +96,16 @@ class PetlModule(nn.Module):
     keeps_float32: bool = False
 
 
+class LowRank(NamedTuple):
+    """The update ``(x down^T) up^T [+ base_scale * (x W0_slice^T)]`` of a delta on a Linear's output
+    slice (see the module docstring): ``down`` ``[r, in]``, ``up`` ``[stop-start, r]``, ``base_scale``
+    ``[stop-start]`` or None."""
+
+    down: Tensor
+    up: Tensor
+    base_scale: Tensor | None = None
+
+
 class Delta(PetlModule):
     """A method's trainable update; the one protocol of every method module (see the module docstring).
 
@@ -100,6 +123,11 @@ class Delta(PetlModule):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         raise ValueError(f"{type(self).__name__} has no weight-space form and cannot be merged")
+
+    def low_rank(self, weight: Tensor) -> LowRank | None:
+        """The factors of this forward's update on the slice ``weight`` (``forward(x, weight) ==
+        (x down^T) up^T [+ base_scale * (x weight^T)]``), or None to be called through ``forward``."""
+        return None
 
     def affine(self) -> Affine:
         """``(M, c)`` with ``forward(z, None) == M z + c`` (``M * z + c`` for a per-channel ``[C]`` M)."""
@@ -282,8 +310,18 @@ class AdaptedLinear(Wrapper):
             return y
         weight = self.base.weight
         width = y.shape[-1]
+        factored: list[tuple[int, int, LowRank]] = []
+        others: list[tuple[int, int, Delta]] = []
         for name, delta in self.deltas.items():
             start, stop = self.slices[name]
+            form = None if _hooked(delta) else delta.low_rank(weight[start:stop])
+            if form is None:
+                others.append((start, stop, delta))
+            else:
+                factored.append((start, stop, form))
+        if factored:
+            y = _add_low_rank(y, x, factored, self.base.bias)
+        for start, stop, delta in others:
             update = delta(x, weight[start:stop])
             if start == 0 and stop == width:
                 y = y + update
@@ -329,6 +367,38 @@ class AdaptedLinear(Wrapper):
         self._original_weight = None
         self._original_bias = None
         self.merged = False
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks: such a delta is called through its forward, so they run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _place(block: Tensor, rows: tuple[int, int], cols: tuple[int, int], shape: tuple[int, int]) -> Tensor:
+    """``block`` at ``[rows, cols]`` of a zero matrix of ``shape`` (the block itself when it fills it)."""
+    pad = (cols[0], shape[1] - cols[1], rows[0], shape[0] - rows[1])
+    return block if not any(pad) else F.pad(block, pad)
+
+
+def _add_low_rank(y: Tensor, x: Tensor, forms: list[tuple[int, int, LowRank]], bias: Tensor | None) -> Tensor:
+    """``y`` plus every factored update on its slice ``[start, stop)``, in one pass: ``z = x D^T`` with
+    the ``down`` stacked, ``y + z U^T`` with the ``up`` as blocks of one ``[out, sum r]`` matrix (see the
+    module docstring), plus ``(y - bias) * g`` for the ``base_scale`` ones."""
+    width = y.shape[-1]
+    total = sum(form.down.shape[0] for _, _, form in forms)
+    blocks, col = [], 0
+    for start, stop, form in forms:
+        rank = form.down.shape[0]
+        blocks.append(_place(form.up, (start, stop), (col, col + rank), (width, total)))
+        col += rank
+    down = forms[0][2].down if len(forms) == 1 else torch.cat([form.down for _, _, form in forms])
+    up = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
+    scaled = [(start, stop, form.base_scale) for start, stop, form in forms if form.base_scale is not None]
+    out = y + F.linear(F.linear(x, down), up)
+    if scaled:
+        scale = torch.stack([F.pad(g, (start, width - stop)) for start, stop, g in scaled]).sum(0)
+        out = out + (y if bias is None else y - bias) * scale
+    return out
 
 
 class AdaptedModule(Wrapper):
