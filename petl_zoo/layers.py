@@ -397,7 +397,8 @@ def _add_low_rank(y: Tensor, x: Tensor, forms: list[tuple[int, int, LowRank]], b
     out = y + F.linear(F.linear(x, down), up)
     if scaled:
         scale = torch.stack([F.pad(g, (start, width - stop)) for start, stop, g in scaled]).sum(0)
-        out = out + (y if bias is None else y - bias) * scale
+        base = y if bias is None else y - bias.to(y.dtype)
+        out = out + base * scale.to(y.dtype)
     return out
 
 
