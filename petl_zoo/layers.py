@@ -15,8 +15,9 @@ matrices (LoRA: ``D = A``, ``U = s B``; NEAT: ``D = act(A W0)``, ``U = B``) says
 active dropout). :class:`AdaptedLinear` then computes all such deltas of the layer in one pass instead
 of one pass per slice: the ``D`` stacked (``[sum r_i, in]``, one matmul), the ``U`` placed as blocks of
 one ``[out, sum r_i]`` matrix (row block = the slice, column block = the delta's rank; zeros
-elsewhere, one matmul) and the result added to the whole output (one add, no per-slice in-place
-writes). A delta with forward hooks of its own is still called through its forward (the hooks run). A ``LowRank`` may also carry ``base_scale`` (``g``, ``[stop-start]``): the update then also
+elsewhere); on a plain ``nn.Linear`` the layer then computes ``F.linear(x, W0 + U D, b)``, one GEMM
+as the frozen layer alone, with the factors' gradients from thin products (never the ``[out, in]``
+weight gradient), otherwise ``y + (x D^T) U^T`` (one add, no per-slice in-place writes). A delta with forward hooks of its own is still called through its forward (the hooks run). A ``LowRank`` may also carry ``base_scale`` (``g``, ``[stop-start]``): the update then also
 adds ``g * (x W0_slice^T)``, the layer's output without bias (a per-row rescaling of the base output,
 the form of DoRA: ``g = m / ||W0 + s B A||_row - 1`` with ``U = (g + 1) s B``).
 
@@ -305,11 +306,9 @@ class AdaptedLinear(Wrapper):
                 d = delta(x, None)
                 update = d if update is None else update + d
             x = x + update
-        y = self.base(x)
         if self.merged or not len(self.deltas):
-            return y
+            return self.base(x)
         weight = self.base.weight
-        width = y.shape[-1]
         factored: list[tuple[int, int, LowRank]] = []
         others: list[tuple[int, int, Delta]] = []
         for name, delta in self.deltas.items():
@@ -319,8 +318,13 @@ class AdaptedLinear(Wrapper):
                 others.append((start, stop, delta))
             else:
                 factored.append((start, stop, form))
-        if factored:
-            y = _add_low_rank(y, x, factored, self.base.bias)
+        if factored and self._fusable(factored):
+            y = _LowRankLinear.apply(x, weight, self.base.bias, *_stacked(factored, weight.shape[0]))
+        else:
+            y = self.base(x)
+            if factored:
+                y = _add_low_rank(y, x, factored, self.base.bias)
+        width = y.shape[-1]
         for start, stop, delta in others:
             update = delta(x, weight[start:stop])
             if start == 0 and stop == width:
@@ -328,6 +332,15 @@ class AdaptedLinear(Wrapper):
             else:
                 y[..., start:stop] += update
         return y
+
+    def _fusable(self, forms: list[tuple[int, int, LowRank]]) -> bool:
+        """Whether the low-rank updates can go into one ``F.linear`` with ``W0 + U D`` (:class:`_LowRankLinear`):
+        a plain ``nn.Linear`` without hooks of its own, no ``base_scale``."""
+        return (
+            type(self.base) is nn.Linear
+            and not _hooked(self.base)
+            and all(form.base_scale is None for _, _, form in forms)
+        )
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -380,11 +393,9 @@ def _place(block: Tensor, rows: tuple[int, int], cols: tuple[int, int], shape: t
     return block if not any(pad) else F.pad(block, pad)
 
 
-def _add_low_rank(y: Tensor, x: Tensor, forms: list[tuple[int, int, LowRank]], bias: Tensor | None) -> Tensor:
-    """``y`` plus every factored update on its slice ``[start, stop)``, in one pass: ``z = x D^T`` with
-    the ``down`` stacked, ``y + z U^T`` with the ``up`` as blocks of one ``[out, sum r]`` matrix (see the
-    module docstring), plus ``(y - bias) * g`` for the ``base_scale`` ones."""
-    width = y.shape[-1]
+def _stacked(forms: list[tuple[int, int, LowRank]], width: int) -> tuple[Tensor, Tensor]:
+    """``(D, U)`` of the updates on their slices ``[start, stop)``: the ``down`` stacked (``[sum r, in]``)
+    and the ``up`` as blocks of one ``[width, sum r]`` matrix (see the module docstring)."""
     total = sum(form.down.shape[0] for _, _, form in forms)
     blocks, col = [], 0
     for start, stop, form in forms:
@@ -393,6 +404,14 @@ def _add_low_rank(y: Tensor, x: Tensor, forms: list[tuple[int, int, LowRank]], b
         col += rank
     down = forms[0][2].down if len(forms) == 1 else torch.cat([form.down for _, _, form in forms])
     up = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
+    return down, up
+
+
+def _add_low_rank(y: Tensor, x: Tensor, forms: list[tuple[int, int, LowRank]], bias: Tensor | None) -> Tensor:
+    """``y`` plus every factored update on its slice, in one pass: ``y + (x D^T) U^T`` (:func:`_stacked`),
+    plus ``(y - bias) * g`` for the ``base_scale`` ones."""
+    width = y.shape[-1]
+    down, up = _stacked(forms, width)
     scaled = [(start, stop, form.base_scale) for start, stop, form in forms if form.base_scale is not None]
     out = y + F.linear(F.linear(x, down), up)
     if scaled:
@@ -400,6 +419,34 @@ def _add_low_rank(y: Tensor, x: Tensor, forms: list[tuple[int, int, LowRank]], b
         base = y if bias is None else y - bias.to(y.dtype)
         out = out + base * scale.to(y.dtype)
     return out
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``F.linear(x, W0 + U D, b)``: one GEMM forward, one for the input gradient, as the frozen layer
+    alone; the factors' gradients from thin products, never the ``[out, in]`` weight gradient:
+    ``dU = g^T (x D^T)``, ``dD = (g U)^T x``, ``dx = g W0 + (g U) D``. Under autocast the products run
+    in the output's dtype, as autocast's would."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, down, up)
+        return F.linear(x, torch.addmm(weight, up, down), bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, down, up = ctx.saved_tensors
+        dt = grad.dtype
+        g = grad.reshape(-1, grad.shape[-1])
+        xs = x.reshape(-1, x.shape[-1]).to(dt)
+        w, d, u = weight.to(dt), down.to(dt), up.to(dt)
+        need_x, need_w, need_b, need_d, need_u = ctx.needs_input_grad
+        gu_ = g @ u
+        dx = torch.addmm(g @ w, gu_, d).view(x.shape).to(x.dtype) if need_x else None
+        dw = (g.t() @ xs).to(weight.dtype) if need_w else None
+        db = g.sum(0).to(weight.dtype) if need_b else None
+        dd = (gu_.t() @ xs).to(down.dtype) if need_d else None
+        du = (g.t() @ (xs @ d.t())).to(up.dtype) if need_u else None
+        return dx, dw, db, dd, du
 
 
 class AdaptedModule(Wrapper):

@@ -42,8 +42,14 @@ def qkv_layer(method: str, dtype: torch.dtype = torch.float64, **options) -> Ada
         ("neat", dict(targets=("v", "q"), rank=3)),
     ],
 )
-def test_one_pass_matches_per_delta_outputs_and_gradients(method, options):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "added"])
+def test_one_pass_matches_per_delta_outputs_and_gradients(method, options, fused):
+    """Both one-pass forms: ``F.linear(x, W0 + U D, b)`` on a plain Linear and ``y + (x D^T) U^T``
+    (taken when the Linear has hooks of its own)."""
     layer = qkv_layer(method, **options)
+    if not fused:
+        layer.base.register_forward_hook(lambda module, args, out: None)
+    assert layer._fusable([]) is fused
     assert all(
         d.low_rank(layer.base.weight[s:e]) is not None
         for d, (s, e) in zip(layer.deltas.values(), layer.slices.values())
@@ -59,8 +65,42 @@ def test_one_pass_matches_per_delta_outputs_and_gradients(method, options):
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     layer32 = layer.float()
-    with torch.no_grad():
-        torch.testing.assert_close(layer32(x.float()), per_delta(layer32, x.float()), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # fp32: the same to 1e-6 of the output's scale (round-off of the summation order)
+        ref32 = per_delta(layer32, x.float())
+        scale = float(ref32.abs().max())
+        torch.testing.assert_close(layer32(x.float()), ref32, atol=1e-6 * scale, rtol=0)
+
+
+def test_trainable_base_weight_and_bias_get_their_gradients_in_the_fused_form():
+    layer = qkv_layer("lora")
+    layer.base.requires_grad_(True)
+    x = torch.randn(4, 48, dtype=torch.float64, requires_grad=True)
+    params = [x, layer.base.weight, layer.base.bias, *layer.deltas.parameters()]
+    for a, b in zip(
+        torch.autograd.grad(layer(x).sum(), params), torch.autograd.grad(per_delta(layer, x).sum(), params)
+    ):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_fused_form_under_autocast_matches_the_added_form():
+    layer = qkv_layer("lora", dtype=torch.float32)
+    x = torch.randn(2, 6, 48)
+    outs, grads = [], []
+    for hooked in (False, True):
+        if hooked:
+            layer.base.register_forward_hook(lambda module, args, out: None)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xi)
+        out.float().square().sum().backward()
+        outs.append(out)
+        grads.append([xi.grad, *(p.grad.clone() for p in layer.deltas.parameters())])
+        layer.zero_grad(set_to_none=True)
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1], atol=0.1, rtol=0.02)
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0.05 * float(b.abs().max()), rtol=0)
 
 
 def test_merge_of_one_pass_layer_is_exact_and_unmerge_restores_w0():
