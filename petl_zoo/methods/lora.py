@@ -5,7 +5,9 @@ with trainable ``A`` (``[r, in]``, kaiming-uniform) and ``B`` (``[out, r]``, zer
 unchanged at initialisation. In weight space ``delta_W = (alpha / r) B A``, hence mergeable.
 
 The deltas of one Linear (the ``q`` and ``v`` slices of a fused ``qkv``) are computed in one pass
-(:class:`~petl_zoo.layers.LowRank`: stacked ``A``, block ``B``), except while a dropout is active.
+(:class:`~petl_zoo.layers.LowRank`): ``F.linear(x, W0 + s B_blocks A_stacked, b)``, with the gradients
+of ``A`` and ``B`` from thin products (never the ``[out, in]`` weight gradient), except while a dropout
+is active (then each slice adds ``s * (dropout(x) A^T) B^T`` on its own).
 
 VTAB-1K setting: rank 8 on the query and value slices of the fused ``qkv`` (``targets=('q', 'v')``),
 scaling 1 (``alpha = rank``): 294,912 trainable parameters on ViT-B/16 (head excluded).

@@ -21,11 +21,13 @@ with U-Net residuals, in ``[in, r]`` layout::
 The authors' ``depth`` counts every linear of the network (``A``, the ``E_i``, the ``D_i``, ``B``):
 their depth ``2 + 2p`` is our ``depth=p`` (their depth 6 = ``depth=2``).
 
-Training never builds ``delta_W`` nor any per-token weight: ``H = act(A W0)`` (``[r, in]``, plus the
-hidden layers) is computed once per forward, independent of the batch, and the layer adds
-``s * (x H^T) B^T`` to its output slice, so the cost is LoRA's plus one ``r x out x in`` product. The
-slices of one Linear (``q``, ``v``) share one pass (:class:`~petl_zoo.layers.LowRank`: stacked ``H``,
-block ``B``).
+Training never builds a per-token weight nor the ``[out, in]`` weight gradient: ``H = act(A W0)``
+(``[r, in]``, plus the hidden layers) is computed once per forward, independent of the batch, and the
+update of the layer is ``s * (x H^T) B^T`` on its output slice. The slices of one Linear (``q``,
+``v``) share one pass (:class:`~petl_zoo.layers.LowRank`): the layer computes
+``F.linear(x, W0 + B_blocks H_stacked, b)`` (one transient ``[out, in]`` sum, ``out * r * in`` MACs) and
+the gradients of ``H`` and ``B`` from thin products, so the cost is the frozen layer's plus
+``r x out x in`` products and LoRA's thin backward products.
 Merging folds ``delta_W(W0)`` into the weight, computed from the wrapper's cached copy of ``W0``.
 
 Defaults are the authors' vision setting: rank 7 on the query and value slices of the fused ``qkv``
