@@ -12,14 +12,20 @@ Every method module is a :class:`Delta`: ``forward(x, weight)`` returns an **add
 Low-rank form. A delta on a Linear's output slice whose update is ``(x D^T) U^T`` for two small
 matrices (LoRA: ``D = A``, ``U = s B``; NEAT: ``D = act(A W0)``, ``U = B``) says so through
 ``low_rank(W0_slice) -> LowRank(down=D, up=U)`` (None when it has no such form right now, e.g. an
-active dropout). :class:`AdaptedLinear` then computes all such deltas of the layer in one pass instead
-of one pass per slice: the ``D`` stacked (``[sum r_i, in]``, one matmul), the ``U`` placed as blocks of
-one ``[out, sum r_i]`` matrix (row block = the slice, column block = the delta's rank; zeros
-elsewhere); on a plain ``nn.Linear`` the layer then computes ``F.linear(x, W0 + U D, b)``, one GEMM
-as the frozen layer alone, with the factors' gradients from thin products (never the ``[out, in]``
-weight gradient), otherwise ``y + (x D^T) U^T`` (one add, no per-slice in-place writes). A delta with forward hooks of its own is still called through its forward (the hooks run). A ``LowRank`` may also carry ``base_scale`` (``g``, ``[stop-start]``): the update then also
-adds ``g * (x W0_slice^T)``, the layer's output without bias (a per-row rescaling of the base output,
-the form of DoRA: ``g = m / ||W0 + s B A||_row - 1`` with ``U = (g + 1) s B``).
+active dropout). In a training step :class:`AdaptedLinear` then computes all such deltas of the layer
+in one pass instead of one pass per slice: the ``D`` stacked (``[sum r_i, in]``), the ``U`` placed as
+blocks of one ``[out, sum r_i]`` matrix (row block = the slice, column block = the delta's rank; zeros
+elsewhere). On a plain ``nn.Linear`` the layer computes ``F.linear(x, W0 + U D, b)``, one GEMM as the
+frozen layer alone, with the factors' gradients from thin products (never the ``[out, in]`` weight
+gradient); otherwise (a Linear with hooks of its own, a ``base_scale``) ``y + (x D^T) U^T``, one add
+and no per-slice in-place writes. A delta with forward hooks of its own is called through its forward
+(the hooks run). With gradients off (inference, FLOP counting) every delta runs its own forward, so
+an unmerged model counts the per-token low-rank products that the papers count.
+
+A ``LowRank`` may also carry ``base_scale`` (``g``, ``[stop-start]``): the update then also adds
+``g * (x W0_slice^T)``, the layer's output without bias (a per-row rescaling of the base output, the
+form of DoRA: ``g = m / ||W0 + s B A||_row - 1`` with ``U = (g + 1) s B``); it takes the added form,
+whose base output is at hand for ``g``'s gradient.
 
 Merging. A delta with a weight-space form sets ``mergeable = True`` and describes that form by where it
 sits; the wrapper folds it into the weights of the layer next to it and, while merged, keeps the
@@ -311,14 +317,16 @@ class AdaptedLinear(Wrapper):
         weight = self.base.weight
         factored: list[tuple[int, int, LowRank]] = []
         others: list[tuple[int, int, Delta]] = []
+        one_pass = torch.is_grad_enabled()  # a training-step form; inference keeps the per-delta FLOPs
         for name, delta in self.deltas.items():
             start, stop = self.slices[name]
-            form = None if _hooked(delta) else delta.low_rank(weight[start:stop])
+            form = None if not one_pass or _hooked(delta) else delta.low_rank(weight[start:stop])
             if form is None:
                 others.append((start, stop, delta))
             else:
                 factored.append((start, stop, form))
-        if factored and self._fusable(factored):
+        fused = bool(factored) and self._fusable(factored)
+        if fused:
             y = _LowRankLinear.apply(x, weight, self.base.bias, *_stacked(factored, weight.shape[0]))
         else:
             y = self.base(x)
@@ -329,6 +337,8 @@ class AdaptedLinear(Wrapper):
             update = delta(x, weight[start:stop])
             if start == 0 and stop == width:
                 y = y + update
+            elif fused:  # autograd forbids writing into a custom Function's output
+                y = y + F.pad(update, (start, width - stop))
             else:
                 y[..., start:stop] += update
         return y

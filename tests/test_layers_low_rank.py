@@ -64,11 +64,12 @@ def test_one_pass_matches_per_delta_outputs_and_gradients(method, options, fused
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
     for a, b in zip(ours_grads, ref_grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    layer32 = layer.float()
-    with torch.no_grad():  # fp32: the same to 1e-6 of the output's scale (round-off of the summation order)
-        ref32 = per_delta(layer32, x.float())
-        scale = float(ref32.abs().max())
-        torch.testing.assert_close(layer32(x.float()), ref32, atol=1e-6 * scale, rtol=0)
+    layer32 = layer.float()  # fp32: the same to 1e-6 of the output's scale (round-off of the summation order)
+    ref32 = per_delta(layer32, x.float()).detach()
+    scale = float(ref32.abs().max())
+    torch.testing.assert_close(layer32(x.float()).detach(), ref32, atol=1e-6 * scale, rtol=0)
+    with torch.no_grad():  # inference: every delta through its own forward, as before
+        assert torch.equal(layer32(x.float()), per_delta(layer32, x.float()))
 
 
 def test_trainable_base_weight_and_bias_get_their_gradients_in_the_fused_form():
@@ -107,14 +108,13 @@ def test_merge_of_one_pass_layer_is_exact_and_unmerge_restores_w0():
     layer = qkv_layer("lora")
     w0 = layer.base.weight.detach().clone()
     x = torch.randn(3, 48, dtype=torch.float64)
+    unmerged = layer(x).detach()  # gradients on: the one-pass form
     with torch.no_grad():
-        unmerged = layer(x)
         layer.merge()
         torch.testing.assert_close(layer(x), unmerged, atol=1e-12, rtol=0)
         layer.unmerge()
     assert torch.equal(layer.base.weight, w0)
-    with torch.no_grad():
-        assert torch.equal(layer(x), unmerged)
+    assert torch.equal(layer(x).detach(), unmerged)
 
 
 def test_state_dict_keys_and_shapes_are_the_per_slice_ones():
@@ -156,9 +156,8 @@ def test_a_delta_with_forward_hooks_is_called_through_its_forward():
     seen = []
     layer.deltas["lora_v"].register_forward_hook(lambda module, args, out: seen.append(out))
     x = torch.randn(3, 48)
-    with torch.no_grad():
-        out = layer(x)
-        torch.testing.assert_close(out, per_delta(layer, x), atol=1e-6, rtol=1e-6)
+    out = layer(x)
+    torch.testing.assert_close(out, per_delta(layer, x), atol=1e-6, rtol=1e-6)
     assert len(seen) == 2 and seen[0].shape == (3, 48)  # our forward, then the reference's
 
 
