@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
@@ -443,6 +444,7 @@ class _LowRankLinear(torch.autograd.Function):
         return F.linear(x, torch.addmm(weight, up, down), bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         x, weight, down, up = ctx.saved_tensors
         dt = grad.dtype

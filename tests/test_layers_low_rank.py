@@ -201,3 +201,19 @@ def test_base_scale_and_deltas_without_low_rank_form_mix(bias):
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
     for a, b in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(ref.sum(), params)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_fused_form_on_a_bias_free_linear_with_a_delta_without_the_form():
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(6, 12, bias=False).double())
+    layer.add_delta("a", LoraDelta(6, 4, 2, 0.5, 0.0).double(), 0, 4)
+    layer.add_delta("b", Opaque(4).double(), 2, 6)
+    layer.add_delta("c", LoraDelta(6, 6, 3, 1.0, 0.0).double(), 6, 12)
+    perturb_(layer, std=0.5)
+    assert layer._fusable([])
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    params = [x, *layer.deltas.parameters()]
+    ours, ref = layer(x), per_delta(layer, x)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
