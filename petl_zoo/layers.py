@@ -9,6 +9,24 @@ Every method module is a :class:`Delta`: ``forward(x, weight)`` returns an **add
   LayerNorm or Conv2d), ``weight`` is None. Parallel deltas see the module's input,
   ``out = base(x) + d(x, None)``; sequential ones its output, ``out = m + d(m, None)`` with ``m = base(x)``.
 
+Low-rank form. A delta on a Linear's output slice whose update is ``(x D^T) U^T`` for two small
+matrices (LoRA: ``D = A``, ``U = s B``; NEAT: ``D = act(A W0)``, ``U = B``) says so through
+``low_rank(W0_slice) -> LowRank(down=D, up=U)`` (None when it has no such form right now, e.g. an
+active dropout). In a training step :class:`AdaptedLinear` then computes all such deltas of the layer
+in one pass instead of one pass per slice: the ``D`` stacked (``[sum r_i, in]``), the ``U`` placed as
+blocks of one ``[out, sum r_i]`` matrix (row block = the slice, column block = the delta's rank; zeros
+elsewhere). On a plain ``nn.Linear`` the layer computes ``F.linear(x, W0 + U D, b)``, one GEMM as the
+frozen layer alone, with the factors' gradients from thin products (never the ``[out, in]`` weight
+gradient); otherwise (a Linear with hooks of its own, a ``base_scale``) ``y + (x D^T) U^T``, one add
+and no per-slice in-place writes. A delta with forward hooks of its own is called through its forward
+(the hooks run). With gradients off (inference, FLOP counting) every delta runs its own forward, so
+an unmerged model counts the per-token low-rank products that the papers count.
+
+A ``LowRank`` may also carry ``base_scale`` (``g``, ``[stop-start]``): the update then also adds
+``g * (x W0_slice^T)``, the layer's output without bias (a per-row rescaling of the base output, the
+form of DoRA: ``g = m / ||W0 + s B A||_row - 1`` with ``U = (g + 1) s B``); it takes the added form,
+whose base output is at hand for ``g``'s gradient.
+
 Merging. A delta with a weight-space form sets ``mergeable = True`` and describes that form by where it
 sits; the wrapper folds it into the weights of the layer next to it and, while merged, keeps the
 originals so that unmerging is exact:
@@ -35,10 +53,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from .targets import LinearSite, ModuleSite, unfold_qkv_bias
@@ -46,6 +66,7 @@ from .targets import LinearSite, ModuleSite, unfold_qkv_bias
 __all__ = [
     "PetlModule",
     "Delta",
+    "LowRank",
     "LinearDelta",
     "AdaptedLinear",
     "AdaptedModule",
@@ -83,6 +104,16 @@ class PetlModule(nn.Module):
     keeps_float32: bool = False
 
 
+class LowRank(NamedTuple):
+    """The update ``(x down^T) up^T [+ base_scale * (x W0_slice^T)]`` of a delta on a Linear's output
+    slice (see the module docstring): ``down`` ``[r, in]``, ``up`` ``[stop-start, r]``, ``base_scale``
+    ``[stop-start]`` or None."""
+
+    down: Tensor
+    up: Tensor
+    base_scale: Tensor | None = None
+
+
 class Delta(PetlModule):
     """A method's trainable update; the one protocol of every method module (see the module docstring).
 
@@ -100,6 +131,11 @@ class Delta(PetlModule):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         raise ValueError(f"{type(self).__name__} has no weight-space form and cannot be merged")
+
+    def low_rank(self, weight: Tensor) -> LowRank | None:
+        """The factors of this forward's update on the slice ``weight`` (``forward(x, weight) ==
+        (x down^T) up^T [+ base_scale * (x weight^T)]``), or None to be called through ``forward``."""
+        return None
 
     def affine(self) -> Affine:
         """``(M, c)`` with ``forward(z, None) == M z + c`` (``M * z + c`` for a per-channel ``[C]`` M)."""
@@ -277,19 +313,45 @@ class AdaptedLinear(Wrapper):
                 d = delta(x, None)
                 update = d if update is None else update + d
             x = x + update
-        y = self.base(x)
         if self.merged or not len(self.deltas):
-            return y
+            return self.base(x)
         weight = self.base.weight
-        width = y.shape[-1]
+        factored: list[tuple[int, int, LowRank]] = []
+        others: list[tuple[int, int, Delta]] = []
+        one_pass = torch.is_grad_enabled()  # a training-step form; inference keeps the per-delta FLOPs
         for name, delta in self.deltas.items():
             start, stop = self.slices[name]
+            form = None if not one_pass or _hooked(delta) else delta.low_rank(weight[start:stop])
+            if form is None:
+                others.append((start, stop, delta))
+            else:
+                factored.append((start, stop, form))
+        fused = bool(factored) and self._fusable(factored)
+        if fused:
+            y = _LowRankLinear.apply(x, weight, self.base.bias, *_stacked(factored, weight.shape[0]))
+        else:
+            y = self.base(x)
+            if factored:
+                y = _add_low_rank(y, x, factored, self.base.bias)
+        width = y.shape[-1]
+        for start, stop, delta in others:
             update = delta(x, weight[start:stop])
             if start == 0 and stop == width:
                 y = y + update
+            elif fused:  # autograd forbids writing into a custom Function's output
+                y = y + F.pad(update, (start, width - stop))
             else:
                 y[..., start:stop] += update
         return y
+
+    def _fusable(self, forms: list[tuple[int, int, LowRank]]) -> bool:
+        """Whether the low-rank updates can go into one ``F.linear`` with ``W0 + U D`` (:class:`_LowRankLinear`):
+        a plain ``nn.Linear`` without hooks of its own, no ``base_scale``."""
+        return (
+            type(self.base) is nn.Linear
+            and not _hooked(self.base)
+            and all(form.base_scale is None for _, _, form in forms)
+        )
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -329,6 +391,74 @@ class AdaptedLinear(Wrapper):
         self._original_weight = None
         self._original_bias = None
         self.merged = False
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks: such a delta is called through its forward, so they run."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _place(block: Tensor, rows: tuple[int, int], cols: tuple[int, int], shape: tuple[int, int]) -> Tensor:
+    """``block`` at ``[rows, cols]`` of a zero matrix of ``shape`` (the block itself when it fills it)."""
+    pad = (cols[0], shape[1] - cols[1], rows[0], shape[0] - rows[1])
+    return block if not any(pad) else F.pad(block, pad)
+
+
+def _stacked(forms: list[tuple[int, int, LowRank]], width: int) -> tuple[Tensor, Tensor]:
+    """``(D, U)`` of the updates on their slices ``[start, stop)``: the ``down`` stacked (``[sum r, in]``)
+    and the ``up`` as blocks of one ``[width, sum r]`` matrix (see the module docstring)."""
+    total = sum(form.down.shape[0] for _, _, form in forms)
+    blocks, col = [], 0
+    for start, stop, form in forms:
+        rank = form.down.shape[0]
+        blocks.append(_place(form.up, (start, stop), (col, col + rank), (width, total)))
+        col += rank
+    down = forms[0][2].down if len(forms) == 1 else torch.cat([form.down for _, _, form in forms])
+    up = blocks[0] if len(blocks) == 1 else torch.stack(blocks).sum(0)
+    return down, up
+
+
+def _add_low_rank(y: Tensor, x: Tensor, forms: list[tuple[int, int, LowRank]], bias: Tensor | None) -> Tensor:
+    """``y`` plus every factored update on its slice, in one pass: ``y + (x D^T) U^T`` (:func:`_stacked`),
+    plus ``(y - bias) * g`` for the ``base_scale`` ones."""
+    width = y.shape[-1]
+    down, up = _stacked(forms, width)
+    scaled = [(start, stop, form.base_scale) for start, stop, form in forms if form.base_scale is not None]
+    out = y + F.linear(F.linear(x, down), up)
+    if scaled:
+        scale = torch.stack([F.pad(g, (start, width - stop)) for start, stop, g in scaled]).sum(0)
+        base = y if bias is None else y - bias.to(y.dtype)
+        out = out + base * scale.to(y.dtype)
+    return out
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """``F.linear(x, W0 + U D, b)``: one GEMM forward, one for the input gradient, as the frozen layer
+    alone; the factors' gradients from thin products, never the ``[out, in]`` weight gradient:
+    ``dU = g^T (x D^T)``, ``dD = (g U)^T x``, ``dx = g W0 + (g U) D``. Under autocast the products run
+    in the output's dtype, as autocast's would."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, down, up)
+        return F.linear(x, torch.addmm(weight, up, down), bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weight, down, up = ctx.saved_tensors
+        dt = grad.dtype
+        g = grad.reshape(-1, grad.shape[-1])
+        xs = x.reshape(-1, x.shape[-1]).to(dt)
+        w, d, u = weight.to(dt), down.to(dt), up.to(dt)
+        need_x, need_w, need_b, need_d, need_u = ctx.needs_input_grad
+        gu_ = g @ u
+        dx = torch.addmm(g @ w, gu_, d).view(x.shape).to(x.dtype) if need_x else None
+        dw = (g.t() @ xs).to(weight.dtype) if need_w else None
+        db = g.sum(0).to(weight.dtype) if need_b else None
+        dd = (gu_.t() @ xs).to(down.dtype) if need_d else None
+        du = (g.t() @ (xs @ d.t())).to(up.dtype) if need_u else None
+        return dx, dw, db, dd, du
 
 
 class AdaptedModule(Wrapper):

@@ -4,6 +4,11 @@ For a frozen ``W0`` (``[out, in]``) and input ``x``: ``y = x W0^T + b + (alpha /
 with trainable ``A`` (``[r, in]``, kaiming-uniform) and ``B`` (``[out, r]``, zeros), so the model is
 unchanged at initialisation. In weight space ``delta_W = (alpha / r) B A``, hence mergeable.
 
+The deltas of one Linear (the ``q`` and ``v`` slices of a fused ``qkv``) are computed in one pass
+(:class:`~petl_zoo.layers.LowRank`): ``F.linear(x, W0 + s B_blocks A_stacked, b)``, with the gradients
+of ``A`` and ``B`` from thin products (never the ``[out, in]`` weight gradient), except while a dropout
+is active (then each slice adds ``s * (dropout(x) A^T) B^T`` on its own).
+
 VTAB-1K setting: rank 8 on the query and value slices of the fused ``qkv`` (``targets=('q', 'v')``),
 scaling 1 (``alpha = rank``): 294,912 trainable parameters on ViT-B/16 (head excluded).
 """
@@ -18,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, fraction, positive
-from ..layers import Delta, adapt_linear
+from ..layers import Delta, LowRank, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -63,6 +68,15 @@ class LoraDelta(Delta):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def low_rank(self, weight: Tensor) -> LowRank | None:
+        """``(A, s B)``, so that the layer batches this slice with its others; None while the dropout
+        is active (each delta draws its own mask) or in a subclass that changes :meth:`forward`."""
+        if type(self).forward is not LoraDelta.forward or (
+            self.training and isinstance(self.dropout, nn.Dropout)
+        ):
+            return None
+        return LowRank(self.lora_A, self.lora_B if self.scaling == 1 else self.lora_B * self.scaling)
 
 
 @register_method("lora", "LoRA: low-rank weight updates (B A) on Linear slices such as q and v; mergeable")

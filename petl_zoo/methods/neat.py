@@ -21,9 +21,13 @@ with U-Net residuals, in ``[in, r]`` layout::
 The authors' ``depth`` counts every linear of the network (``A``, the ``E_i``, the ``D_i``, ``B``):
 their depth ``2 + 2p`` is our ``depth=p`` (their depth 6 = ``depth=2``).
 
-Training never builds ``delta_W`` nor any per-token weight: ``H = act(A W0)`` (``[r, in]``, plus the
-hidden layers) is computed once per forward, independent of the batch, and the layer adds
-``s * (x H^T) B^T`` to its output slice, so the cost is LoRA's plus one ``r x out x in`` product.
+Training never builds a per-token weight nor the ``[out, in]`` weight gradient: ``H = act(A W0)``
+(``[r, in]``, plus the hidden layers) is computed once per forward, independent of the batch, and the
+update of the layer is ``s * (x H^T) B^T`` on its output slice. The slices of one Linear (``q``,
+``v``) share one pass (:class:`~petl_zoo.layers.LowRank`): the layer computes
+``F.linear(x, W0 + B_blocks H_stacked, b)`` (one transient ``[out, in]`` sum, ``out * r * in`` MACs) and
+the gradients of ``H`` and ``B`` from thin products, so the cost is the frozen layer's plus
+``r x out x in`` products and LoRA's thin backward products.
 Merging folds ``delta_W(W0)`` into the weight, computed from the wrapper's cached copy of ``W0``.
 
 Defaults are the authors' vision setting: rank 7 on the query and value slices of the fused ``qkv``
@@ -44,7 +48,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, non_negative, nonzero, positive
-from ..layers import Delta, adapt_linear
+from ..layers import Delta, LowRank, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -149,6 +153,13 @@ class NeatDelta(Delta):
         # cost independent of the batch: one [r, out] x [out, in] product (+ r x r layers) per forward
         h = self.hidden(weight)
         return F.linear(F.linear(x, h), self.B)
+
+    def low_rank(self, weight: Tensor) -> LowRank | None:
+        """``(H, B)`` with ``H = s act(A W0)`` (+ hidden pairs): the layer batches this slice with its
+        others (None in a subclass that changes :meth:`forward`)."""
+        if type(self).forward is not NeatDelta.forward:
+            return None
+        return LowRank(self.hidden(weight), self.B)
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """``delta_W = s * B act(A W0)`` (``[out, in]``) from the original frozen slice ``W0``."""
