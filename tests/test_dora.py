@@ -222,3 +222,36 @@ def test_matches_peft_dora_on_fused_qkv(dropout, images):
         for mine, peft_param in pairs:
             torch.testing.assert_close(mine.grad, peft_param.grad, atol=1e-5, rtol=1e-5)
             mine.grad, peft_param.grad = None, None
+
+
+def test_one_pass_form_equals_the_delta_forward(images):
+    """In a training step the layer adds DoRA's update through ``low_rank`` (reusing the frozen output
+    for the ``(g - 1)`` term); it equals the delta's own forward, values and gradients."""
+    torch.manual_seed(0)
+    model = petl_zoo.create("dora", tiny_vit())
+    perturb_(model)
+    delta = next(m for m in model.modules() if isinstance(m, DoraDelta))
+    weight = torch.randn(delta.magnitude.shape[0], delta.lora.lora_A.shape[1], dtype=torch.float64)
+    delta.double()
+    x = torch.randn(3, 5, weight.shape[1], dtype=torch.float64)
+    form = delta.low_rank(weight)
+    by_form = (x @ form.down.T) @ form.up.T + form.base_scale * (x @ weight.T)
+    torch.testing.assert_close(by_form, delta(x, weight), atol=1e-12, rtol=0)
+    model.float()
+    copied = copy.deepcopy(model)
+    for m in copied.modules():
+        if isinstance(m, DoraDelta):
+            m.low_rank = lambda weight: None  # the per-delta path
+    calls = []
+    first = next(m for m in model.modules() if isinstance(m, DoraDelta))
+    original = first.low_rank
+    first.low_rank = lambda weight: calls.append(1) or original(weight)
+    outs = []
+    for net in (model, copied):
+        out = net(images)
+        out.square().sum().backward()
+        outs.append((out.detach(), [p.grad for p in net.parameters() if p.requires_grad]))
+    assert calls == [1]  # the training step took the one-pass form
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

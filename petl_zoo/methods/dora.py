@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..layers import Delta, adapt_linear
+from ..layers import Delta, LowRank, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 from .lora import LoraConfig, LoraDelta
@@ -107,6 +107,16 @@ class DoraDelta(Delta):
         x = self.dropout(x)
         g = self.scale(weight)
         return (g - 1) * F.linear(x, weight) + g * self.lora(x, None)
+
+    def low_rank(self, weight: Tensor) -> LowRank | None:
+        """``(A, g s B)`` with ``base_scale = g - 1``: the layer adds this slice's update in its one pass
+        and reuses the frozen output ``x W0^T`` it has already computed for the ``(g - 1)`` term, instead
+        of a second product with ``W0``. None while the dropout is active (the frozen output is that of
+        the undropped input)."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return None
+        g = self.scale(weight)
+        return LowRank(self.lora.lora_A, (g * self.lora.scaling)[:, None] * self.lora.lora_B, g - 1)
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """``W' - W0 = g * (W0 + s B A) - W0`` (``[out, in]``, in float32 for half-precision weights)."""
