@@ -102,6 +102,13 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
     r.add_argument("--augment", action="store_true", default=None, help="random resized crop + flip")
     r.add_argument("--precision", default=None, choices=PRECISIONS, help="default bf16 on GPU, fp32 on CPU")
     r.add_argument("--select-on", default=None, choices=SELECT_ON, help="test: train800val200; val: train800")
+    _add_execution_arguments(p)
+    p.raise_errors = raise_errors
+    return p
+
+
+def _add_execution_arguments(p: argparse.ArgumentParser) -> None:
+    """How the run executes (device, workers, resume ...): not part of what the run is."""
     x = p.add_argument_group("execution")
     x.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     x.add_argument(
@@ -123,8 +130,6 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
     )
     # Testing aid: stop right after the checkpoint of this (1-based) epoch, as if the process were killed.
     x.add_argument("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
-    p.raise_errors = raise_errors
-    return p
 
 
 def build_eval_parser(prog: str = "tools/eval.py") -> argparse.ArgumentParser:
