@@ -53,10 +53,13 @@ def adaptformer_adapter(p: dict, x: torch.Tensor, scale: float, dropout: float, 
     return F.linear(down, p["up.weight"], p["up.bias"]) * scale
 
 
-def adaptformer_block(block: nn.Module, p: dict, x: torch.Tensor, scale: float, training: bool):
-    """Their parallel ``Block.forward`` on a timm block (timm's ``ls1``/``ls2`` on the branches)."""
+def adaptformer_block(
+    block: nn.Module, p: dict, x: torch.Tensor, scale: float, training: bool, dropout: float = 0.1
+):
+    """Their parallel ``Block.forward`` on a timm block (timm's ``ls1``/``ls2`` on the branches); their
+    ``Adapter(dropout=0.1)``."""
     x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-    adapt_x = adaptformer_adapter(p, x, scale, 0.0, training)
+    adapt_x = adaptformer_adapter(p, x, scale, dropout, training)
     residual = x
     x = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     x = x + adapt_x
@@ -80,12 +83,15 @@ def adapter_weights(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("train", [False, True])
 def test_adaptformer_matches_the_authors_block(train):
-    """fp64, 1e-10: eval, and train mode with drop-path 0.5 and layer scale (same seed, same masks)."""
+    """fp64, 1e-10: eval with the default dropout 0.1 (inactive), and train mode with drop-path 0.5 and
+    layer scale (same seed, same drop-path masks; the adapter dropout off on both sides, since the two
+    forwards draw its mask at another point of the RNG stream)."""
     torch.manual_seed(0)
     kwargs = dict(drop_path_rate=0.5, init_values=0.3) if train else {}
     theirs = fp64_vit(**kwargs).train(train)
     ours = copy.deepcopy(theirs)
-    petl_zoo.create("adapter", ours)
+    petl_zoo.create("adapter", ours, **({"dropout": 0.0} if train else {}))
+    assert ours.petl_method.config.dropout == (0.0 if train else 0.1)
     assert ours.petl_method.config.adapter_input == "residual"
     assert isinstance(ours.blocks[0].norm2, ResidualTap)
     perturb_adapters_(ours)
@@ -94,10 +100,30 @@ def test_adaptformer_matches_the_authors_block(train):
     out = ours(x)
     torch.manual_seed(1)
     ref = vit_forward(
-        theirs, x, lambda i, b, h: adaptformer_block(b, adapter_weights(ours, i), h, 0.1, train)
+        theirs,
+        x,
+        lambda i, b, h: adaptformer_block(b, adapter_weights(ours, i), h, 0.1, train, 0.0 if train else 0.1),
     )
     assert (out - vit_forward(theirs, x, lambda i, b, h: b(h))).abs().max() > 1e-3  # a visible adapter
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+def test_adaptformer_default_dropout_is_the_authors():
+    """Their ``Adapter(dropout=0.1)``: a dropout of the hidden units between the activation and ``up``,
+    active in training only; Adapter+ and Houlsby keep none (Adapter+'s base config: dropout 0)."""
+    from petl_zoo.methods.adapter import BottleneckAdapter
+
+    model = petl_zoo.create("adapter", tiny_host("vit"))
+    adapters = [m for m in model.modules() if isinstance(m, BottleneckAdapter)]
+    assert adapters and all(isinstance(a.dropout, nn.Dropout) and a.dropout.p == 0.1 for a in adapters)
+    x = torch.randn(4, 16, adapters[0].down.in_features)
+    adapters[0].up.weight.data.normal_()
+    adapters[0].train()
+    assert not torch.equal(adapters[0](x, None), adapters[0](x, None))
+    adapters[0].eval()
+    assert torch.equal(adapters[0](x, None), adapters[0](x, None))
+    for style in ("plus", "sequential"):
+        assert AdapterConfig(style=style).dropout == 0.0
 
 
 def _block_io(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
@@ -139,7 +165,9 @@ def test_residual_adapter_sits_outside_drop_path_and_layer_scale(host):
                 setattr(block, name, DropPath(1.0))
     x = torch.randn(2, 3, 32, 32)
     for adapter_input in ("residual", "norm"):
-        model = petl_zoo.create("adapter", copy.deepcopy(pristine), adapter_input=adapter_input).train()
+        model = petl_zoo.create(
+            "adapter", copy.deepcopy(pristine), adapter_input=adapter_input, dropout=0.0
+        ).train()
         perturb_(model, std=0.2)
         with torch.no_grad():
             for (block, inp, out), adapter in zip(_block_io(model, x), _adapters_by_block(model)):
@@ -235,7 +263,7 @@ def test_resolved_values_are_recorded():
         "style": "parallel",
         "targets": ["mlp"],
         "act": "relu",
-        "dropout": 0.0,
+        "dropout": 0.1,
         "adapter_input": "residual",
         "drop_path": 0.0,
     }

@@ -91,7 +91,9 @@ class AdapterConfig(MethodConfig):
     ``adapter_input`` (parallel only; None elsewhere): ``'residual'`` (default, the authors') or
     ``'norm'`` (the MLP input, petl_zoo's form before). ``scale=None``: 0.1 parallel, 1.0 sequential, and
     for ``plus`` the init of its learned per-channel scale (1.0). ``act=None``: ReLU, GELU for ``plus``.
-    ``drop_path=None``: the adapter's own drop-path, 0.1 for ``plus``, 0 otherwise.
+    ``drop_path=None``: the adapter's own drop-path, 0.1 for ``plus``, 0 otherwise. ``dropout=None``:
+    0.1 for ``parallel`` (the AdaptFormer authors' ``Adapter(dropout=0.1)`` in ``Block.__init__``), 0
+    for ``sequential`` and ``plus`` (Adapter+'s ``base_adapter.yaml``: ``dropout: 0``).
     """
 
     dim: int = positive(8)
@@ -99,7 +101,7 @@ class AdapterConfig(MethodConfig):
     style: Literal["parallel", "sequential", "plus"] = "parallel"
     targets: tuple[str, ...] = ("mlp",)
     act: Literal["relu", "gelu", "silu", "tanh"] | None = None
-    dropout: float = fraction(0.0)
+    dropout: float | None = fraction(None)
     adapter_input: Literal["residual", "norm"] | None = None
     drop_path: float | None = fraction(None)
 
@@ -121,6 +123,8 @@ class AdapterConfig(MethodConfig):
             self.act = "gelu" if self.style == "plus" else "relu"
         if self.drop_path is None:
             self.drop_path = 0.1 if self.style == "plus" else 0.0
+        if self.dropout is None:
+            self.dropout = 0.1 if self.style == "parallel" else 0.0
 
     @property
     def resolved_scale(self) -> float:
