@@ -133,7 +133,33 @@ class AdapterConfig(MethodConfig):
         return 0.1 if self.style == "parallel" else 1.0
 
 
-class BottleneckAdapter(Delta):
+class _Bottleneck(Delta):
+    """``s * drop_path(up(dropout(act(down(h)))))``: the layers of a bottleneck adapter, built in this
+    order; ``_scale`` gives ``s`` and ``_init`` initialises ``down`` and ``up`` (per kind)."""
+
+    def __init__(
+        self, features: int, dim: int, scale: float, act: str, dropout: float, drop_path: float
+    ) -> None:
+        super().__init__()
+        self.down = nn.Linear(features, dim)
+        self.act = ACTIVATIONS[act]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.up = nn.Linear(dim, features)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.scale = self._scale(features, scale)
+        self._init()
+
+    def _scale(self, features: int, scale: float) -> float | nn.Parameter:
+        return scale
+
+    def _init(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, h: Tensor, weight: Tensor | None) -> Tensor:
+        return self.drop_path(self.up(self.dropout(self.act(self.down(h))))) * self.scale
+
+
+class BottleneckAdapter(_Bottleneck):
     """The update ``s * up(act(down(h)))`` of a bottleneck adapter; ``up`` starts at zero.
 
     Attached in parallel (``h`` is the module's input, or the residual stream through a
@@ -151,44 +177,28 @@ class BottleneckAdapter(Delta):
         dropout: float = 0.0,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.down = nn.Linear(features, dim)
-        self.act = ACTIVATIONS[act]()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.up = nn.Linear(dim, features)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.scale = scale
+        super().__init__(features, dim, scale, act, dropout, drop_path)
+
+    def _init(self) -> None:
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, h: Tensor, weight: Tensor | None) -> Tensor:
-        return self.drop_path(self.up(self.dropout(self.act(self.down(h))))) * self.scale
 
-
-class PlusAdapter(Delta):
+class PlusAdapter(_Bottleneck):
     """Adapter+: ``s * DropPath(up(act(down(x))))`` with a learned per-channel ``s`` (init ``scale``),
     Houlsby init (truncated normal, std 0.01, cut at +-0.02; biases 0). A sequential delta on a block:
     the wrapper adds the block output ``x`` back. Input-dependent: not mergeable."""
 
-    def __init__(
-        self, features: int, dim: int, scale: float, act: str, dropout: float, drop_path: float
-    ) -> None:
-        super().__init__()
-        self.down = nn.Linear(features, dim)
-        self.act = ACTIVATIONS[act]()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.up = nn.Linear(dim, features)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.scale = nn.Parameter(torch.full((features,), float(scale)))
+    def _scale(self, features: int, scale: float) -> nn.Parameter:
+        return nn.Parameter(torch.full((features,), float(scale)))
+
+    def _init(self) -> None:
         std = 0.01
         for layer in (self.down, self.up):
             nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
             nn.init.zeros_(layer.bias)
-
-    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
-        return self.drop_path(self.up(self.dropout(self.act(self.down(x))))) * self.scale
 
 
 class ResidualTap(AdaptedModule):
