@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import petl_zoo
 
@@ -105,3 +106,19 @@ def isolated_registry():
     yield
     for name in set(petl_zoo.method_names()) - before:
         petl_zoo.unregister_method(name)
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records ``(op, shape)`` of every tensor an op creates (views excluded): tests that a training
+    step never materialises an ``[out, in]`` weight-sized tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and not func.is_view:  # views of W0 (its q/v slice) are fine
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out

@@ -8,9 +8,8 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import perturb_, tiny_swin, tiny_vit
+from conftest import ShapeRecorder, perturb_, tiny_swin, tiny_vit
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import petl_zoo
 from petl_zoo.methods.dora import DoraConfig, DoraDelta, dora_row_norm
@@ -108,19 +107,6 @@ def test_forward_and_merge_give_the_papers_weight(images):
     assert torch.equal(qkv.base.weight, w0)
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and not func.is_view:  # views of W0 (its q/v slice) are fine
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize(("targets", "rows"), [(("q", "v"), 48), (("qkv",), 144)])
 def test_training_builds_no_out_by_in_tensor(targets, rows):
     """Forward and backward form neither B A nor W' nor any other [out, in] tensor (the slices are
@@ -128,7 +114,7 @@ def test_training_builds_no_out_by_in_tensor(targets, rows):
     torch.manual_seed(0)
     model = petl_zoo.create("dora", tiny_vit(), rank=3, targets=targets, dropout=0.1).train()
     perturb_(model, std=0.1)
-    recorder = _ShapeRecorder()
+    recorder = ShapeRecorder()
     with recorder:
         model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert (rows, 3) in [s for _, s in recorder.shapes]  # W0 A^T for the norm

@@ -9,10 +9,9 @@ import math
 import pytest
 import timm
 import torch
-from conftest import BUILDERS, perturb_, tiny_swin, tiny_vit
+from conftest import BUILDERS, ShapeRecorder, perturb_, tiny_swin, tiny_vit
 from torch import nn
 from torch.nn import functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import petl_zoo
 from petl_zoo.layers import AdaptedLinear, adapted_linears
@@ -146,24 +145,11 @@ def test_model_matches_plain_model_with_formula_weights(family, images, depth):
         torch.testing.assert_close(model(images), plain(images), atol=1e-5, rtol=1e-5)
 
 
-class _ShapeRecorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and not func.is_view:  # views of W0 (its q/v slice) are fine
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-
 def test_training_forward_builds_no_delta_w():
     """Training computes H ([r, in]) and never a [out, in] delta_W nor a per-token weight."""
     model = neat_model("vit", rank=3, targets=("q", "v"))  # q/v slices are 48 x 48; tokens 2 * 17 = 34
     perturb_(model, std=0.1)
-    recorder = _ShapeRecorder()
+    recorder = ShapeRecorder()
     images = torch.randn(2, 3, 32, 32)
     with recorder:
         model(images).sum().backward()
