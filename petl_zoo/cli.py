@@ -17,12 +17,12 @@ __all__ = ["COMMANDS", "main"]
 #: subcommand -> ("module:function", one-line help). Each takes ``argv`` (and ``prog`` where it accepts one).
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("petl_zoo.train.cli:main", "train a method on a VTAB-1K task (also under torchrun)"),
-    "eval": ("petl_zoo.train.cli:eval_main", "evaluate a saved adapter / run folder, plain or merged"),
+    "eval": ("petl_zoo.train.eval:eval_main", "evaluate a saved adapter / run folder, plain or merged"),
     "sweep": (
         "petl_zoo.sweep:main",
         "run (or print) methods x tasks x seeds; --grid/--tune: tuned on val200",
     ),
-    "table": ("petl_zoo.table:main", "the VTAB-1K table of every result.json below a folder"),
+    "table": ("petl_zoo.results.cli:main", "the VTAB-1K table of every result.json below a folder"),
     "card": ("petl_zoo.cards:main", "a Hugging Face model card for a finished run (and --push-to-hub)"),
     "bench": ("petl_zoo.accounting.cli:main", "parameters, FLOPs, memory and step time of methods"),
     "prepare": ("vtab.prepare:main", "write VTAB-1K task folders (list files + images)"),
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(_usage())
         return 0
     if args[0] in ("-V", "--version"):
-        from . import __version__
+        from .version import __version__
 
         print(f"petl-zoo {__version__}")
         return 0

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from petl_zoo.published import (
+from petl_zoo.results.published import (
     CONVENTIONS,
     _data_path,
     check_row,
@@ -17,7 +17,7 @@ from petl_zoo.published import (
 )
 
 ROWS = load_published()
-REQUIRED = {  # the comparison set of issue 19: (method, options that must match)
+REQUIRED = {  # the comparison set: (method, options that must match)
     "Full": ("full", {}),
     "Linear": ("linear", {}),
     "VPT-Shallow": ("vpt", {"deep": False}),

@@ -310,7 +310,8 @@ def make_synthetic_task(root: Path, name: str, classes: int = 3, seed: int = 0) 
 @pytest.mark.slow  # three real train.py subprocesses: ~20 s of CPU, more wall time on busy cores
 @pytest.mark.skipif(not TRAIN.is_file(), reason="tools/train.py (the trainer) has not landed yet")
 def test_real_sweep_three_synthetic_tasks_then_skip_then_table(tmp_path):
-    from petl_zoo.table import build_rows, collect_results, compute_table
+    from petl_zoo.results.aggregate import compute_table
+    from petl_zoo.results.collect import build_rows, collect_results
 
     data = tmp_path / "vtab"
     for i, name in enumerate(("syn_a", "syn_b", "syn_c")):
@@ -347,8 +348,11 @@ def test_real_sweep_three_synthetic_tasks_then_skip_then_table(tmp_path):
     first = sweep(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = collect_results(tmp_path / "runs")
-    assert sorted(r["task"] for r in results) == ["syn_a", "syn_b", "syn_c"]
-    assert all(0.0 <= r["test_acc_best"] <= 1.0 and r["trainable_params"]["method"] > 0 for r in results)
+    assert sorted(r.task for r in results) == ["syn_a", "syn_b", "syn_c"]
+    assert all(
+        0.0 <= r.result["test_acc_best"] <= 1.0 and r.result["trainable_params"]["method"] > 0
+        for r in results
+    )
     second = sweep(*args)
     assert second.returncode == 0 and "0 ran, 3 skipped" in second.stdout
     # the recorded fingerprints of the real trainer's runs: another recipe is refused, not skipped

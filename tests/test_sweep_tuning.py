@@ -223,7 +223,7 @@ def check_table_and_plot(runs: Path, plot: Path) -> None:
     import contextlib
     import io
 
-    from petl_zoo.table import main as table
+    from petl_zoo.results.cli import main as table
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text):

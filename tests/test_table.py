@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from petl_zoo.fingerprint import recipe_fingerprint
-from petl_zoo.table import build_rows, collect_results, compute_table, render, vtab_catalog, vtab_table
+from petl_zoo.results import VTAB_1K, build_rows, collect_results, compute_table, render, results_table
 
 ROOT = Path(__file__).resolve().parents[1]
-NATURAL = [e.name for e in vtab_catalog() if e.group == "natural"]
-SPECIALIZED = [e.name for e in vtab_catalog() if e.group == "specialized"]
-STRUCTURED = [e.name for e in vtab_catalog() if e.group == "structured"]
+NATURAL = VTAB_1K.members("natural")
+SPECIALIZED = VTAB_1K.members("specialized")
+STRUCTURED = VTAB_1K.members("structured")
 
 # Hand numbers (percent): natural 10..70 -> 40.0; specialized 80, 82, 84, 86 -> 83.0;
 # structured 20..90 -> 55.0; mean of group means (40 + 83 + 55) / 3 = 59.333...; 19-task mean 1052 / 19.
@@ -169,7 +169,7 @@ def test_custom_tasks_get_their_own_columns(tmp_path):
 def test_csv_and_cli(tmp_path):
     for task, acc in HAND.items():
         write_result(tmp_path / "runs", "full", task, acc / 100, acc / 100)
-    text = vtab_table(tmp_path / "runs", "csv")
+    text = results_table(tmp_path / "runs", "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [r["metric"] for r in rows] == ["last", "best"]  # last epoch first: no selection on test
     assert float(rows[0]["mean_groups"]) == pytest.approx(59.33, abs=0.01) and rows[0]["natural_std"] == ""
@@ -204,23 +204,24 @@ def test_csv_and_cli(tmp_path):
 
 def test_catalog_is_vtabs_and_every_task_has_a_header():
     import vtab
-    from petl_zoo.table import HEADERS, canonical_task
+    from petl_zoo.results.benchmarks import HEADERS, canonical_task, get_benchmark
 
-    assert [(e.name, e.group) for e in vtab_catalog()] == [(t.name, t.group) for t in vtab.tasks()]
+    assert [(e.name, e.group) for e in VTAB_1K.tasks] == [(t.name, t.group) for t in vtab.tasks()]
+    assert VTAB_1K.groups == vtab.GROUPS and get_benchmark("VTAB-1K") is VTAB_1K
     assert set(HEADERS) == {t.name for t in vtab.tasks()}
     assert canonical_task("CIFAR-100") == "cifar" and canonical_task("pets") == "oxford_iiit_pet"
     assert canonical_task("my_custom_task") == "my_custom_task"
 
 
 def test_module_entry_point_and_prog(capsys):
-    from petl_zoo.table import main
+    from petl_zoo.results.cli import main
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "petl_zoo.table", "--help"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "petl_zoo.results", "--help"], capture_output=True, text=True, env=env
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage: python -m petl_zoo.table") and "--format" in proc.stdout
+    assert proc.stdout.startswith("usage: python -m petl_zoo.results") and "--format" in proc.stdout
     with pytest.raises(SystemExit) as err:
         main(["--help"], prog="petl-zoo table")
     assert err.value.code == 0 and capsys.readouterr().out.startswith("usage: petl-zoo table")
@@ -301,7 +302,7 @@ def test_a_recorded_fingerprint_is_used_as_is(tmp_path):
 
 
 def test_damaged_json_is_one_error_line_naming_the_file(tmp_path, capsys, monkeypatch):
-    from petl_zoo.table import main
+    from petl_zoo.results.cli import main
 
     folder = write_result(tmp_path / "runs", "lora", "dtd", 0.5, 0.5)
     write_config(folder, "lora", "dtd", 0)
@@ -310,22 +311,25 @@ def test_damaged_json_is_one_error_line_naming_the_file(tmp_path, capsys, monkey
     assert main([str(tmp_path / "runs")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.splitlines()) == 1
-    assert err.startswith(f"error: {config} is not valid JSON (") and "line 1 column" in err
+    assert err.startswith(f"error: run config {config} is not valid JSON (") and "line 1 column" in err
     config.unlink()
     result = folder / "result.json"
     result.write_text("")
     assert main([str(tmp_path / "runs")]) == 1
-    assert capsys.readouterr().err == f"error: {result} is empty: repair it or remove the run folder\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: run result {result} is empty (a truncated write?); delete it or restore it\n"
+    )
     result.write_text('{"method": "lora", "task": ')
     assert main([str(tmp_path / "runs")]) == 1
-    assert capsys.readouterr().err.startswith(f"error: {result} is not valid JSON (")
+    assert capsys.readouterr().err.startswith(f"error: run result {result} is not valid JSON (")
     monkeypatch.setenv("PETL_ZOO_DEBUG", "1")
     with pytest.raises(ValueError, match="is not valid JSON"):
         main([str(tmp_path / "runs")])
 
 
 def test_unwritable_out_is_one_error_line(tmp_path, capsys):
-    from petl_zoo.table import main
+    from petl_zoo.results.cli import main
 
     write_result(tmp_path / "runs", "lora", "dtd", 0.5, 0.5)
     blocker = tmp_path / "file"

@@ -138,7 +138,8 @@ def build_tree(root: Path) -> None:
 
 
 def _outputs(root: Path) -> dict[str, str]:
-    from petl_zoo.table import collect_rows, plot_points, select_published, vtab_table
+    from petl_zoo.results import collect_rows, plot_points, select_published
+    from petl_zoo.results import results_table as vtab_table
 
     out = {
         f"table.{fmt}": vtab_table(root, fmt, published="same", selection=fmt != "csv")

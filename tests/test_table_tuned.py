@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from petl_zoo.fingerprint import fingerprints
-from petl_zoo.table import (
+from petl_zoo.results import (
     build_rows,
     collect_results,
     collect_rows,
@@ -21,9 +21,9 @@ from petl_zoo.table import (
     main,
     plot_points,
     render,
-    vtab_table,
+    results_table,
 )
-from petl_zoo.tuned import read_selection, read_selections
+from petl_zoo.runfolder import read_selection, read_selections
 
 GRID_FP = "0123456789abcdef"
 
@@ -152,7 +152,7 @@ def test_tuned_row_from_the_retrained_runs_and_grid_points_left_out(tmp_path):
 
 def test_selection_is_shown_with_every_point_and_the_winner(tmp_path):
     make_runs(tmp_path)
-    text = vtab_table(tmp_path, selection=True)
+    text = results_table(tmp_path, selection=True)
     block = text[text.index("**Selection: lora on digits") :]
     assert "(grid 01234567: lr x opt.rank)" in block.splitlines()[0]
     lines = [ln for ln in block.splitlines() if ln.startswith("| 0.0")]
@@ -171,7 +171,7 @@ def test_damaged_or_missing_records_are_one_warning_each(tmp_path, caplog):
     bad.write_text(bad.read_text()[:50])
     (tmp_path / "vpt" / "digits" / "tune-fedcba9876543210" / "p0").mkdir(parents=True)  # no record yet
     run_folder(tmp_path / "vpt" / "digits" / "tune-fedcba9876543210" / "p0", "vpt", "digits", 0, 0.4)
-    with caplog.at_level(logging.WARNING, logger="petl_zoo.tuned"):
+    with caplog.at_level(logging.WARNING, logger="petl_zoo.runfolder"):
         selections = read_selections(tmp_path)
     assert [s.task for s in selections] == ["digits"]
     messages = [r.getMessage() for r in caplog.records]
@@ -187,16 +187,16 @@ def test_damaged_or_missing_records_are_one_warning_each(tmp_path, caplog):
 
 def test_published_rows_beside_ours_same_methods_all_and_csv(tmp_path, capsys):
     make_runs(tmp_path)
-    text = vtab_table(tmp_path, published="same")
+    text = results_table(tmp_path, published="same")
     pub = text[text.index("**VTAB-1K top-1 accuracy (%), published**") :]
     assert "| LoRA | fact-aaai23 | best | orig_in21k | imagenet |" in pub and "| SSF |" not in pub
     assert "74.5 (groups) *" in pub and "JieShibo/PETL-ViT FacT/pdf.pdf @ e15ce8c" in pub
-    everything = vtab_table(None, published="all")
+    everything = results_table(None, published="all")
     assert "| SSF | vpetl-bench | best | augreg_in21k | inception |" in everything
     assert "73.10 (19 tasks)" in everything and "**VTAB-1K top-1 accuracy (%), ours" not in everything
     with pytest.raises(ValueError, match=r"no published rows for \['heat'\]"):
-        vtab_table(tmp_path, published="heat")
-    rows = list(csv.DictReader(io.StringIO(vtab_table(tmp_path, "csv", published="ssf,convpass"))))
+        results_table(tmp_path, published="heat")
+    rows = list(csv.DictReader(io.StringIO(results_table(tmp_path, "csv", published="ssf,convpass"))))
     assert {r["metric"] for r in rows} == {"last", "best", "published"}
     ssf = next(r for r in rows if r["label"] == "SSF")
     assert ssf["printed_average"] == "73.1" and ssf["printed_convention"] == "mean_of_19"
@@ -225,7 +225,7 @@ def test_plot_writes_png_and_svg(tmp_path):
     text = svg.read_text()
     assert "Mean of group means" in text and "last epoch" in text and "<!-- LoRA -->" in text
     rows, _ = collect_rows(tmp_path)
-    from petl_zoo.published import load_published
+    from petl_zoo.results.published import load_published
 
     points = plot_points(rows, load_published(), "last", "tasks")
     styles = {p.style for p in points}
@@ -244,7 +244,7 @@ def test_plot_without_matplotlib_is_one_error_line(tmp_path, capsys, monkeypatch
 
 
 def test_a_stem_with_svg_suffix_and_the_ordinary_table_is_unchanged(tmp_path):
-    from petl_zoo.plot import output_paths
+    from petl_zoo.results.plot import output_paths
 
     assert output_paths("a/b.svg") == (Path("a/b.png"), Path("a/b.svg"))
     assert output_paths("a/b") == (Path("a/b.png"), Path("a/b.svg"))

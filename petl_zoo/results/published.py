@@ -1,8 +1,9 @@
-"""Published VTAB-1K rows (ViT-B/16 in21k) shipped with the package, with their sources.
+"""Published rows shipped with the package, with their sources (VTAB-1K: ViT-B/16 in21k).
 
-The data file ``petl_zoo/reference/published_vtab1k.yaml`` holds, per row, the 19 per-task accuracies as
-printed, the printed average and the convention it follows, the source (repository file and commit), the
-selection rule of the source's protocol (last epoch or best-of-test), the backbone weights and the input
+A benchmark names its data file (:attr:`Benchmark.published`); VTAB-1K's,
+``petl_zoo/reference/published_vtab1k.yaml``, holds, per row, the 19 per-task accuracies as printed, the
+printed average and the convention it follows, the source (repository file and commit), the selection
+rule of the source's protocol (last epoch or best-of-test), the backbone weights and the input
 normalisation (format: docs/table.md). :func:`load_published` reads and validates it;
 :func:`recompute` gives both averages from the per-task values and :func:`check_row` compares them with
 what the source prints, within the source's rounding.
@@ -24,7 +25,7 @@ from typing import Any
 
 import yaml
 
-import vtab
+from .benchmarks import VTAB_1K, Benchmark
 
 __all__ = [
     "CONVENTIONS",
@@ -41,7 +42,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONVENTIONS = ("mean_of_19", "mean_of_group_means")
+#: The names of VTAB-1K's two averages in its published data (:attr:`Benchmark.conventions`).
+CONVENTIONS = VTAB_1K.conventions
 SELECTIONS = ("last", "best", "unstated")
 WEIGHTS = ("orig_in21k", "augreg_in21k")
 INPUT_NORMS = ("imagenet", "inception", "none")
@@ -95,8 +97,10 @@ class PublishedRow:
         return f"{self.name} [{self.source.key}; {self.selection}; {self.weights}; {self.input_norm}]"
 
 
-def _data_path() -> Path:
-    return Path(str(resources.files("petl_zoo") / "reference" / "published_vtab1k.yaml"))
+def _data_path(benchmark: Benchmark = VTAB_1K) -> Path:
+    if benchmark.published is None:
+        raise ValueError(f"{benchmark.title} ships no published rows")
+    return Path(str(resources.files("petl_zoo") / "reference" / benchmark.published.file))
 
 
 def _need(ok: bool, where: str, what: str) -> None:
@@ -104,11 +108,11 @@ def _need(ok: bool, where: str, what: str) -> None:
         raise ValueError(f"{where}: {what}")
 
 
-def _source(key: str, raw: Any, where: str) -> Source:
+def _source(key: str, raw: Any, where: str, conventions: tuple[str, str]) -> Source:
     _need(isinstance(raw, dict), where, "a source is a mapping")
     missing = [k for k in _SOURCE_KEYS if k not in raw]
     _need(not missing, where, f"source '{key}' lacks {', '.join(missing)}")
-    _need(raw["average"] in CONVENTIONS, where, f"average '{raw['average']}' is not one of {CONVENTIONS}")
+    _need(raw["average"] in conventions, where, f"average '{raw['average']}' is not one of {conventions}")
     known = set(_SOURCE_KEYS) | {"params"}
     _need(set(raw) <= known, where, f"unknown source keys {sorted(set(raw) - known)}")
     return Source(key=key, **{k: raw[k] for k in raw})
@@ -120,10 +124,11 @@ def _choice(raw: dict[str, Any], key: str, valid: tuple[str, ...], where: str) -
     return str(value)
 
 
-def _accuracy(raw: Any, where: str) -> dict[str, float]:
-    names = [t.name for t in vtab.tasks()]
+def _accuracy(raw: Any, where: str, names: list[str]) -> dict[str, float]:
     _need(isinstance(raw, dict), where, "accuracy is a mapping task -> percent")
-    _need(set(raw) == set(names), where, f"accuracy must name the 19 tasks exactly; got {sorted(raw)}")
+    _need(
+        set(raw) == set(names), where, f"accuracy must name the {len(names)} tasks exactly; got {sorted(raw)}"
+    )
     bad = [t for t in names if not isinstance(raw[t], (int, float)) or not 0 <= raw[t] <= 100]
     _need(not bad, where, f"accuracies of {bad} are not percentages in [0, 100]")
     return {t: float(raw[t]) for t in names}
@@ -149,7 +154,7 @@ _ROW_KEYS = {
 }
 
 
-def _row(raw: Any, sources: dict[str, Source], index: int) -> PublishedRow:
+def _row(raw: Any, sources: dict[str, Source], index: int, benchmark: Benchmark) -> PublishedRow:
     where = f"published row {index}"
     _need(isinstance(raw, dict) and "name" in raw, where, "a row is a mapping with a name")
     where = f"published row {index} ({raw['name']})"
@@ -159,7 +164,7 @@ def _row(raw: Any, sources: dict[str, Source], index: int) -> PublishedRow:
     )
     _need(isinstance(raw.get("average"), (int, float)), where, "average (as printed) is a number")
     groups = raw.get("group_means") or {}
-    _need(set(groups) <= set(vtab.GROUPS), where, f"group_means keys must be among {vtab.GROUPS}")
+    _need(set(groups) <= set(benchmark.groups), where, f"group_means keys must be among {benchmark.groups}")
     return PublishedRow(
         name=str(raw["name"]),
         method=raw.get("method"),
@@ -168,7 +173,7 @@ def _row(raw: Any, sources: dict[str, Source], index: int) -> PublishedRow:
         weights=_choice(raw, "weights", WEIGHTS, where),
         input_norm=_choice(raw, "input_norm", INPUT_NORMS, where),
         average=float(raw["average"]),
-        accuracy=_accuracy(raw.get("accuracy"), where),
+        accuracy=_accuracy(raw.get("accuracy"), where, benchmark.task_names),
         params_m=None if raw.get("params_m") is None else float(raw["params_m"]),
         options=dict(raw.get("options") or {}),
         seeds=raw.get("seeds"),
@@ -180,29 +185,32 @@ def _row(raw: Any, sources: dict[str, Source], index: int) -> PublishedRow:
     )
 
 
-def load_published(path: str | Path | None = None) -> list[PublishedRow]:
-    """The published rows (default: the file shipped in the package), validated; a malformed file is a
-    ValueError naming the row and the bad field."""
-    path = Path(path) if path is not None else _data_path()
+def load_published(path: str | Path | None = None, benchmark: Benchmark = VTAB_1K) -> list[PublishedRow]:
+    """The published rows of ``benchmark`` (default: the file it ships in the package), validated; a
+    malformed file is a ValueError naming the row and the bad field."""
+    path = Path(path) if path is not None else _data_path(benchmark)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"cannot read the published rows {path}: {e}") from e
     _need(isinstance(data, dict) and data.get("version") == 1, str(path), "expected 'version: 1'")
-    sources = {k: _source(k, v, f"{path} source {k}") for k, v in (data.get("sources") or {}).items()}
-    rows = [_row(raw, sources, i) for i, raw in enumerate(data.get("rows") or [])]
+    raw_sources = (data.get("sources") or {}).items()
+    sources = {k: _source(k, v, f"{path} source {k}", benchmark.conventions) for k, v in raw_sources}
+    rows = [_row(raw, sources, i, benchmark) for i, raw in enumerate(data.get("rows") or [])]
     log.debug("read %d published rows from %s", len(rows), path)
     return rows
 
 
-def recompute(accuracy: dict[str, float]) -> dict[str, float]:
-    """The group means, ``mean_of_group_means`` and ``mean_of_19`` of 19 per-task accuracies."""
+def recompute(accuracy: dict[str, float], benchmark: Benchmark = VTAB_1K) -> dict[str, float]:
+    """The group means and both averages of the benchmark's per-task accuracies, the averages under
+    their names in published data (VTAB-1K: ``mean_of_group_means`` and ``mean_of_19``)."""
     out: dict[str, float] = {}
-    for g in vtab.GROUPS:
-        members = [t.name for t in vtab.tasks() if t.group == g]
+    for g in benchmark.groups:
+        members = benchmark.members(g)
         out[g] = sum(accuracy[t] for t in members) / len(members)
-    out["mean_of_group_means"] = sum(out[g] for g in vtab.GROUPS) / len(vtab.GROUPS)
-    out["mean_of_19"] = sum(accuracy[t.name] for t in vtab.tasks()) / len(vtab.tasks())
+    of_tasks, of_groups = benchmark.conventions
+    out[of_groups] = sum(out[g] for g in benchmark.groups) / len(benchmark.groups)
+    out[of_tasks] = sum(accuracy[t] for t in benchmark.task_names) / len(benchmark.tasks)
     return out
 
 
@@ -213,13 +221,13 @@ def tolerance(source: Source, printed_decimals: int) -> float:
     return 0.5 * 10.0**-source.decimals + 0.5 * 10.0**-printed_decimals + 1e-9
 
 
-def check_row(row: PublishedRow, convention: str | None = None) -> list[str]:
+def check_row(row: PublishedRow, convention: str | None = None, benchmark: Benchmark = VTAB_1K) -> list[str]:
     """What does not recompute: the printed average under ``convention`` (default: the source's) and any
     printed group mean, each compared with the value recomputed from the per-task accuracies."""
     convention = convention or row.source.average
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention '{convention}' is not one of {CONVENTIONS}")
-    means = recompute(row.accuracy)
+    if convention not in benchmark.conventions:
+        raise ValueError(f"convention '{convention}' is not one of {benchmark.conventions}")
+    means = recompute(row.accuracy, benchmark)
     problems = []
     tol = tolerance(row.source, row.source.average_decimals)
     if not math.isclose(means[convention], row.average, abs_tol=tol):

@@ -1,4 +1,4 @@
-"""The accuracy-vs-parameters plot of the VTAB-1K table (``petl-zoo table --plot PATH``).
+"""The accuracy-vs-parameters plot of the results table (``petl-zoo table --plot PATH``).
 
 One point per table row: mean accuracy (y) against trainable parameters in millions (x, log scale), our
 rows and published rows told apart by marker and colour (published rows also by their selection rule),
@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PlotPoint", "output_paths", "plot_accuracy_vs_params"]
+from .aggregate import Metric, compute_table
+from .benchmarks import VTAB_1K, Benchmark
+from .collect import Row
+from .published import PublishedRow, recompute
+from .render import METRIC_TEXT
+
+__all__ = ["PLOT_MEANS", "PlotPoint", "output_paths", "plot_accuracy_vs_params", "plot_points", "write_plot"]
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +85,17 @@ def _draw(ax: Any, points: list[PlotPoint], selection_label: str) -> None:
 
 
 def plot_accuracy_vs_params(
-    points: list[PlotPoint], path: str | os.PathLike, mean_label: str, selection_label: str
+    points: list[PlotPoint],
+    path: str | os.PathLike,
+    mean_label: str,
+    selection_label: str,
+    title: str = VTAB_1K.title,
 ) -> list[Path]:
     """Write the plot as PNG and SVG (see :func:`output_paths`); returns the two paths.
 
     ``mean_label`` names the averaging convention of the y values and ``selection_label`` the selection
-    rule of our rows (both go into the y-axis label). A point without a finite accuracy or parameter
-    count is left out with a warning; nothing left to draw is a ValueError.
+    rule of our rows (both go into the y-axis label); ``title`` names the benchmark. A point without a
+    finite accuracy or parameter count is left out with a warning; nothing left to draw is a ValueError.
     """
     Figure, FigureCanvasAgg = _matplotlib()
     usable = [
@@ -108,7 +118,7 @@ def plot_accuracy_vs_params(
     rules = [f"ours: {selection_label}"] if any(p.style == "ours" for p in usable) else []
     rules += ["published: the source's rule"] if any(p.style != "ours" for p in usable) else []
     ax.set_ylabel(f"{mean_label}, top-1 (%)\n{'; '.join(rules)}")
-    ax.set_title("VTAB-1K: accuracy vs trainable parameters", fontsize=10)
+    ax.set_title(f"{title}: accuracy vs trainable parameters", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -120,3 +130,47 @@ def plot_accuracy_vs_params(
     except OSError as e:
         raise ValueError(f"cannot write --plot {png} / {svg}: {e.strerror or e}") from e
     return [png, svg]
+
+
+#: The ``--plot-mean`` choices: our table's column of each averaging convention.
+PLOT_MEANS = {"groups": "mean_groups", "tasks": "mean_tasks"}
+
+
+def plot_points(
+    rows: list[Row],
+    published: list[PublishedRow],
+    metric: Metric = "last",
+    mean: str = "groups",
+    benchmark: Benchmark = VTAB_1K,
+) -> list[PlotPoint]:
+    """One point per row with a mean and a parameter count: ours from the ``metric`` table, published
+    rows with their means recomputed under the same convention."""
+    ours_key = PLOT_MEANS[mean]
+    of_tasks, of_groups = benchmark.conventions
+    lit_key = of_groups if mean == "groups" else of_tasks
+    points = []
+    for row, cells in compute_table(rows, metric, benchmark=benchmark).rows if rows else []:
+        acc, params = cells[ours_key].mean, cells["params_m"].mean
+        if acc is not None and params is not None:
+            points.append(PlotPoint(row.name, params, acc, "ours"))
+    for r in published:
+        if r.params_m is not None:
+            points.append(
+                PlotPoint(r.name, r.params_m, recompute(r.accuracy, benchmark)[lit_key], r.selection)
+            )
+    return points
+
+
+def write_plot(
+    rows: list[Row],
+    published: list[PublishedRow],
+    path: str,
+    metric: Metric = "last",
+    mean: str = "groups",
+    benchmark: Benchmark = VTAB_1K,
+) -> list[Path]:
+    """The accuracy-vs-parameters plot of these rows as PATH.png and PATH.svg."""
+    label = "Mean of group means" if mean == "groups" else "Mean of tasks"
+    rule = METRIC_TEXT[metric].split(" (")[0]
+    points = plot_points(rows, published, metric, mean, benchmark)
+    return plot_accuracy_vs_params(points, path, label, rule, benchmark.title)
