@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .io import atomic_write, atomic_write_json, sha256_file
 from .layers import PetlModule, adapted_wrappers, merge_blockers, place_like_host, unload_wrappers
 from .registry import Method, get_method
+from .runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .targets import classifier_modules, model_family
 
 __all__ = [
@@ -35,8 +36,6 @@ __all__ = [
     "ADAPTER_CONFIG",
 ]
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 

@@ -2,8 +2,8 @@
 
 The card is built with ``huggingface_hub.ModelCard.from_template`` from ``ModelCardData`` and our Jinja
 template (``petl_zoo/templates/model_card.md``, package data). Metadata: ``library_name: timm`` (the library the Hub knows for
-these backbones; ``petl_zoo`` is a tag), tags [petl, petl_zoo, <method>, timm, vtab-1k,
-image-classification] (vtab-1k only for the 19 tasks), ``base_model`` (the timm Hub id from timm's
+these backbones; ``petl_zoo`` is a tag), tags [petl, petl_zoo, <method>, timm, <benchmark>,
+image-classification] (the benchmark's name, e.g. vtab-1k, only for its tasks), ``base_model`` (the timm Hub id from timm's
 pretrained_cfg, or the model name when the run used a local ``--pretrained-file`` or ``--no-pretrained``),
 ``datasets``, ``metrics: [accuracy]`` and a ``model-index``
 with one result holding two accuracy metrics in percent: best epoch first (the papers' convention),
@@ -23,6 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write, atomic_write_text
+from .runfolder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CARD_CONFIG,
+    CONFIG,
+    METRICS,
+    RESULT,
+    RunFolder,
+    read_record,
+)
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -45,31 +55,30 @@ __all__ = [
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"
 METRIC_BEST = "top-1 accuracy (best epoch)"
 METRIC_LAST = "top-1 accuracy (last epoch)"
+#: Run file -> its name in the card folder (the config is renamed: the Hub reads ``config.json`` as a
+#: timm model config).
 COPIED_FILES = {
-    "adapter.safetensors": "adapter.safetensors",
-    "adapter_config.json": "adapter_config.json",
-    "config.json": "train_config.json",  # not config.json: the Hub reads that name as a timm model config
-    "result.json": "result.json",
-    "metrics.jsonl": "metrics.jsonl",
+    ADAPTER_WEIGHTS: ADAPTER_WEIGHTS,
+    ADAPTER_CONFIG: ADAPTER_CONFIG,
+    CONFIG: CARD_CONFIG,
+    RESULT: RESULT,
+    METRICS: METRICS,
 }
-REQUIRED = ("result.json", "adapter.safetensors", "adapter_config.json")
+REQUIRED = (RESULT, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``{'result': ..., 'config': ... or {}, 'dir': Path}`` of a finished run; ValueError if it is not one."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"run folder '{run_dir}' does not exist")
-    missing = [f for f in REQUIRED if not (run_dir / f).is_file()]
+    folder = RunFolder(run_dir)
+    if not folder.path.is_dir():
+        raise ValueError(f"run folder '{folder.path}' does not exist")
+    missing = folder.missing(REQUIRED)
     if missing:
-        hint = (
-            " (killed run: resume it with tools/train.py --resume)" if (run_dir / "last.pt").is_file() else ""
+        hint = " (killed run: resume it with tools/train.py --resume)" if folder.has_checkpoint else ""
+        raise ValueError(
+            f"run folder '{folder.path}' lacks {missing}: not a finished tools/train.py run{hint}"
         )
-        raise ValueError(f"run folder '{run_dir}' lacks {missing}: not a finished tools/train.py run{hint}")
-    result = json.loads((run_dir / "result.json").read_text())
-    config_path = run_dir / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return {"result": result, "config": config, "dir": run_dir}
+    return {"result": folder.read_result(), "config": folder.read_config() or {}, "dir": folder.path}
 
 
 def base_model_id(model: str, pretrained_file: str | None = None, pretrained: bool = True) -> str:
@@ -194,7 +203,7 @@ def _reproduce_command(config: dict[str, Any], result: dict[str, Any]) -> str:
         str(result.get("model")),
     ]
     parts += ["--task", str(result.get("task"))]
-    return shlex.join(parts) + "  # argv not recorded in config.json: recipe below"
+    return shlex.join(parts) + f"  # argv not recorded in {CONFIG}: recipe below"
 
 
 def _pct(value: Any) -> float | None:
@@ -221,20 +230,23 @@ def _resolve_template(template_path: str | os.PathLike | None) -> Path:
 
 
 def _run_identity(run: dict[str, Any]) -> dict[str, Any]:
-    """Method, model, task (catalog name) and the task's catalog entry (None for a custom task)."""
-    from .table import canonical_task, vtab_catalog
+    """Method, model, task (its benchmark's name), the benchmark holding the task and the task's entry
+    there (both None for a custom task)."""
+    from .results.benchmarks import BENCHMARKS, canonical_task
 
     result, config = run["result"], run["config"]
     raw_task = str(result.get("task") or config.get("task"))
-    task = canonical_task(raw_task)
-    entry = {e.name: e for e in vtab_catalog()}.get(task)
+    found = [(b, e) for b in BENCHMARKS.values() for e in b.tasks if e.name == canonical_task(raw_task, b)]
+    benchmark, entry = found[0] if found else (None, None)
+    task = entry.name if entry else canonical_task(raw_task)
     return {
         "method": str(result.get("method") or config.get("method")),
         "model": str(result.get("model") or config.get("model")),
         "raw_task": raw_task,
         "task": task,
+        "benchmark": benchmark,
         "entry": entry,
-        "dataset": f"vtab-1k/{task}" if entry else raw_task,
+        "dataset": f"{benchmark.name}/{task}" if entry else raw_task,
     }
 
 
@@ -242,7 +254,7 @@ def _accuracies(run: dict[str, Any]) -> tuple[float, float]:
     result = run["result"]
     best, last = _pct(result.get("test_acc_best")), _pct(result.get("test_acc_last"))
     if best is None or last is None:
-        raise ValueError(f"{run['dir'] / 'result.json'} lacks test_acc_best/test_acc_last")
+        raise ValueError(f"{RunFolder(run['dir']).result_path} lacks test_acc_best/test_acc_last")
     return best, last
 
 
@@ -250,8 +262,8 @@ def _card_data(ident: dict[str, Any], base: str, acc_best: float, acc_last: floa
     """The card's YAML metadata: tags, base model, dataset and the model-index (best, then last)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    entry = ident["entry"]
-    dataset_name = f"VTAB-1K {entry.header}" if entry else ident["raw_task"]
+    entry, benchmark = ident["entry"], ident["benchmark"]
+    dataset_name = f"{benchmark.title} {entry.header}" if entry else ident["raw_task"]
     evals = [
         EvalResult(
             task_type="image-classification",
@@ -265,7 +277,8 @@ def _card_data(ident: dict[str, Any], base: str, acc_best: float, acc_last: floa
         for name, value in ((METRIC_BEST, acc_best), (METRIC_LAST, acc_last))
     ]
     method = ident["method"]
-    tags = ["petl", "petl_zoo", method, "timm"] + (["vtab-1k"] if entry else []) + ["image-classification"]
+    suite = [ident["benchmark"].name] if ident["entry"] else []
+    tags = ["petl", "petl_zoo", method, "timm"] + suite + ["image-classification"]
     return ModelCardData(
         library_name="timm",
         tags=list(dict.fromkeys(tags)),
@@ -317,7 +330,7 @@ def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> d
         model=ident["model"],
         task=ident["task"],
         task_header=entry.header if entry else ident["raw_task"],
-        task_kind=f"VTAB-1K {entry.group}" if entry else "custom",
+        task_kind=f"{ident['benchmark'].title} {entry.group}" if entry else "custom",
         num_classes=result.get("num_classes", "?"),
         epochs=result.get("epochs", recipe.get("epochs", "?")),
         best_epoch=result.get("best_epoch", "?"),
@@ -330,7 +343,7 @@ def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> d
         params_total=_count(params.get("total")),
         params_backbone=_count(params.get("backbone")),
         params_percent=f"{float(params['percent']):.3f}%" if "percent" in params else "n/a",
-        method_config_json=json.dumps(
+        method_config_text=json.dumps(
             result.get("method_config") or config.get("method_options") or {}, indent=2, sort_keys=True
         ),
         reproduce_command=_reproduce_command(config, result),
@@ -341,7 +354,7 @@ def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> d
         model_kwargs_py="".join(f", {k}={v!r}" for k, v in model_kwargs.items()),
         mergeable=_mergeable(run["dir"], ident["model"], model_kwargs),
         short_run=short_run(config, result),
-        has_metrics=(run["dir"] / "metrics.jsonl").is_file(),
+        has_metrics=RunFolder(run["dir"]).metrics_path.is_file(),
         preset=config.get("preset"),
         protocol=_protocol_text(recipe),
     )
@@ -400,9 +413,9 @@ def write_card(
     out_dir.mkdir(parents=True, exist_ok=True)
     for src_name, dst_name in COPIED_FILES.items():
         src = run_dir / src_name
-        if src_name == "config.json" and src.is_file():  # published without this machine's paths
+        if src_name == CONFIG and src.is_file():  # published without this machine's paths
             atomic_write_text(
-                out_dir / dst_name, json.dumps(public_config(json.loads(src.read_text())), indent=2)
+                out_dir / dst_name, json.dumps(public_config(read_record(src, "run config")), indent=2)
             )
         elif src.is_file():
             atomic_write(out_dir / dst_name, lambda tmp, src=src: shutil.copyfile(src, tmp))
@@ -432,13 +445,9 @@ def _card_row(readme: Path, cards_root: Path, allow_short: bool) -> str | None:
     if "petl_zoo" not in (data.tags or []):
         return None
     metrics = {e.metric_name: e.metric_value for e in (data.eval_results or [])}
-    records = {}
-    for name in ("result.json", "train_config.json"):
-        path = readme.parent / name
-        records[name] = json.loads(path.read_text()) if path.is_file() else {}
-    result = records["result.json"]
+    result, config = (_card_record(readme.parent / name) for name in (RESULT, CARD_CONFIG))
     rel = readme.parent.relative_to(cards_root).as_posix()
-    short = short_run(records["train_config.json"], result)
+    short = short_run(config, result)
     if short and not allow_short:
         raise ValueError(
             f"card {rel} is a short run ({short}): the index lists recipe-length runs only; "
@@ -450,6 +459,11 @@ def _card_row(readme: Path, cards_root: Path, allow_short: bool) -> str | None:
         f"{result.get('model', '')} | {metrics.get(METRIC_BEST, '')} | {metrics.get(METRIC_LAST, '')} | "
         f"{_count(params) if params is not None else ''} | {f'short run: {short}' if short else ''} |"
     )
+
+
+def _card_record(path: Path) -> dict[str, Any]:
+    """A run record copied into a card folder ({} when the card has none)."""
+    return read_record(path, "card record") if path.is_file() else {}
 
 
 def card_index(cards_root: str | os.PathLike, allow_short: bool = False) -> str:

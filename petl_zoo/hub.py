@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config, save_adapter
+from .api import load_adapter, read_adapter_config, save_adapter
+from .runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD_CONFIG, METRICS, RESULT
 
 __all__ = ["from_pretrained", "push_to_hub", "resolve_adapter_folder", "HUB_FILES"]
 
@@ -34,9 +35,9 @@ HUB_FILES = (
     ADAPTER_WEIGHTS,
     ADAPTER_CONFIG,
     "README.md",
-    "train_config.json",
-    "result.json",
-    "metrics.jsonl",
+    CARD_CONFIG,
+    RESULT,
+    METRICS,
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

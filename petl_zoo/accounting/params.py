@@ -9,8 +9,9 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from ..api import ADAPTER_WEIGHTS, adapter_state_dict, classifier_parameters, method_of, save_adapter
+from ..api import adapter_state_dict, classifier_parameters, method_of, save_adapter
 from ..api import trainable_parameters as _trainable_parameters
+from ..runfolder import ADAPTER_WEIGHTS
 
 __all__ = ["stored_bytes", "param_counts"]
 

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..runfolder import RESULT, RunFolder
 from .plan import BUSY_EXIT_STATUS, ExpectedConfig, SweepRun, _expected_config, classify, command_line
 
 __all__ = [
@@ -77,7 +78,7 @@ class SweepReport:
 
     def summary(self) -> str:
         lines = [
-            f"sweep: {len(self.done)} ran, {len(self.skipped)} skipped (result.json), {len(self.busy)} busy, "
+            f"sweep: {len(self.done)} ran, {len(self.skipped)} skipped ({RESULT}), {len(self.busy)} busy, "
             f"{len(self.refused)} refused, {len(self.failed)} failed"
         ]
         for run in self.busy:
@@ -153,7 +154,7 @@ class Sweep:
         report = self.report
         if run.status == "done":
             report.skipped.append(run)
-            self.log(f"[skip] {run.out} (result.json {'appeared' if when else 'present'})")
+            self.log(f"[skip] {run.out} ({RESULT} {'appeared' if when else 'present'})")
             self._done(run)
         elif run.status == "busy":
             report.busy.append(run)
@@ -188,8 +189,8 @@ class Sweep:
             report.busy.append(run)
         elif rc != 0:
             why = f"exit status {rc} after {took:.0f} s"
-        elif not (run.out / "result.json").is_file():
-            why = f"exit status 0 but no result.json after {took:.0f} s"
+        elif not RunFolder(run.out).finished:
+            why = f"exit status 0 but no {RESULT} after {took:.0f} s"
         else:
             report.done.append(run)
             self.durations.append(took)

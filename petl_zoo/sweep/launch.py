@@ -12,7 +12,6 @@ processes) and ``"debug"`` (in this process) run the same path without Slurm.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..runfolder import RunFolder
 from .execute import Sweep
 from .plan import SweepRun
 
@@ -131,9 +131,8 @@ class SubmititExecutor:
 def _run_seconds(run: SweepRun) -> float:
     """How long a finished run took: its result.json's ``wall_time_s`` (0 when there is none)."""
     try:
-        with open(run.out / "result.json", encoding="utf-8") as f:
-            return float(json.load(f).get("wall_time_s") or 0.0)
-    except (OSError, ValueError, TypeError, AttributeError):
+        return float((RunFolder(run.out).read_result() or {}).get("wall_time_s") or 0.0)
+    except (OSError, ValueError, TypeError):
         return 0.0
 
 

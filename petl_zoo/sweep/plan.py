@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..table import GROUPS, canonical_task, vtab_catalog
+from ..results.benchmarks import VTAB_1K, canonical_task
+from ..runfolder import CONFIG, RunFolder
 
 __all__ = [
     "TRAIN_MODULE",
@@ -62,14 +63,15 @@ def resolve_tasks(spec: str | Sequence[str]) -> list[str]:
     items = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in str(s).split(",")]
     items = [s.strip() for s in items if s.strip()]
     if not items:
-        raise ValueError(f"no task in '{spec}': give all, {', '.join(GROUPS)} or a comma list of task names")
-    catalog = vtab_catalog()
+        groups = ", ".join(VTAB_1K.groups)
+        raise ValueError(f"no task in '{spec}': give all, {groups} or a comma list of task names")
+    catalog = VTAB_1K.tasks
     out: list[str] = []
     for item in items:
         key = item.lower()
         if key == "all":
             names = [e.name for e in catalog]
-        elif key in GROUPS:
+        elif key in VTAB_1K.groups:
             names = [e.name for e in catalog if e.group == key]
         else:
             names = [canonical_task(item)]
@@ -84,7 +86,6 @@ def task_dirname(task: str) -> str:
 
 #: What a status adds to the trainer's command line.
 _STATUS_FLAGS = {"resume": ["--resume"], "overwrite": ["--overwrite"]}
-_LOCK_FILE = "run.lock"  # petl_zoo.train.lock.LOCK_FILE (not imported: it loads torch)
 BUSY_EXIT_STATUS = 75  # petl_zoo.train.lock.BUSY_EXIT_STATUS
 
 
@@ -116,27 +117,12 @@ def _expected_config(train_args: list[str]) -> dict:
     return expected_config(train_args)
 
 
-def _read_dict(path: Path, what: str) -> dict:
-    from ..io import read_json
-
-    data = read_json(path, what)
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path} does not hold a dict")
-    return data
-
-
-def _recorded(out: Path, finished: bool) -> tuple[dict | None, str | None, int | None]:
-    """The folder's config.json (or None), its recorded run fingerprint and seed (damaged files raise
-    ValueError naming them)."""
-    config = _read_dict(out / "config.json", "run config") if (out / "config.json").is_file() else None
-    result = _read_dict(out / "result.json", "run result") if finished else {}
-    recorded = (result.get("fingerprint") or {}).get("run") or ((config or {}).get("fingerprint") or {}).get(
-        "run"
-    )
-    if recorded is None and config and config.get("method"):
-        from ..fingerprint import run_fingerprint
-
-        recorded = run_fingerprint(config)
+def _recorded(folder: RunFolder) -> tuple[dict | None, str | None, int | None]:
+    """The folder's config (or None), its run fingerprint and seed (damaged files raise ValueError
+    naming them)."""
+    config = folder.read_config()
+    result = folder.read_result() or {}
+    recorded = folder.fingerprints(config or {}, result).run
     seed = ((config or {}).get("recipe") or {}).get("seed", result.get("seed"))
     return config, recorded, seed
 
@@ -153,9 +139,9 @@ def recipe_differences(
     ``key: old -> new``. A finished run that cannot be checked raises Unchecked with the reason; a
     killed one returns None (its trainer checks ``--resume`` against ``last.pt``)."""
     try:
-        config, recorded, seed = _recorded(out, finished)
+        config, recorded, seed = _recorded(RunFolder(out))
         if recorded is None:
-            raise Unchecked("no config.json nor recorded fingerprint: cannot tell which settings made it")
+            raise Unchecked(f"no {CONFIG} nor recorded fingerprint: cannot tell which settings made it")
         try:
             new = expected(train_args)
         except (ValueError, OSError, RuntimeError) as err:
@@ -180,17 +166,17 @@ def classify(
     out: Path, train_args: list[str], overwrite: bool = False, expected: ExpectedConfig = _expected_config
 ) -> tuple[str, str]:
     """``(status, why)`` of the folder ``out`` for a trainer run of ``train_args`` (module docstring)."""
-    if (out / _LOCK_FILE).exists():
+    folder = RunFolder(out)
+    if folder.lock_path.exists():
         from ..train.lock import live_holder
 
         holder = live_holder(out)
         if holder is not None:
             return "busy", f"in use by {holder.describe()}"
-    finished = (out / "result.json").is_file()
-    # A killed run: last.pt, or config.json alone when killed before its first checkpoint (train.py
+    finished = folder.finished
+    # A killed run: a checkpoint, or its config alone when killed before its first checkpoint (train.py
     # refuses such a folder without --resume and restarts it under --resume).
-    started = (out / "last.pt").is_file() or (out / "config.json").is_file()
-    if not finished and not started:
+    if not finished and not folder.killed:
         return "fresh", ""
     try:
         diff = recipe_differences(out, train_args, finished, expected)

@@ -16,22 +16,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..runfolder import SELECTION_VERSION, RunFolder, read_selection_data, write_selection
 from .execute import Sweep
 from .plan import ExpectedConfig, SweepRun, _expected_config, classify, make_run
-from .tuning import RECORD_VERSION, RULE, Tuning, choose_winner, edge_axes
+from .tuning import RULE, Tuning, choose_winner, edge_axes
 
 __all__ = ["point_accuracy", "selection_record", "retrain_runs", "planned_runs", "run_tunings"]
 
 
 def point_accuracy(run: SweepRun) -> float:
     """A finished point's last-epoch val accuracy in percent (result.json's ``val_acc_last`` x 100)."""
-    from ..io import read_json
-
-    result = read_json(run.out / "result.json", "run result")
-    value = result.get("val_acc_last") if isinstance(result, dict) else None
+    folder = RunFolder(run.out)
+    value = (folder.read_result() or {}).get("val_acc_last")
     if not isinstance(value, (int, float)):
         raise ValueError(
-            f"run result {run.out / 'result.json'} records no val_acc_last (trained without --select-on val?)"
+            f"run result {folder.result_path} records no val_acc_last (trained without --select-on val?)"
         )
     return round(100.0 * value, 4)
 
@@ -49,7 +48,7 @@ def selection_record(tuning: Tuning, expected: ExpectedConfig = _expected_config
         folder = os.path.relpath(run.out, tuning.folder)
         points.append({"setting": setting, "folder": folder, "val_accuracy": point_accuracy(run)})
     return {
-        "version": RECORD_VERSION,
+        "version": SELECTION_VERSION,
         "method": tuning.method,
         "task": Path(tuning.task).name,
         "grid_fingerprint": tuning.fingerprint,
@@ -77,21 +76,10 @@ def retrain_runs(
     return runs
 
 
-def _recorded(tuning: Tuning) -> dict[str, Any] | None:
-    """The selection.json on disk (None when absent or damaged: it is rewritten)."""
-    from ..io import read_json
-
-    try:
-        record = read_json(tuning.record_path, "selection record")
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
 def _with_retrained(tuning: Tuning, record: dict[str, Any], expected: ExpectedConfig) -> dict:
     """``record`` with ``retrained`` = the seeds whose winner run is done: this sweep's seeds and those
     an earlier sweep of the same winner recorded."""
-    old = _recorded(tuning) or {}
+    old = read_selection_data(tuning.folder) or {}
     seeds = list(tuning.seeds)
     if old.get("winner") == record["winner"]:
         seeds += [
@@ -100,13 +88,6 @@ def _with_retrained(tuning: Tuning, record: dict[str, Any], expected: ExpectedCo
     runs = retrain_runs(tuning, record["winner"], expected=expected, seeds=seeds)
     done = sorted(run.seed for run in runs if run.status == "done")
     return {**record, "retrained": [{"seed": s, "folder": f"seed{s}"} for s in done]}
-
-
-def _write(tuning: Tuning, record: dict[str, Any]) -> None:
-    from ..io import atomic_write_json
-
-    if _recorded(tuning) != record:
-        atomic_write_json(tuning.record_path, record)
 
 
 def planned_runs(
@@ -142,7 +123,7 @@ def run_tunings(
             )
             sweep.add_total(-len(tuning.seeds))
             continue
-        _write(tuning, _with_retrained(tuning, record, expected))
+        write_selection(tuning.folder, _with_retrained(tuning, record, expected))
         edges = edge_axes(tuning.grid, record["winner"])
         edge = f"; at the grid's edge: {', '.join(edges)}" if edges else ""
         sweep.log(f"[selected] {tuning.folder}: {record['winner']} (val {_best(record):.2f}{edge})")
@@ -151,7 +132,7 @@ def run_tunings(
 
     def update(run: SweepRun) -> None:
         tuning, record = by_folder[str(run.out.parent)]
-        _write(tuning, _with_retrained(tuning, record, expected))
+        write_selection(tuning.folder, _with_retrained(tuning, record, expected))
 
     sweep.run(retrains, on_done=update)
 

@@ -7,8 +7,9 @@ Layout, below ``<out_root>/<method>/<task>/tune-<grid fingerprint>/``:
 - ``points/<setting>/``: a grid point, e.g. ``points/lr0.001_rank4`` (``--select-on val``, the first
   of ``--seeds``);
 - ``seed<k>/``: the winner retrained with seed ``k`` (``--select-on test``, the trainer's default);
-- ``selection.json``: every point's val accuracy, the winner and the retrained seeds (``RECORD``),
-  written atomically once every point is done, and again as retrained seeds finish.
+- ``selection.json``: every point's val accuracy, the winner and the retrained seeds (the tuning
+  record, :class:`petl_zoo.runfolder.Selection`), written atomically once every point is done, and
+  again as retrained seeds finish.
 
 Every point and retrained run is an ordinary run folder with the sweep's status rules (skipped when
 done, resumed when killed, refused when made with other settings). The grid fingerprint hashes the
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runfolder import SELECTION_VERSION, TUNE_PREFIX
 from .plan import (
     ExpectedConfig,
     SweepRun,
@@ -52,7 +54,6 @@ __all__ = [
     "LR_GRIDS",
     "GRID_KEYS",
     "RULE",
-    "RECORD",
     "lr_grid",
     "parse_grid",
     "build_grid",
@@ -106,8 +107,6 @@ RULE = (
     "ties: the smaller lr, then the smaller value of each other axis in the grid's order "
     "(numbers by value, text alphabetically)"
 )
-RECORD_VERSION = 1
-RECORD = "selection.json"
 
 
 def lr_grid(method: str) -> tuple[float, ...]:
@@ -218,7 +217,7 @@ def _base_identity(method: str, model: str, extra_args: Sequence[str]) -> dict[s
 def grid_fingerprint(method: str, model: str, grid: dict[str, list[Any]], extra_args: Sequence[str]) -> str:
     """16 hex digits naming a tuning: method, model, grid and the base trainer flags."""
     data = {
-        "version": RECORD_VERSION,
+        "version": SELECTION_VERSION,
         "method": method,
         "grid": grid,
         "base": _base_identity(method, model, extra_args),
@@ -302,10 +301,6 @@ class Tuning:
     prefix: list[str]  # what precedes the trainer arguments (plan.train_prefix)
     points: list[tuple[dict[str, Any], SweepRun]] = field(default_factory=list)
 
-    @property
-    def record_path(self) -> Path:
-        return self.folder / RECORD
-
     def train_args(self, setting: dict[str, Any], seed: int, out: Path, select_val: bool) -> list[str]:
         args = [*self.base, "--seed", str(seed), "--out", str(out), *self.extra, *setting_flags(setting)]
         return args + (["--select-on", "val"] if select_val else [])
@@ -334,7 +329,7 @@ def plan_tuning(
     seed_list = list(seeds) if seeds else [0]
     tunings = []
     for task in tasks:
-        folder = Path(out_root) / method / task_dirname(task) / f"tune-{fp}"
+        folder = Path(out_root) / method / task_dirname(task) / f"{TUNE_PREFIX}{fp}"
         base = base_train_args(method, model, task, data_root)
         tuning = Tuning(
             method, task, folder, method_grid, fp, base, list(extra_args), seed_list, list(prefix)
