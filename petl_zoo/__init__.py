@@ -37,8 +37,7 @@ from .registry import (
     register_method,
     unregister_method,
 )
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "ADAPTER_CONFIG",

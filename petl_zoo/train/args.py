@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from ..config import MethodConfig, coerce_value, parse_cli_value, parse_key_values, split_key_value
 from ..io import read_json
+from .errors import TrainingError, UserError
 from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SELECT_ON
 
 __all__ = [
@@ -20,14 +21,6 @@ __all__ = [
     "method_options",
     "read_options_file",
 ]
-
-
-class UserError(ValueError):
-    """A mistake in the command line or the inputs: reported as one ``error: ...`` line, no traceback."""
-
-
-class TrainingError(RuntimeError):
-    """Training could not go on (a NaN loss): reported as one ``error: ...`` line, exit status 1."""
 
 
 class _Parser(argparse.ArgumentParser):

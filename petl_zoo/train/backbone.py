@@ -250,7 +250,7 @@ def _load_failure(
 
     from safetensors import SafetensorError
 
-    from .checkpoint import unpickling_failure
+    from .errors import unpickling_failure
 
     code, unpickled = unpickling_failure(err)
     if code is not None:

@@ -1,4 +1,4 @@
-"""The run folder: refusing to clobber another run; ``last.pt`` on disk; RNG states as tensors.
+"""Starting in a run folder (refusing to clobber another run); ``last.pt`` on disk; RNG states as tensors.
 
 What ``last.pt`` holds is ``TrainState.state_dict()`` (petl_zoo/train/state.py); this module writes
 that dict atomically (rank 0, after every epoch) and reads it back with ``torch.load(weights_only=True)``
@@ -9,10 +9,7 @@ one line naming it. The RNG states of python and numpy are stored as int64 tenso
 
 from __future__ import annotations
 
-import pickle
 import random
-import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,30 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_torch_save, read_json
-from .args import UserError
+from ..io import atomic_torch_save
+from ..runfolder import RunFolder
+from .errors import UserError, unpickling_failure
 
 __all__ = [
-    "CHECKPOINT",
-    "RUN_FILES",
     "check_out_path",
     "prepare_out_dir",
     "capture_rng",
     "restore_rng",
     "save_checkpoint",
     "load_checkpoint",
-    "unpickling_failure",
 ]
 
-CHECKPOINT = "last.pt"
-RUN_FILES = (
-    "config.json",
-    "metrics.jsonl",
-    "result.json",
-    "adapter.safetensors",
-    "adapter_config.json",
-    CHECKPOINT,
-)
 CHECKPOINT_VERSION = 2  # 2: weights_only-loadable (RNG states as tensors); 1 held numpy objects
 
 
@@ -63,61 +49,58 @@ def prepare_out_dir(
 ) -> bool:
     """Check (and with ``overwrite`` clear) the run folder; True when a checkpoint will be resumed.
 
-    A folder holding ``config.json`` or ``result.json`` is another run: refused unless ``--resume``
-    (which continues from its ``last.pt``; a run killed before its first checkpoint starts again, a
-    finished one is refused) or ``--overwrite`` (which deletes the run files listed in ``RUN_FILES``
-    and leftover temporary files, nothing else). With ``config`` (the new run's config.json), the
-    refusal names the settings that differ from the run in the folder.
+    A folder holding a run (its config or result) is another run: refused unless ``--resume`` (which
+    continues from its checkpoint; a run killed before its first checkpoint starts again, a finished
+    one is refused) or ``--overwrite`` (which deletes the run files, ``RunFolder.clear``, nothing
+    else). With ``config`` (the new run's config), the refusal names the settings that differ from the
+    run in the folder.
     """
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: give one")
     check_out_path(out)
-    has_run = any((out / name).is_file() for name in ("config.json", "result.json"))
-    has_ckpt = (out / CHECKPOINT).is_file()
+    folder = RunFolder(out)
     if resume:
-        if (out / "result.json").is_file():
+        if folder.finished:
             raise UserError(
-                f"--resume: the run in {out} already finished (result.json){_compared(out, config)}; "
-                "use --overwrite to redo it"
+                f"--resume: the run in {out} already finished ({folder.result_path.name})"
+                f"{_compared(folder, config)}; use --overwrite to redo it"
             )
-        if has_ckpt:
+        if folder.has_checkpoint:
             return True
         # A run killed before its first checkpoint has nothing to continue: it starts again.
-        if is_main and has_run:
-            _clear(out)
+        if is_main and folder.holds_run:
+            folder.clear()
         return False
-    if has_run or has_ckpt:
+    if folder.holds_run or folder.has_checkpoint:
         if not overwrite:
-            raise UserError(_occupied(out, config))
+            raise UserError(_occupied(folder, config))
         if is_main:
-            _clear(out)
+            folder.clear()
     return False
 
 
-def _compared(out: Path, config: dict[str, Any] | None) -> str:
-    """`` with other settings (a: 1 -> 2)`` / `` with these settings`` / `` (config.json ...: why)`` /
-    ``""`` (nothing to compare): how the run in ``out`` compares with the new ``config``."""
-    if config is None or not (out / "config.json").is_file():
+def _compared(folder: RunFolder, config: dict[str, Any] | None) -> str:
+    """`` with other settings (a: 1 -> 2)`` / `` with these settings`` / `` (its config ...: why)`` /
+    ``""`` (nothing to compare): how the run in ``folder`` compares with the new ``config``."""
+    if config is None or not folder.has_config:
         return ""
     from .spec import format_differences, run_differences
 
     try:
-        saved = read_json(out / "config.json", "run config")
+        saved = folder.read_config()
     except ValueError as err:
         return f" ({err})"
-    if not isinstance(saved, dict):
-        return f" ({out / 'config.json'} does not hold a dict)"
     diff = run_differences(saved, config)
     return f" with other settings ({format_differences(diff)})" if diff else " with these settings"
 
 
-def _occupied(out: Path, config: dict[str, Any] | None) -> str:
+def _occupied(folder: RunFolder, config: dict[str, Any] | None) -> str:
     """Why a folder holding a run is refused without --resume or --overwrite, and what to do."""
-    compared = _compared(out, config)
-    if (out / "result.json").is_file():
+    out, compared = folder.path, _compared(folder, config)
+    if folder.finished:
         return (
-            f"output folder {out} holds a finished run (result.json){compared}; pass --overwrite to "
-            "replace it, or another --out"
+            f"output folder {out} holds a finished run ({folder.result_path.name}){compared}; pass "
+            "--overwrite to replace it, or another --out"
         )
     if compared.startswith(" with other"):
         return (
@@ -128,17 +111,6 @@ def _occupied(out: Path, config: dict[str, Any] | None) -> str:
         f"output folder {out} already holds a run{compared}; pass --resume to continue it, --overwrite "
         "to replace it, or another --out"
     )
-
-
-def _clear(out: Path) -> None:
-    """Delete the run files (and leftover temporary files of atomic writes), nothing else."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for tmp in out.glob(".*.tmp"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink()
 
 
 def capture_rng() -> dict[str, Any]:
@@ -180,22 +152,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (tensors and plain values) atomically, tagged with the checkpoint version."""
     atomic_torch_save(path, {"version": CHECKPOINT_VERSION, **state})
-
-
-def unpickling_failure(err: BaseException) -> tuple[str | None, str]:
-    """Why ``torch.load(weights_only=True)`` failed: ``(" (module.name)", reason)`` when the file holds
-    code or objects it refuses (a GLOBAL), ``(None, reason)`` when it is damaged (truncated, not a torch
-    file). ``reason`` is short and never torch's advice to retry with ``weights_only=False``. timm's
-    loader re-raises torch's UnpicklingError as a RuntimeError: the original is read."""
-    if isinstance(err.__cause__, pickle.UnpicklingError):
-        err = err.__cause__
-    text = str(err)
-    found = re.search(r"GLOBAL (\S+)", text)
-    if isinstance(err, pickle.UnpicklingError) and (found or "Unsupported global" in text):
-        return (f" ({found.group(1)})" if found else ""), "objects other than tensors"
-    detail = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", text, flags=re.S)
-    reason = detail.group(1) if detail else text.split(". ")[0]
-    return None, " ".join(reason.split())[:160] or "empty file"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Entry points: ``main`` (tools/train.py, ``python -m petl_zoo.train``) and ``eval_main``
-(tools/eval.py, ``python -m petl_zoo.train.eval``).
+"""The trainer's entry point ``main`` (tools/train.py, ``python -m petl_zoo.train``) and the error
+handling it shares with the evaluator's ``eval.eval_main`` (tools/eval.py, ``python -m petl_zoo.train.eval``).
 
 User errors (bad options, unknown names, missing or damaged files, a clobbered run folder, an
 unreadable checkpoint, a folder that cannot be written, a NaN loss) end with one ``error: ...`` line on
@@ -23,11 +23,12 @@ from contextlib import contextmanager
 
 from ..io import WriteError
 from . import distributed as D
-from .args import TrainingError, build_eval_parser, build_train_parser
+from .args import build_train_parser
 from .backbone import WeightsUnavailableError
+from .errors import TrainingError
 from .lock import BUSY_EXIT_STATUS, RunBusyError
 
-__all__ = ["main", "eval_main", "default_argv", "Terminated"]
+__all__ = ["main", "default_argv", "Terminated"]
 
 _USER_ERRORS = (ValueError, FileNotFoundError, WeightsUnavailableError, TrainingError, WriteError)
 _TRAIN_LOGGER = "petl_zoo.train"
@@ -170,17 +171,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     with console_logging(), _sigterm_raises():
         return _guarded(body)
-
-
-def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """The evaluator: evaluate a saved adapter and print the accuracy; returns the exit status (1 with
-    ``--check`` when it differs from result.json)."""
-    from .eval import evaluate_run
-
-    def body() -> int:
-        args = build_eval_parser(_prog(prog)).parse_args(argv)
-        result = evaluate_run(args)
-        print(result.line, flush=True)
-        return 1 if args.check and not result.matches else 0
-
-    return _guarded(body)

@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..api import ADAPTER_WEIGHTS, merge, read_adapter_config
 from ..api import load_adapter as _load_adapter
+from ..api import merge, read_adapter_config
 from ..io import read_json
+from ..runfolder import CONFIG, RESULT, RunFolder
 from . import distributed as D
-from .args import UserError, parse_key_values
+from .args import build_eval_parser, parse_key_values
+from .cli import _guarded, _prog
+from .errors import UserError
 from .recipe import execution_defaults
 
-__all__ = ["EvalResult", "evaluate_run"]
+__all__ = ["EvalResult", "evaluate_run", "eval_main"]
 
 
 @dataclass
@@ -46,26 +49,16 @@ class EvalResult:
         return self.correct / self.total
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    """The run's JSON file as a dict ({} when absent); a damaged one is one line naming it."""
-    if not path.is_file():
-        return {}
-    data = read_json(path, what)
-    if not isinstance(data, dict):
-        raise UserError(f"{what} {path} does not hold a dict (found {type(data).__name__})")
-    return data
-
-
-def _read_adapter(run_dir: Path) -> dict[str, Any]:
-    """adapter_config.json, after checking that it and adapter.safetensors can be read at all."""
+def _read_adapter(folder: RunFolder) -> dict[str, Any]:
+    """The adapter's config, after checking that it and the adapter's weights can be read at all."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        adapter_cfg = read_adapter_config(run_dir)  # FileNotFoundError names what is missing
+        adapter_cfg = read_adapter_config(folder.path)  # FileNotFoundError names what is missing
     except json.JSONDecodeError:
-        read_json(run_dir / "adapter_config.json", "adapter config")  # raises, naming the file
+        read_json(folder.adapter_config_path, "adapter config")  # raises, naming the file
         raise
-    weights = run_dir / ADAPTER_WEIGHTS
+    weights = folder.adapter_weights_path
     if weights.is_file():
         try:
             with safe_open(str(weights), framework="pt") as f:
@@ -85,7 +78,7 @@ def _backbone_settings(args: argparse.Namespace, config: dict[str, Any], run_dir
     task = args.task or config.get("task")
     if not model_name or not task:
         missing = "--model" if not model_name else "--task"
-        raise UserError(f"{run_dir} has no config.json of a tools/train.py run: give {missing}")
+        raise UserError(f"{run_dir} has no {CONFIG} of a tools/train.py run: give {missing}")
     if args.model_kwargs is not None:
         model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
     else:
@@ -121,7 +114,7 @@ def _check_comparable(args: argparse.Namespace, run_dir: Path, result: dict[str,
     if not args.check:
         return
     if not result:
-        raise UserError(f"--check: {run_dir} has no result.json to compare with (an unfinished run?)")
+        raise UserError(f"--check: {run_dir} has no {RESULT} to compare with (an unfinished run?)")
     if _recorded_key(args.split, result) is None or result.get(_recorded_key(args.split, result)) is None:
         why = (
             "the run trained on val (select_on test) and recorded no val accuracy"
@@ -142,7 +135,7 @@ def _compare(acc: float, total: int, result: dict[str, Any], split: str, merged:
         return "", True
     diff = round(abs(acc - expected) * total)
     verdict = "matches" if diff == 0 else f"differs by {diff} sample(s)"
-    return f"; result.json {key} {expected:.4f}: {verdict}", (diff == 0 if not merged else diff <= 1)
+    return f"; {RESULT} {key} {expected:.4f}: {verdict}", (diff == 0 if not merged else diff <= 1)
 
 
 def evaluate_run(args: argparse.Namespace) -> EvalResult:
@@ -154,9 +147,10 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
     from .engine import evaluate_counts, make_autocast, seed_everything
 
     run_dir = Path(args.adapter)
-    adapter_cfg = _read_adapter(run_dir)
-    config = _read_json(run_dir / "config.json", "run config")
-    result = _read_json(run_dir / "result.json", "run result")
+    folder = RunFolder(run_dir)
+    adapter_cfg = _read_adapter(folder)
+    config = folder.read_config() or {}
+    result = folder.read_result() or {}
     _check_comparable(args, run_dir, result)
     recipe = config.get("recipe", {})
     b = _backbone_settings(args, config, run_dir)
@@ -198,7 +192,18 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
     return EvalResult(correct, total, line + suffix, matches)
 
 
-if __name__ == "__main__":
-    from .cli import eval_main
+def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The evaluator: evaluate a saved adapter and print the accuracy; returns the exit status (1 with
+    ``--check`` when it differs from the run's recorded result)."""
 
+    def body() -> int:
+        args = build_eval_parser(_prog(prog)).parse_args(argv)
+        result = evaluate_run(args)
+        print(result.line, flush=True)
+        return 1 if args.check and not result.matches else 0
+
+    return _guarded(body)
+
+
+if __name__ == "__main__":
     sys.exit(eval_main(prog="python -m petl_zoo.train.eval"))

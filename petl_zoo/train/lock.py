@@ -1,4 +1,5 @@
-"""The run folder's lock, ``run.lock``: one trainer per folder, also across hosts on a shared filesystem.
+"""The run folder's lock, ``run.lock`` (``RunFolder.lock_path``): one trainer per folder, also across
+hosts on a shared filesystem.
 
 The lock file is created atomically (``O_CREAT | O_EXCL``) and holds ``{pid, host, since, token}``; the
 holder also keeps an ``flock`` on it where the filesystem supports one, and refreshes its modification
@@ -33,7 +34,8 @@ from pathlib import Path
 
 from .. import io as pio
 from ..io import WriteError, make_dir
-from .args import TrainingError, UserError
+from ..runfolder import RunFolder
+from .errors import TrainingError, UserError
 
 try:
     import fcntl
@@ -41,7 +43,6 @@ except ImportError:  # Windows: the lock file and the heartbeat only
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "LOCK_FILE",
     "HEARTBEAT_S",
     "BUSY_EXIT_STATUS",
     "RunBusyError",
@@ -53,7 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = "run.lock"
 HEARTBEAT_S = 60.0
 BUSY_EXIT_STATUS = 75  # EX_TEMPFAIL: the folder is busy, try again later (the sweep counts it as busy)
 _DEFAULT_STALE_S = 900.0
@@ -171,7 +171,7 @@ def stale_reason(path: Path, info: LockInfo) -> str | None:
 
 def live_holder(folder: str | os.PathLike) -> LockInfo | None:
     """Who holds ``folder`` now (a live lock), else None; reads only, takes nothing over."""
-    path = Path(folder) / LOCK_FILE
+    path = RunFolder(folder).lock_path
     info = read_lock(path)
     if info is None or stale_reason(path, info) is not None:
         return None
@@ -184,7 +184,7 @@ class RunLock:
 
     def __init__(self, folder: str | os.PathLike, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
+        self.path = RunFolder(folder).lock_path
         self.heartbeat_s = heartbeat_s
         self.token = uuid.uuid4().hex
         self._file = None
@@ -243,7 +243,7 @@ class RunLock:
 
     def _take_over(self, info: LockInfo) -> bool:
         """Move the stale lock aside, unless it changed meanwhile (then it is put back)."""
-        aside = self.folder / f".{LOCK_FILE}.{self.token}.stale"
+        aside = self.folder / f".{self.path.name}.{self.token}.stale"
         try:
             os.replace(self.path, aside)
         except FileNotFoundError:

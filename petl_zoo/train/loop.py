@@ -1,6 +1,6 @@
 """The training run behind ``tools/train.py``, in named steps (after timm's ``train.py``)::
 
-    with hold_run_folder(spec, info) as lock:  # run.lock: one trainer per folder (lock.py)
+    with hold_run_folder(spec, info) as lock:  # the folder's lock: one trainer per folder (lock.py)
         run = build_run(spec, info, lock)    # resume check, model, data, schedule, fresh start or resume, wrap
         for epoch in range(run.state.epoch, epochs):
             record = train_one_epoch(run, epoch)       # the steps (hand-written AMP step, on_after_backward)
@@ -15,7 +15,6 @@ shows them on stdout.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -28,14 +27,14 @@ import torch
 from torch import nn
 
 from ..api import create, save_adapter
-from ..io import WriteError, append_text, atomic_write_json, atomic_write_text, make_dir
+from ..io import WriteError, make_dir
 from ..registry import TrainContext
 from . import distributed as D
-from .args import TrainingError, UserError
 from .backbone import build_backbone
-from .checkpoint import CHECKPOINT, check_out_path, load_checkpoint, prepare_out_dir, save_checkpoint
+from .checkpoint import check_out_path, load_checkpoint, prepare_out_dir, save_checkpoint
 from .data import RunData, build_data
 from .engine import evaluate_counts, make_autocast, seed_everything
+from .errors import TrainingError, UserError
 from .lock import RunLock
 from .recipe import WarmupCosine
 from .report import build_result, done_line, start_line
@@ -108,12 +107,12 @@ class Run:
     forward: nn.Module | None = None
     signature: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
     resumed_from: int | None = None
-    lock: RunLock | None = None
+    folder_lock: RunLock | None = None
 
 
 @contextmanager
 def hold_run_folder(spec: RunSpec, info: D.DistInfo) -> Iterator[RunLock | None]:
-    """Rank 0 holds ``spec.out/run.lock`` while inside (every rank stops when it cannot: a live holder
+    """Rank 0 holds the folder's lock (``spec.folder.lock_path``) while inside (every rank stops when it cannot: a live holder
     is a RunBusyError); released on the way out, also on an error or Ctrl-C. Yields the lock on rank 0,
     None on the others."""
     check_out_path(spec.out)
@@ -146,10 +145,10 @@ def build_run(spec: RunSpec, info: D.DistInfo, lock: RunLock | None = None) -> R
             f"--batch-size {recipe['batch_size']} is not divisible by the {info.world_size} processes; "
             f"give a multiple of {info.world_size}"
         )
-    config = spec.config_json(info)
+    config = spec.run_config(info)
     resume = prepare_out_dir(spec.out, spec.resume, spec.overwrite, info.is_main, config)
     D.barrier(info)
-    ckpt = load_checkpoint(spec.out / CHECKPOINT) if resume else None
+    ckpt = load_checkpoint(spec.folder.checkpoint_path) if resume else None
     if ckpt is not None:
         check_resume_config(ckpt["config"], config, spec.out)
     if device.type == "cpu":
@@ -166,7 +165,7 @@ def build_run(spec: RunSpec, info: D.DistInfo, lock: RunLock | None = None) -> R
         epoch=0, step=0, is_main=info.is_main,
     )  # fmt: skip
     run = Run(spec, info, TrainState(config, model, device), data, schedule, autocast, ctx, wall_start)
-    run.lock = lock
+    run.folder_lock = lock
     if ckpt is None:
         _start_fresh(run)
     else:
@@ -184,8 +183,8 @@ def _start_fresh(run: Run) -> None:
     spec, info, state = run.spec, run.info, run.state
     if info.is_main:
         make_dir(spec.out)
-        atomic_write_json(spec.out / "config.json", state.config)
-        atomic_write_text(spec.out / "metrics.jsonl", "")
+        spec.folder.write_config(state.config)
+        spec.folder.write_metrics([])
     state.model.to(spec.device)
     state.model.train()
     state.method.on_train_start(state.model, run.data.start_loader(info, spec.recipe["batch_size"]), run.ctx)
@@ -196,10 +195,10 @@ def _start_fresh(run: Run) -> None:
 def _resume(run: Run, ckpt: dict[str, Any]) -> None:
     """Continue from ``last.pt``: the state (model, optimizer, scaler, progress, RNG), metrics.jsonl."""
     spec, info, state = run.spec, run.info, run.state
-    state.load_state_dict(ckpt, source=str(spec.out / CHECKPOINT))
+    state.load_state_dict(ckpt, source=str(spec.folder.checkpoint_path))
     run.resumed_from = state.epoch
     if info.is_main:
-        atomic_write_text(spec.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in state.metrics))
+        spec.folder.write_metrics(state.metrics)
     _log(info, f"resuming {spec.out} after epoch {state.epoch}/{spec.recipe['epochs']}")
 
 
@@ -244,7 +243,7 @@ def _train_step(
             f"epoch {epoch + 1} step {i + 1}/{run.data.steps_per_epoch} (global step {state.global_step + 1})"
         )
         kept = (
-            f"the last good checkpoint {run.spec.out / CHECKPOINT} (after epoch {epoch}) is kept"
+            f"the last good checkpoint {run.spec.folder.checkpoint_path} (after epoch {epoch}) is kept"
             if epoch > 0
             else "no checkpoint was written yet"
         )
@@ -370,8 +369,8 @@ def save_epoch(run: Run, record: dict[str, Any]) -> None:
         if warning:
             logger.warning(warning)
         try:
-            append_text(spec.out / "metrics.jsonl", json.dumps(record) + "\n")
-            save_checkpoint(spec.out / CHECKPOINT, state.state_dict())
+            spec.folder.append_metrics(record)
+            save_checkpoint(spec.folder.checkpoint_path, state.state_dict())
         except WriteError as err:
             raise TrainingError(f"{err}; {_kept_checkpoint(spec, done - 1)}") from None
     _refresh_lock(run)
@@ -384,17 +383,19 @@ def save_epoch(run: Run, record: dict[str, Any]) -> None:
 
 def _kept_checkpoint(spec: RunSpec, epoch: int) -> str:
     """What is kept when a write fails after ``epoch`` finished epochs."""
-    if epoch > 0 and (spec.out / CHECKPOINT).is_file():
-        return f"the previous checkpoint after epoch {epoch} is kept ({spec.out / CHECKPOINT}; --resume)"
+    if epoch > 0 and spec.folder.has_checkpoint:
+        return (
+            f"the previous checkpoint after epoch {epoch} is kept ({spec.folder.checkpoint_path}; --resume)"
+        )
     return "no checkpoint was written yet"
 
 
 def _refresh_lock(run: Run) -> None:
     """The lock's per-epoch heartbeat; every rank stops when another process took the folder."""
     error = None
-    if run.lock is not None:
+    if run.folder_lock is not None:
         try:
-            run.lock.refresh()
+            run.folder_lock.refresh()
         except TrainingError as err:
             error = err
     if not D.all_true(error is None, run.spec.device, run.info):
@@ -440,7 +441,7 @@ def finish(run: Run) -> dict[str, Any]:
         except WriteError as err:
             raise TrainingError(f"{err}; {_kept_checkpoint(spec, state.epoch)}") from None
         if not spec.keep_checkpoint:
-            (spec.out / CHECKPOINT).unlink(missing_ok=True)
+            spec.folder.checkpoint_path.unlink(missing_ok=True)
         logger.info(done_line(spec, state, result))
     D.barrier(info)
     return result
@@ -457,7 +458,7 @@ def _write_outputs(run: Run, result: dict[str, Any]) -> None:
         save_adapter(chosen, spec.out, model_kwargs=spec.model_kwargs)
     else:
         save_adapter(state.model, spec.out, model_kwargs=spec.model_kwargs)
-    atomic_write_json(spec.out / "result.json", result)
+    spec.folder.write_result(result)
 
 
 def run_training(spec: RunSpec, info: D.DistInfo) -> dict[str, Any]:

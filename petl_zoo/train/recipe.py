@@ -176,7 +176,7 @@ def execution_defaults(device: torch.device, precision: str | None, workers: int
     costs less than worker processes). fp16 needs a GPU. The one place these defaults live (the trainer
     and ``tools/eval.py`` both call it).
     """
-    from .args import UserError
+    from .errors import UserError
 
     on_gpu = device.type == "cuda"
     precision = precision if precision is not None else ("bf16" if on_gpu else "fp32")

@@ -14,13 +14,15 @@ import numpy as np
 import timm
 import torch
 
-from .. import __version__ as petl_zoo_version
 from ..fingerprint import fingerprints, identity_diff
 from ..io import sha256_file
 from ..registry import get_method
+from ..runfolder import RunFolder
+from ..version import __version__ as petl_zoo_version
 from . import distributed as D
-from .args import UserError, build_train_parser, method_options, parse_key_values
+from .args import build_train_parser, method_options, parse_key_values
 from .backbone import check_weights_file, resolve_model_name
+from .errors import UserError
 from .recipe import execution_defaults, resolve_recipe
 
 __all__ = [
@@ -65,7 +67,12 @@ class RunSpec:
     pretrained_file_sha256: str | None = None
     preset: str | None = None  # ``method/name`` of the per-task preset applied (petl_zoo.presets)
 
-    def config_json(self, info: D.DistInfo) -> dict[str, Any]:
+    @property
+    def folder(self) -> RunFolder:
+        """The run folder (``out``): where the run's files are read and written."""
+        return RunFolder(self.out)
+
+    def run_config(self, info: D.DistInfo) -> dict[str, Any]:
         config = {
             "method": self.method,
             "method_options": self.method_options,
@@ -214,7 +221,7 @@ def expected_config(train_args: list[str]) -> dict[str, Any]:
         device = torch.device(name)  # only its type matters here (no CUDA context in the caller)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; valid: cpu, cuda, cuda:N") from None
-    return resolve_spec(args, device, ["tools/train.py", *train_args]).config_json(info)
+    return resolve_spec(args, device, ["tools/train.py", *train_args]).run_config(info)
 
 
 def run_differences(old: dict[str, Any], new: dict[str, Any], data_root: bool = True) -> list[str]:

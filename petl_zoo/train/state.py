@@ -19,8 +19,8 @@ from torch import nn
 
 from ..api import adapter_state_dict, load_adapter_weights
 from ..registry import Method
-from .args import TrainingError
 from .checkpoint import capture_rng, restore_rng
+from .errors import TrainingError
 
 __all__ = [
     "Best",
