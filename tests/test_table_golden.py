@@ -1,5 +1,5 @@
 """The table's text on a fixed tree of run folders, compared with the text the table printed before its
-code was split into the results package (tests/data/table_golden/): every format, the published rows,
+code was split into the results package (tests/golden/table/): every format, the published rows,
 the tuning records and the plot's points. Regenerate only for an intended change of the output:
 ``PETL_ZOO_REGOLDEN=1 python -m pytest tests/test_table_golden.py``."""
 
@@ -14,7 +14,7 @@ import pytest
 import vtab
 from petl_zoo.fingerprint import fingerprints
 
-GOLDEN = Path(__file__).resolve().parent / "data" / "table_golden"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "table"
 TASKS = [t.name for t in vtab.tasks()]
 
 
