@@ -275,6 +275,30 @@ def test_select_on_val_saves_and_reports_the_selected_epoch(data_root, tmp_path,
     )
 
 
+def test_no_test_scores_val_only_and_trains_the_same(data_root, tmp_path, capsys):
+    """A tuning grid point (--no-test) never evaluates test, and trains exactly as with test evaluations."""
+    runs = {}
+    for name, extra in (("with", ()), ("without", ("--no-test",))):
+        out = tmp_path / name
+        assert main(base_args(data_root, out, "--select-on", "val", "--epochs", "2", *extra)) == 0
+        runs[name] = (
+            read(out, "result.json"),
+            read(out, "metrics.jsonl"),
+            load_file(out / "adapter.safetensors"),
+        )
+    (res_t, met_t, ada_t), (res_n, met_n, ada_n) = runs["with"], runs["without"]
+    assert [m["val_acc"] for m in met_n] == [m["val_acc"] for m in met_t]
+    assert all("test_acc" not in m for m in met_n) and all("test_acc" in m for m in met_t)
+    assert res_n["val_acc_last"] == res_t["val_acc_last"] and res_n["test_acc_last"] is None
+    assert res_n["test_acc_best"] is None and res_n["test_acc_selected"] is None
+    assert all(torch.equal(ada_n[k], ada_t[k]) for k in ada_t)
+    assert "no test" in capsys.readouterr().out
+    assert main(base_args(data_root, tmp_path / "bad", "--no-test")) == 1
+    assert capsys.readouterr().err == (
+        "error: --no-test needs --select-on val: without test or val nothing would be evaluated\n"
+    )
+
+
 # --------------------------------------------------------------------- callbacks, structure, NaN
 @dataclass
 class ToyPruneConfig(MethodConfig):
@@ -747,3 +771,22 @@ def test_output_folder_rules(tmp_path):
     (out / ".last.pt.abc.tmp").write_bytes(b"")
     assert prepare_out_dir(out, resume=False, overwrite=True, is_main=True) is False
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only run files are deleted
+
+
+def test_train_help_shows_every_recipe_default():
+    """``train --help`` says what each recipe flag defaults to (the recipe's values included)."""
+    from petl_zoo.train.args import build_train_parser
+    from petl_zoo.train.recipe import RECIPES
+
+    text = " ".join(build_train_parser().format_help().split())
+    for flag, key in (
+        ("--epochs", "epochs"),
+        ("--lr", "lr"),
+        ("--weight-decay", "weight_decay"),
+        ("--seed", "seed"),
+    ):
+        assert f"{flag} {key.upper()} default: the recipe's {RECIPES['vtab'][key]}" in text
+    assert (
+        "--select-on {test,val} test: train on train800val200" in text
+        and "default: the recipe's test" in text
+    )

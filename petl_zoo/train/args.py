@@ -83,21 +83,64 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
     r.add_argument(
         "--recipe", default="vtab", choices=sorted(RECIPES), help="base recipe (default %(default)s)"
     )
-    r.add_argument("--epochs", type=int, default=None)
-    r.add_argument("--lr", type=float, default=None)
-    r.add_argument("--batch-size", type=int, default=None, help="global batch (split over the processes)")
-    r.add_argument("--weight-decay", type=float, default=None)
-    r.add_argument("--warmup-epochs", type=int, default=None)
-    r.add_argument("--eval-every", type=int, default=None, help="test evaluation period in epochs")
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate of the backbone")
-    r.add_argument("--protocol", default=None, choices=PROTOCOLS, help="image transform protocol")
-    r.add_argument("--augment", action="store_true", default=None, help="random resized crop + flip")
+    r.add_argument("--epochs", type=int, default=None, help=_recipe_default("epochs"))
+    r.add_argument("--lr", type=float, default=None, help=_recipe_default("lr"))
+    r.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="global batch (split over the processes); " + _recipe_default("batch_size"),
+    )
+    r.add_argument("--weight-decay", type=float, default=None, help=_recipe_default("weight_decay"))
+    r.add_argument("--warmup-epochs", type=int, default=None, help=_recipe_default("warmup_epochs"))
+    r.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="evaluation period in epochs; " + _recipe_default("eval_every"),
+    )
+    r.add_argument("--seed", type=int, default=None, help=_recipe_default("seed"))
+    r.add_argument(
+        "--drop-path",
+        type=float,
+        default=None,
+        help="stochastic depth rate of the backbone; " + _recipe_default("drop_path"),
+    )
+    r.add_argument(
+        "--protocol",
+        default=None,
+        choices=PROTOCOLS,
+        help="image transform protocol; " + _recipe_default("protocol"),
+    )
+    r.add_argument(
+        "--augment",
+        action="store_true",
+        default=None,
+        help="random resized crop + flip; " + _recipe_default("augment"),
+    )
     r.add_argument("--precision", default=None, choices=PRECISIONS, help="default bf16 on GPU, fp32 on CPU")
-    r.add_argument("--select-on", default=None, choices=SELECT_ON, help="test: train800val200; val: train800")
+    r.add_argument(
+        "--select-on",
+        default=None,
+        choices=SELECT_ON,
+        help="test: train on train800val200; val: train on train800, select the best val epoch; "
+        + _recipe_default("select_on"),
+    )
+    r.add_argument(
+        "--no-test",
+        action="store_true",
+        help="evaluate on val only, never on test (tuning grid points; needs --select-on val)",
+    )
     _add_execution_arguments(p)
     p.raise_errors = raise_errors
     return p
+
+
+def _recipe_default(key: str) -> str:
+    """``default: <the vtab recipe's value> (a method's or preset's own value first)`` for a recipe flag."""
+    value = RECIPES["vtab"][key]
+    shown = "off" if value is False else ("on" if value is True else value)
+    return f"default: the recipe's {shown} (a method's or preset's own value first)"
 
 
 def _add_execution_arguments(p: argparse.ArgumentParser) -> None:

@@ -76,7 +76,9 @@ def build_data(spec: RunSpec, info: D.DistInfo, model: nn.Module) -> RunData:
     train_tf = vtab.build_transform(model, recipe["protocol"], augment=recipe["augment"])
     eval_tf = vtab.build_transform(model, recipe["protocol"])
     train_set = vtab.VtabDataset(spec.task, train_split, train_tf, root, spec.num_classes)
-    eval_sets = {"test": vtab.VtabDataset(spec.task, "test", eval_tf, root, spec.num_classes)}
+    eval_sets = {}
+    if spec.test:  # --no-test (tuning grid points): the test split is never read
+        eval_sets["test"] = vtab.VtabDataset(spec.task, "test", eval_tf, root, spec.num_classes)
     if recipe["select_on"] == "val":
         eval_sets["val"] = vtab.VtabDataset(spec.task, "val", eval_tf, root, spec.num_classes)
     sampler = D.train_sampler(train_set, info, seed)

@@ -341,20 +341,24 @@ def evaluate_and_select(run: Run, record: dict[str, Any]) -> None:
 
 def _update_best(state: TrainState, record: dict[str, Any], epochs: int) -> str:
     """Fold an evaluated ``record`` into ``state.best`` (and ``state.selected`` on a new best val
-    accuracy; ties keep the earliest epoch); returns the ``[eval]`` line."""
-    best, done, test = state.best, record["epoch"], record["test_acc"]
-    best.last_test = test
-    if best.test_acc is None or test > best.test_acc:
-        best.test_acc, best.test_epoch = test, done
-    line = f"[eval] epoch {done}/{epochs}  test {test:.4f}  best {best.test_acc:.4f} @ {best.test_epoch}"
+    accuracy; ties keep the earliest epoch); returns the ``[eval]`` line. A ``--no-test`` run's records
+    hold no test accuracy: its line and its best values are val's alone."""
+    best, done, test = state.best, record["epoch"], record.get("test_acc")
+    line = f"[eval] epoch {done}/{epochs}"
+    if test is not None:
+        best.last_test = test
+        if best.test_acc is None or test > best.test_acc:
+            best.test_acc, best.test_epoch = test, done
+        line += f"  test {test:.4f}  best {best.test_acc:.4f} @ {best.test_epoch}"
     if "val_acc" in record:
         val = record["val_acc"]
         best.last_val = val
         if best.val_acc is None or val > best.val_acc:
             best.val_acc, best.val_epoch, best.test_at_val = val, done, test
             state.selected = {"epoch": done, **adapter_snapshot(state.model)}
-        line += f"  val {val:.4f} (best {best.val_acc:.4f} @ {best.val_epoch} -> test {best.test_at_val:.4f})"
-    return line + f"  last {test:.4f}"
+        at_test = f" -> test {best.test_at_val:.4f}" if test is not None else ""
+        line += f"  val {val:.4f} (best {best.val_acc:.4f} @ {best.val_epoch}{at_test})"
+    return line + (f"  last {test:.4f}" if test is not None else f"  last val {record['val_acc']:.4f}")
 
 
 def save_epoch(run: Run, record: dict[str, Any]) -> None:

@@ -71,12 +71,18 @@ def start_line(spec: RunSpec, info: D.DistInfo, state: TrainState, train_images:
 
 
 def done_line(spec: RunSpec, state: TrainState, result: dict[str, Any]) -> str:
-    """The closing summary: best and last test accuracy (and the val-selected one), speed, the folder."""
+    """The closing summary: best and last test accuracy (and the val-selected one; val alone for a
+    ``--no-test`` run), speed, the folder."""
     best = state.best
-    sel = ""
-    if spec.recipe["select_on"] == "val":
-        sel = f", selected on val (epoch {best.val_epoch}) {best.test_at_val:.4f}"
-    return (
-        f"done: test acc best {best.test_acc:.4f} (epoch {best.test_epoch}), last {best.last_test:.4f}{sel}; "
-        f"train {state.train_time_s:.1f} s, {result['img_per_s']:.0f} img/s; wrote {spec.out}"
-    )
+    if spec.test:
+        sel = ""
+        if spec.recipe["select_on"] == "val":
+            sel = f", selected on val (epoch {best.val_epoch}) {best.test_at_val:.4f}"
+        accuracy = (
+            f"test acc best {best.test_acc:.4f} (epoch {best.test_epoch}), last {best.last_test:.4f}{sel}"
+        )
+    else:
+        accuracy = (
+            f"val acc best {best.val_acc:.4f} (epoch {best.val_epoch}), last {best.last_val:.4f}; no test"
+        )
+    return f"done: {accuracy}; train {state.train_time_s:.1f} s, {result['img_per_s']:.0f} img/s; wrote {spec.out}"

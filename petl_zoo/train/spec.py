@@ -66,6 +66,7 @@ class RunSpec:
     resolved_model: str = ""  # timm's architecture.tag for ``model`` (deprecated names remapped)
     pretrained_file_sha256: str | None = None
     preset: str | None = None  # ``method/name`` of the per-task preset applied (petl_zoo.presets)
+    test: bool = True  # False (--no-test): val only, the test split is never evaluated
 
     @property
     def folder(self) -> RunFolder:
@@ -88,6 +89,7 @@ class RunSpec:
             "preset": self.preset,
             "recipe": self.recipe,
             "recipe_sources": self.recipe_sources,
+            "test": self.test,
             "world_size": info.world_size,
             "per_rank_batch_size": self.recipe["batch_size"] // info.world_size,
             "device": self.device.type,
@@ -165,6 +167,8 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     if note:
         logger.warning(note)
     num_classes = vtab.num_classes(args.task, args.data_root)
+    if args.no_test and recipe["select_on"] != "val":
+        raise UserError("--no-test needs --select-on val: without test or val nothing would be evaluated")
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         raise UserError(f"--stop-after-epoch {args.stop_after_epoch} is invalid; valid: an integer >= 1")
     return RunSpec(
@@ -193,6 +197,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         resolved_model=resolved_model,
         pretrained_file_sha256=sha256_file(pretrained_file) if pretrained_file else None,
         preset=preset_label or None,
+        test=not args.no_test,
     )
 
 
