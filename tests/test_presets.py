@@ -152,3 +152,9 @@ def test_shipped_preset_through_the_trainer(tmp_path):
     assert config["preset"] == "ssf/paper"
     assert all(config["recipe"][k] == v for k, v in recipe.items())
     assert all(config["method_options"][k] == v for k, v in options.items())
+
+
+def test_an_alias_records_the_preset_under_its_one_name():
+    """``--preset tt`` and ``--preset paper_tt`` find one file: the same label, the same table row."""
+    assert load_preset("fact", "tt").label == load_preset("fact", "paper_tt").label == "fact/paper_tt"
+    assert load_preset("fact", "paper").label == "fact/paper"

@@ -78,7 +78,14 @@ def load_preset(method: str, name: str = "paper") -> Preset:
     if not path.is_file():
         known = ", ".join(available_presets(method)) or "none"
         raise ValueError(f"no preset {name!r} for method '{method}'; presets for {method}: {known}")
-    return _load(method, name, str(path))
+    return _load(method, _canonical_name(method, path), str(path))
+
+
+def _canonical_name(method: str, path: Path) -> str:
+    """The one name of a preset file (``paper``, ``paper_<variant>``), whatever alias found it, so
+    that ``--preset tt`` and ``--preset paper_tt`` record the same preset (one table row)."""
+    stem = path.stem
+    return "paper" if stem == method else f"paper_{stem[len(method) + 1 :]}"
 
 
 def _load(method: str, name: str, path: str) -> Preset:
