@@ -44,6 +44,7 @@ __all__ = [
     "CARD_CONFIG",
     "RUN_FILES",
     "TUNE_PREFIX",
+    "OPT_PREFIX",
     "SELECTION_VERSION",
     "Fingerprints",
     "read_record",
@@ -303,14 +304,51 @@ class Selection:
     def is_winner(self, point: GridPoint) -> bool:
         return all(point.setting.get(k) == v for k, v in self.winner.items())
 
+    def retrained_mismatch(self, config: dict[str, Any] | None, seed: Any) -> str | None:
+        """Why the run of ``config`` is not this record's winner retrained with ``seed`` (None when it
+        is): the record names folders, the run's own config says what was trained there."""
+        if not config:
+            return "it has no run config to check against the winner"
+        recipe, options = config.get("recipe") or {}, config.get("method_options") or {}
+        if config.get("method") != self.method:
+            return f"it is a {config.get('method')} run, not {self.method}"
+        if recipe.get("seed") != seed:
+            return f"it was trained with seed {recipe.get('seed')}, the record says {seed}"
+        for key, value in self.winner.items():
+            option = key[len(OPT_PREFIX) :] if key.startswith(OPT_PREFIX) else None
+            found = options.get(option) if option else recipe.get(key)
+            if not _same_setting(found, value):
+                return f"it was trained with {key}={found!r}, the winner is {key}={value!r}"
+        return None
+
+
+#: A grid key naming a method option (``opt.rank``); other keys are recipe settings (``lr``).
+OPT_PREFIX = "opt."
+
+
+def _same_setting(found: Any, wanted: Any) -> bool:
+    """Whether a run's recorded setting is a grid value: numbers by value, lists as ``a,b`` text."""
+    if isinstance(found, (int, float)) and isinstance(wanted, (int, float)):
+        return float(found) == float(wanted)
+    if isinstance(found, (list, tuple)):
+        found = ",".join(map(str, found))
+    if isinstance(wanted, (list, tuple)):
+        wanted = ",".join(map(str, wanted))
+    return str(found) == str(wanted)
+
 
 _SELECTION_KEYS = ("method", "task", "grid_fingerprint", "grid", "points", "winner", "retrained")
 
 
 def _folder(base: Path, value: Any, what: str) -> Path:
+    """A folder the record names, resolved against the record's folder; it must lie inside it (the
+    record is data: an absolute path or ``..`` cannot point the table at another run)."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} folder is not a path")
-    return Path(os.path.normpath(base / value))
+    folder = Path(os.path.normpath(base / value))
+    if Path(value).is_absolute() or folder == base or base not in folder.parents:
+        raise ValueError(f"{what} folder {value!r} is not a folder inside {base}")
+    return folder
 
 
 def _point(base: Path, raw: Any, i: int) -> GridPoint:

@@ -346,3 +346,23 @@ def test_unwritable_out_is_one_error_line(tmp_path, capsys):
     assert line.startswith("error: argument --format: invalid choice: 'html'") and line.endswith(
         "(see table --help)"
     )
+
+
+@pytest.mark.parametrize("field", ["test_acc_last", "test_acc_best"])
+@pytest.mark.parametrize("damage", ["missing", "nan", "text"])
+def test_a_missing_or_nan_accuracy_is_a_line_naming_file_and_field(tmp_path, field, damage):
+    folder = write_result(tmp_path, "lora", "dtd", 0.5, 0.4)
+    result = json.loads((folder / "result.json").read_text())
+    if damage == "missing":
+        del result[field]
+    else:
+        result[field] = float("nan") if damage == "nan" else "n/a"
+    (folder / "result.json").write_text(json.dumps(result))  # json writes NaN as the bare token NaN
+    with pytest.warns(UserWarning) as caught:
+        table = compute_table(
+            build_rows(collect_results(tmp_path)), "last" if field == "test_acc_last" else "best"
+        )
+    what = "is missing" if damage == "missing" else f"is {result[field]!r}, not an accuracy"
+    assert f"{folder / 'result.json'}: {field} {what}; its cell is blank" in [str(w.message) for w in caught]
+    ((_, cells),) = table.rows
+    assert cells["dtd"].mean is None  # blank, never a made-up number

@@ -185,6 +185,37 @@ def test_damaged_or_missing_records_are_one_warning_each(tmp_path, caplog):
     assert "lacks task, grid_fingerprint" in caplog.records[-1].getMessage()
 
 
+@pytest.mark.parametrize("folder", ["../../../../lora_paper/digits", "/elsewhere/run", "."])
+def test_a_record_naming_a_folder_outside_its_tuning_is_skipped(tmp_path, caplog, folder):
+    """The record is data: it cannot point the tuned row at another run (92.3 of somebody else's)."""
+    make_runs(tmp_path)
+    path = tmp_path / "lora" / "digits" / f"tune-{GRID_FP}" / "selection.json"
+    record = json.loads(path.read_text())
+    record["retrained"][0]["folder"] = folder
+    path.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="petl_zoo.runfolder"):
+        assert read_selection(path) is None
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message == f"skipping {path}: retrained[0] folder {folder!r} is not a folder inside {path.parent}"
+
+
+def test_a_retrained_run_that_is_not_the_winner_is_left_out_with_a_line(tmp_path):
+    """A folder inside the tuning whose run was trained with other settings (or another seed) than the
+    record says does not count for the tuned row."""
+    make_runs(tmp_path)
+    tune = tmp_path / "lora" / "digits" / f"tune-{GRID_FP}"
+    run_folder(tune / "retrain" / "seed1", "lora", "digits", 1, 0.99, lr=1e-3, options={"rank": 4})
+    with pytest.warns(UserWarning) as caught:
+        rows, _ = collect_rows(tmp_path)
+    (tuned,) = [r for r in rows if r.selections and r.runs.get("digits")]
+    assert sorted(tuned.runs["digits"]) == [0]  # seed 1 left out, seed 0 kept
+    assert any(
+        str(w.message) == f"{tune / 'selection.json'}: retrained seed 1 left out: it was trained with "
+        "lr=0.001, the winner is lr=0.005"
+        for w in caught
+    )
+
+
 def test_published_rows_beside_ours_same_methods_all_and_csv(tmp_path, capsys):
     make_runs(tmp_path)
     text = results_table(tmp_path, published="same")

@@ -36,10 +36,10 @@ MEAN_GROUPS, MEAN_TASKS = "Mean of groups", "Mean of tasks"
 
 def as_percent(value: Any) -> float | None:
     """Accuracy as a percentage: result.json stores fractions in [0, 1]; values above 1 are taken as percents."""
-    if value is None:
-        return None
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # not an accuracy: collect warned about it, naming the file and field
     v = float(value)
-    if math.isnan(v):
+    if not math.isfinite(v) or not 0 <= v <= 100:
         return None
     return v * 100.0 if v <= 1.0 else v
 

@@ -15,6 +15,7 @@ warning.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Collection, Iterator
@@ -70,9 +71,29 @@ def read_run(folder: RunFolder) -> RunRecord | None:
             f"skipping {folder.result_path}: not a train.py result (no 'method'/'task')", stacklevel=3
         )
         return None
+    _check_accuracies(folder, result)
     config = folder.read_config()
     config = with_weights_digest(config) if config is not None else None
     return RunRecord(folder, result, config, folder.fingerprints(config, result).recipe)
+
+
+#: The accuracies a table cell shows (None is a run that recorded none: a ``--no-test`` run).
+ACCURACY_FIELDS = ("test_acc_best", "test_acc_last")
+
+
+def _check_accuracies(folder: RunFolder, result: dict[str, Any]) -> None:
+    """One warning line per accuracy the result lacks or holds as something other than a number in
+    [0, 1] or a percentage (NaN, text): its cell is left blank, never filled with a wrong number."""
+    for field_name in ACCURACY_FIELDS:
+        if field_name not in result:
+            why = "is missing"
+        else:
+            value = result[field_name]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is None or (number and math.isfinite(value) and 0 <= value <= 100):
+                continue
+            why = f"is {value!r}, not an accuracy"
+        warnings.warn(f"{folder.result_path}: {field_name} {why}; its cell is blank", stacklevel=4)
 
 
 def collect_results(root: str | os.PathLike, exclude: Collection[str | os.PathLike] = ()) -> list[RunRecord]:
@@ -264,6 +285,10 @@ def _add_retrained(row: Row, selection: Selection, benchmark: Benchmark) -> None
                 f"{selection.path}: {record.path} is a {record.result['method']}/{record.result['task']} run",
                 stacklevel=3,
             )
+            continue
+        why = selection.retrained_mismatch(record.config, seed)
+        if why is not None:
+            warnings.warn(f"{selection.path}: retrained seed {seed} left out: {why}", stacklevel=3)
             continue
         row.model = row.model or str(record.result.get("model", ""))
         row.run_config = row.run_config or record.config
