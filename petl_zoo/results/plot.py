@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 #: (marker, colour, legend) per kind of point: ours, then published by selection rule.
 STYLES: dict[str, tuple[str, str, str]] = {
     "ours": ("o", "tab:blue", "ours"),
+    "ours_partial": ("x", "tab:cyan", "ours, over part of the tasks (k/N in the label)"),
     "last": ("s", "tab:orange", "published, last epoch"),
     "best": ("^", "tab:red", "published, best-of-test"),
     "unstated": ("D", "tab:gray", "published, selection unstated"),
@@ -73,7 +74,7 @@ def _draw(ax: Any, points: list[PlotPoint], selection_label: str) -> None:
         mine = [(x, p) for x, p in zip(xs, points) if p.style == style]
         if not mine:
             continue
-        legend = f"{legend}, {selection_label}" if style == "ours" else legend
+        legend = f"{legend}, {selection_label}" if style.startswith("ours") else legend
         ax.scatter([x for x, _ in mine], [p.accuracy for _, p in mine], marker=marker, c=colour, label=legend)
     # labels above and below in turn (by accuracy), so that close points do not write over each other
     order = sorted(range(len(points)), key=lambda i: points[i].accuracy)
@@ -115,8 +116,8 @@ def plot_accuracy_vs_params(
     _draw(ax, usable, selection_label)
     ax.set_xscale("log")
     ax.set_xlabel("Trainable parameters (M, classifier head excluded, log scale)")
-    rules = [f"ours: {selection_label}"] if any(p.style == "ours" for p in usable) else []
-    rules += ["published: the source's rule"] if any(p.style != "ours" for p in usable) else []
+    rules = [f"ours: {selection_label}"] if any(p.style.startswith("ours") for p in usable) else []
+    rules += ["published: the source's rule"] if any(not p.style.startswith("ours") for p in usable) else []
     ax.set_ylabel(f"{mean_label}, top-1 (%)\n{'; '.join(rules)}")
     ax.set_title(f"{title}: accuracy vs trainable parameters", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -143,15 +144,22 @@ def plot_points(
     mean: str = "groups",
     benchmark: Benchmark = VTAB_1K,
 ) -> list[PlotPoint]:
-    """One point per row with a mean and a parameter count: ours from the ``metric`` table, published
-    rows with their means recomputed under the same convention."""
+    """One point per row with a mean and a parameter count: ours from the ``metric`` table over the
+    benchmark's tasks only (other tasks, e.g. the demo task, are not in a published row's mean), published
+    rows with their means recomputed under the same convention. A row over part of the benchmark's tasks
+    is drawn as partial (its own marker, ``(k/N tasks)`` in its label), never as a full row; a row over
+    none of them has no benchmark mean and is left out."""
     ours_key = PLOT_MEANS[mean]
     of_tasks, of_groups = benchmark.conventions
     lit_key = of_groups if mean == "groups" else of_tasks
-    points = []
-    for row, cells in compute_table(rows, metric, benchmark=benchmark).rows if rows else []:
-        acc, params = cells[ours_key].mean, cells["params_m"].mean
-        if acc is not None and params is not None:
+    points, total = [], len(benchmark.tasks)
+    for row, cells in compute_table(rows, metric, [], benchmark).rows if rows else []:
+        acc, params, present = cells[ours_key].mean, cells["params_m"].mean, int(cells["tasks"].mean or 0)
+        if acc is None or params is None:
+            continue
+        if present < total:
+            points.append(PlotPoint(f"{row.name} ({present}/{total} tasks)", params, acc, "ours_partial"))
+        else:
             points.append(PlotPoint(row.name, params, acc, "ours"))
     for r in published:
         if r.params_m is not None:
