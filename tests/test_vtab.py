@@ -4,6 +4,7 @@ on tiny synthetic task folders (png and jpg, gray and RGB, nested paths) made in
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import numpy as np
@@ -328,7 +329,8 @@ def test_make_loader_is_deterministic_given_seed(tmp_path):
     for i, line in enumerate((tmp_path / "my_task" / "train800.txt").read_text().splitlines()):
         assert line.endswith(f" {(i + 5) % 100}")  # distinct labels identify the samples
     vit = tiny_vit()
-    ds = vtab.VtabDataset("my_task", "train", vtab.build_transform(vit, augment=True), data_root=tmp_path)
+    tf = vtab.build_transform(vit, augment=True)
+    ds = vtab.VtabDataset("my_task", "train", tf, data_root=tmp_path, num_classes=100)  # labels 3..44 used
 
     def run(seed: int, workers: int):
         loader = vtab.make_loader(ds, 8, shuffle=True, workers=workers, seed=seed)
@@ -354,7 +356,8 @@ def test_make_loader_is_deterministic_given_seed(tmp_path):
 
 def test_make_loader_takes_a_sampler(tmp_path):
     make_task(tmp_path, "my_task", 100, counts={"train": 10, "val": 1, "test": 1})
-    ds = vtab.VtabDataset("my_task", "train", vtab.build_transform(tiny_vit()), data_root=tmp_path)
+    tf = vtab.build_transform(tiny_vit())
+    ds = vtab.VtabDataset("my_task", "train", tf, data_root=tmp_path, num_classes=100)
     loader = vtab.make_loader(ds, 4, shuffle=False, sampler=[9, 0, 3], workers=0, pin_memory=False)
     assert _epoch_labels(loader) == [ds.targets[9], ds.targets[0], ds.targets[3]]
     with pytest.raises(ValueError, match="shuffle=True conflicts with a sampler"):
@@ -442,6 +445,116 @@ def test_bad_list_line_names_file_and_line(tmp_path, line, what):
     (task / "train800.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"dtd/train800\.txt:3: " + what):
         vtab.VtabDataset("dtd", "train", data_root=tmp_path)
+
+
+def _set_line(task: Path, file: str, index: int, text: str) -> None:
+    lines = (task / file).read_text().splitlines()
+    lines[index] = text
+    (task / file).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("split", list(vtab.SPLITS))
+@pytest.mark.parametrize(
+    "rel,why",
+    [
+        ("../other_task/images/0.png", "a '..' component"),
+        ("images/../../secret.png", "a '..' component"),
+        (r"..\up.png", "a '..' component"),
+        ("/etc/hostname", "an absolute path"),
+        (r"C:\data\x.png", "an absolute path"),
+    ],
+)
+def test_list_paths_outside_the_task_folder_are_refused(tmp_path, split, rel, why):
+    task = make_task(tmp_path, "dtd", 47)
+    make_task(tmp_path, "mine", 5)
+    file = vtab.SPLITS[split]
+    expected = rf"{file}:2: image path {re.escape(repr(rel))} is {why}, outside the task folder; list paths"
+    for name in ("dtd", "mine"):
+        _set_line(tmp_path / name, file, 1, f"{rel} 1")
+        with pytest.raises(ValueError, match=rf"{name}/" + expected):
+            vtab.VtabDataset(name, split, data_root=tmp_path)
+    with pytest.raises(ValueError, match=expected):
+        vtab.num_classes("mine", tmp_path)  # inferring the count reads every list file
+    with pytest.raises(ValueError, match=expected):
+        vtab.data_identity("dtd", tmp_path)
+    assert (task / "images").is_dir()
+
+
+def test_a_typo_label_that_leaves_classes_empty_is_an_error(tmp_path):
+    task = make_task(tmp_path, "mine", 5)  # labels 0..4 in every list file
+    assert vtab.num_classes("mine", tmp_path) == 5
+    image = (task / "train800.txt").read_text().splitlines()[2].rsplit(" ", 1)[0]
+    for file in ("train800.txt", "train800val200.txt"):
+        _set_line(task, file, 2, f"{image} 99")
+    expected = (
+        r"mine: classes 5\.\.98 of 0\.\.99 have no line in train800\.txt, val200\.txt, train800val200\.txt, "
+        r"test\.txt \(the class count is inferred as the largest label \+ 1 = 100\); above the gap: "
+        r"label 99 at train800\.txt:3, label 99 at train800val200\.txt:3\. Fix those labels, or declare the "
+        r"class count \(num_classes=N; the trainer's --num-classes N\) to allow empty classes\.$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        vtab.num_classes("mine", tmp_path)
+    with pytest.raises(ValueError, match=expected):
+        vtab.VtabDataset("mine", "test", data_root=tmp_path)  # the count is inferred over every list file
+    assert vtab.num_classes("mine", tmp_path, declared=100) == 100  # insisting allows empty classes
+    assert vtab.VtabDataset("mine", "train", data_root=tmp_path, num_classes=100).num_classes == 100
+    with pytest.raises(
+        ValueError,
+        match=r"mine: label 99 at train800\.txt:3, label 99 at train800val200\.txt:3 outside 0\.\.9 "
+        r"\(the declared class count is 10\); fix those lines or declare a larger count\.$",
+    ):
+        vtab.num_classes("mine", tmp_path, declared=10)
+
+
+def test_empty_class_messages_for_other_gaps(tmp_path):
+    task = make_task(tmp_path, "sparse", 5)
+    for file in vtab.LIST_FILES:  # labels 0..4 -> 0, 2, 4, 6, 8: four single-id gaps
+        lines = [line.rsplit(" ", 1) for line in (task / file).read_text().splitlines()]
+        (task / file).write_text("".join(f"{rel} {2 * int(label)}\n" for rel, label in lines))
+    with pytest.raises(
+        ValueError,
+        match=r"classes 1, 3, 5, 7 of 0\.\.8 have no line .*above the gap: label 8 at train800\.txt:",
+    ):
+        vtab.num_classes("sparse", tmp_path)
+    task = make_task(tmp_path, "one_based", 5)
+    for file in vtab.LIST_FILES:  # labels 1..5
+        lines = [line.rsplit(" ", 1) for line in (task / file).read_text().splitlines()]
+        (task / file).write_text("".join(f"{rel} {int(label) + 1}\n" for rel, label in lines))
+    with pytest.raises(
+        ValueError,
+        match=r"class 0 of 0\.\.5 has no line .*; the smallest label is 1 \(labels count from 0\)\.",
+    ):
+        vtab.num_classes("one_based", tmp_path)
+    assert vtab.num_classes("one_based", tmp_path, declared=6) == 6
+    (tmp_path / "many_gaps").mkdir()  # ten gaps: eight are named, then the count
+    (tmp_path / "many_gaps" / "test.txt").write_text(
+        "".join(f"images/{c}.png {c}\n" for c in range(0, 21, 2))
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"classes 1, 3, 5, 7, 9, 11, 13, 15, \.\.\. \(10 ids in all\) of 0\.\.20 have no line in test\.txt ",
+    ):
+        vtab.num_classes("many_gaps", tmp_path)
+
+
+def test_declared_class_count(tmp_path):
+    make_task(tmp_path, "mine", 5)
+    assert vtab.num_classes("mine", tmp_path, declared=20) == 20  # classes 5..19 may be empty
+    with pytest.raises(
+        ValueError,
+        match=r"mine: label 4 at train800\.txt:5, .* at test\.txt:1 and 1 more line outside 0\.\.3 \(the",
+    ):
+        vtab.num_classes("mine", tmp_path, declared=4)
+    assert vtab.num_classes("dtd", declared=47) == 47  # a registry task: its count, no folder needed
+    with pytest.raises(
+        ValueError,
+        match=r"Task 'dtd' has 47 classes \(the VTAB registry\); the declared class count 10 does not "
+        r"match it \(omit it, or pass 47\)\.",
+    ):
+        vtab.num_classes("textures", declared=10)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"num_classes must be a positive int, got {bad!r}\."):
+            vtab.num_classes("mine", tmp_path, declared=bad)
 
 
 def test_label_outside_class_count(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .identity import data_identity, split_identity
 from .layout import (
     DEFAULT_ROOT,
     ENV_VAR,
@@ -72,6 +73,7 @@ __all__ = [
     "VtabDataset",
     "available_tasks",
     "build_transform",
+    "data_identity",
     "find_task",
     "get_task",
     "infer_num_classes",
@@ -84,6 +86,7 @@ __all__ = [
     "resolve_root",
     "seed_worker",
     "split_file",
+    "split_identity",
     "task_dir",
     "tasks",
     "transform_config",

@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .layout import (
-    LIST_FILES,
     SPLITS,
     TRAIN_SPLITS,
     PathLike,
+    check_num_classes,
     infer_num_classes,
+    list_file_missing_message,
     load_image,
-    prepare_command,
     read_list,
     split_file,
     task_dir,
@@ -52,21 +52,16 @@ class VtabDataset(Dataset):
         self.list_file = self.root / file
         self.transform = transform
         if not self.list_file.is_file():
-            hint = (
-                f" Re-create it with: {prepare_command(self.task, self.root.parent)}"
-                if info is not None
-                else f" A task folder holds {', '.join(LIST_FILES)}."
-            )
             raise FileNotFoundError(
-                f"Task {self.task!r} has no list file {self.list_file} for split {self.split!r}.{hint}"
+                list_file_missing_message(self.task, self.root, self.split, info is not None)
             )
         entries = read_list(self.list_file)
         if not entries:
             raise ValueError(f"{self.list_file} lists no images.")
         if num_classes is None:
             num_classes = info.num_classes if info is not None else infer_num_classes(self.root)
-        elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+        else:
+            check_num_classes(num_classes)
         self.num_classes = num_classes
         for _, label, lineno in entries:
             if label >= num_classes:

@@ -4,7 +4,9 @@ image decoding. ``python -m vtab.prepare`` needs only this part."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
+from collections.abc import Iterable
+from pathlib import Path, PureWindowsPath
 
 from PIL import Image
 
@@ -132,9 +134,29 @@ def split_file(split: str) -> str:
     raise ValueError(f"Unknown split {split!r}; valid: {', '.join(SPLITS)} (or {', '.join(LIST_FILES)}).")
 
 
+def list_file_missing_message(task: str, folder: Path, split: str, registry: bool) -> str:
+    """The message for a task folder without the list file of ``split`` (a split name)."""
+    hint = (
+        f" Re-create it with: {prepare_command(task, folder.parent)}"
+        if registry
+        else f" A task folder holds {', '.join(LIST_FILES)}."
+    )
+    return f"Task {task!r} has no list file {folder / SPLITS[split]} for split {split!r}.{hint}"
+
+
+def _outside_reason(rel: str) -> str | None:
+    """Why a listed image path would be read from outside the task folder, or None."""
+    if rel.startswith(("/", "\\")) or os.path.isabs(rel) or PureWindowsPath(rel).drive:
+        return "an absolute path"
+    if ".." in re.split(r"[\\/]", rel):
+        return "a '..' component"
+    return None
+
+
 def read_list(path: PathLike) -> list[tuple[str, int, int]]:
     """Parse a list file into ``(relative path, label, line number)``; blank lines are skipped.
-    A line that does not parse, or a negative label, is a ValueError naming ``file:line``."""
+    A line that does not parse, a negative label, or an image path that leaves the task folder
+    (absolute, or with a ``..`` component) is a ValueError naming ``file:line``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
@@ -156,28 +178,114 @@ def read_list(path: PathLike) -> list[tuple[str, int, int]]:
             ) from None
         if label < 0:
             raise ValueError(f"{path}:{lineno}: label {label} is negative; labels are 0..num_classes-1.")
+        reason = _outside_reason(parts[0])
+        if reason is not None:
+            raise ValueError(
+                f"{path}:{lineno}: image path {parts[0]!r} is {reason}, outside the task folder; "
+                f"list paths are relative to the task folder (e.g. images/train/0.png)."
+            )
         entries.append((parts[0], label, lineno))
     return entries
 
 
-def infer_num_classes(folder: PathLike) -> int:
-    """Largest label + 1 over the list files present in a task folder."""
+_MAX_PLACES = 5  # list-file lines named in one message
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """``[3, 10, 11, 12]`` (sorted) -> ``[(3, 3), (10, 12)]``: the runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _ranges(ids: list[int]) -> str:
+    """``[3, 10, 11, 12]`` -> ``'3, 10..12'`` (sorted input; at most 8 runs, then a count)."""
+    runs = _runs(ids)
+    shown = [f"{a}" if a == b else f"{a}..{b}" for a, b in runs[:8]]
+    more = f", ... ({len(ids)} ids in all)" if len(runs) > 8 else ""
+    return ", ".join(shown) + more
+
+
+def _places(entries: Iterable[tuple[str, int, int]]) -> str:
+    """``label 99 at train800.txt:5, ...`` for (file name, label, line) entries, at most _MAX_PLACES."""
+    entries = list(entries)
+    shown = ", ".join(f"label {label} at {file}:{line}" for file, label, line in entries[:_MAX_PLACES])
+    extra = len(entries) - _MAX_PLACES
+    return shown + (f" and {extra} more line{'s' * (extra > 1)}" if extra > 0 else "")
+
+
+def check_num_classes(value: object, what: str = "num_classes") -> int:
+    """``value`` if it is a positive int (not a bool), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}.")
+    return value
+
+
+def infer_num_classes(folder: PathLike, declared: int | None = None) -> int:
+    """The class count of a custom task folder, over the list files present.
+
+    Without ``declared`` it is the largest label + 1, and every class below it must have a line:
+    empty classes (a typo'd label such as 99 in a 10-class task) are a ValueError naming the empty
+    class ids and the ``file:line`` of the labels above the widest gap. With ``declared`` (the
+    count you insist on) labels >= ``declared`` are a ValueError naming their lines, empty classes
+    are allowed, and ``declared`` is returned."""
     folder = Path(folder)
-    files = [folder / f for f in LIST_FILES if (folder / f).is_file()]
+    if declared is not None:
+        check_num_classes(declared)
+    files = [f for f in LIST_FILES if (folder / f).is_file()]
     if not files:
         raise FileNotFoundError(f"{folder} holds none of the list files {', '.join(LIST_FILES)}.")
-    labels = [label for f in files for _, label, _ in read_list(f)]
-    if not labels:
+    entries = [(f, label, line) for f in files for _, label, line in read_list(folder / f)]
+    if not entries:
         raise ValueError(f"The list files in {folder} hold no entries; cannot infer the class count.")
-    return max(labels) + 1
+    if declared is not None:
+        over = [e for e in entries if e[1] >= declared]
+        if over:
+            raise ValueError(
+                f"{folder}: {_places(over)} outside 0..{declared - 1} (the declared class count is "
+                f"{declared}); fix those lines or declare a larger count."
+            )
+        return declared
+    labels = {label for _, label, _ in entries}
+    top = max(labels)
+    empty = [c for c in range(top) if c not in labels]
+    if not empty:
+        return top + 1
+    runs = _runs(empty)
+    inner = [r for r in runs if r[0] > 0]  # a gap at 0 has nothing below it to stand out from
+    if inner:
+        gap = max(inner, key=lambda r: (r[1] - r[0], r[0]))
+        where = f"above the gap: {_places(e for e in entries if e[1] > gap[1])}"
+    else:
+        where = f"the smallest label is {min(labels)} (labels count from 0)"
+    noun = "class" if len(empty) == 1 else "classes"
+    verb = "has" if len(empty) == 1 else "have"
+    insist = "declare the class count (num_classes=N; the trainer's --num-classes N) to allow empty classes"
+    raise ValueError(
+        f"{folder}: {noun} {_ranges(empty)} of 0..{top} {verb} no line in {', '.join(files)} "
+        f"(the class count is inferred as the largest label + 1 = {top + 1}); {where}. "
+        f"Fix those labels, or {insist}."
+    )
 
 
-def num_classes(task: str, data_root: PathLike | None = None) -> int:
-    """The registry's class count, or for a custom folder the largest label + 1 over its list files."""
+def num_classes(task: str, data_root: PathLike | None = None, *, declared: int | None = None) -> int:
+    """The registry's class count, or for a custom folder the largest label + 1 over its list files
+    (empty classes below it are an error; see ``infer_num_classes``). ``declared`` insists on a
+    count: a custom folder's labels must lie below it (empty classes allowed); for a registry task
+    it must equal the registry's count."""
     info = find_task(task) if isinstance(task, str) else None
     if info is not None:
+        if declared is not None and check_num_classes(declared) != info.num_classes:
+            raise ValueError(
+                f"Task {info.name!r} has {info.num_classes} classes (the VTAB registry); the declared "
+                f"class count {declared} does not match it (omit it, or pass {info.num_classes})."
+            )
         return info.num_classes
-    return infer_num_classes(task_dir(task, data_root))
+    return infer_num_classes(task_dir(task, data_root), declared)
 
 
 def load_image(path: Path, where: str = "") -> Image.Image:
