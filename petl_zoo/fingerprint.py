@@ -2,10 +2,13 @@
 
 Two runs with the same **recipe fingerprint** were made the same way (method and options, model and
 creation keywords, base weights, training recipe, preset, input protocol): their results may be
-averaged as seeds and compared as one table row. The **run fingerprint** adds the data (task and data
-root): a finished run folder whose run fingerprint matches a new command is the same run and may be
+averaged as seeds and compared as one table row. The **run fingerprint** adds the data: the task, its
+class count and the data's identity by content (``vtab.data_identity``: each split's list file and its
+images' names and sizes), not where it lies, so moved data is the same run and changed data is
+another. A finished run folder whose run fingerprint matches a new command is the same run and may be
 skipped. Neither covers the seed (a row averages over seeds, a folder is per seed anyway) nor where
-the run writes (``--out``), nor how it ran (workers, device count, compile, progress bars).
+the run writes (``--out``), nor how it ran (workers, device count, compile, progress bars). Runs
+recorded before the data identity existed are compared by their data root's path, as they were then.
 
 Base weights are identified by the file's SHA-256 when a local file was used (its path may differ
 between machines), else by the timm model name with ``pretrained`` on or off.
@@ -23,6 +26,8 @@ __all__ = [
     "recipe_identity",
     "recipe_fingerprint",
     "run_fingerprint",
+    "data_identity",
+    "split_text",
     "fingerprints",
     "identity_diff",
 ]
@@ -69,11 +74,20 @@ def recipe_fingerprint(config: dict[str, Any]) -> str:
     return _digest(recipe_identity(config))
 
 
+def data_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What a run trained and was tested on: the task, its class count and the data's identity by
+    content (``{"data_root": path}`` for runs recorded before the identity was)."""
+    data = config.get("data_identity")
+    return {
+        "task": config.get("task"),
+        "num_classes": config.get("num_classes"),
+        "data": data if data else {"data_root": config.get("data_root")},
+    }
+
+
 def run_fingerprint(config: dict[str, Any]) -> str:
-    """16 hex digits naming the run: the recipe plus the task and the data root."""
-    return _digest(
-        {"recipe": recipe_identity(config), "task": config.get("task"), "data_root": config.get("data_root")}
-    )
+    """16 hex digits naming the run: the recipe plus the data (:func:`data_identity`)."""
+    return _digest({"recipe": recipe_identity(config), **data_identity(config)})
 
 
 def fingerprints(config: dict[str, Any]) -> dict[str, str]:
@@ -81,11 +95,35 @@ def fingerprints(config: dict[str, Any]) -> dict[str, str]:
     return {"recipe": recipe_fingerprint(config), "run": run_fingerprint(config)}
 
 
+def _data_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How two runs' data differ, split by split (``data.test: 797 images 1a2b3c4d -> 400 images ...``);
+    a run recorded without a data identity is compared by its data root's path."""
+    a, b = old.get("data_identity"), new.get("data_identity")
+    if not a or not b:
+        ra, rb = old.get("data_root"), new.get("data_root")
+        return [] if ra == rb else [f"data_root: {json.dumps(ra)} -> {json.dumps(rb)}"]
+    splits_a, splits_b = a.get("splits") or {}, b.get("splits") or {}
+    out = []
+    for split in sorted(set(splits_a) | set(splits_b), key=lambda k: (k not in splits_a, k)):
+        sa, sb = splits_a.get(split), splits_b.get(split)
+        if sa != sb:
+            out.append(f"data.{split}: {split_text(sa)} -> {split_text(sb)}")
+    return out
+
+
+def split_text(split: dict[str, Any] | None) -> str:
+    """One split's identity in a line: ``797 images, list 1a2b3c4d, files 5e6f7a8b``."""
+    if not split:
+        return "none"
+    return f"{split.get('count')} images, list {str(split.get('list_sha256'))[:8]}, files {str(split.get('images_sha256'))[:8]}"
+
+
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The settings that differ between two runs' configs, as ``key: old -> new`` (flattened one level:
-    ``recipe.lr: 0.001 -> 0.003``), task and data root included; empty when they are the same run."""
-    a = {**recipe_identity(old), "task": old.get("task"), "data_root": old.get("data_root")}
-    b = {**recipe_identity(new), "task": new.get("task"), "data_root": new.get("data_root")}
+    ``recipe.lr: 0.001 -> 0.003``), the task, class count and data included (``data.train: ...``, by
+    content); empty when they are the same run."""
+    a = {**recipe_identity(old), "task": old.get("task"), "num_classes": old.get("num_classes")}
+    b = {**recipe_identity(new), "task": new.get("task"), "num_classes": new.get("num_classes")}
     out = []
     for key in a:
         va, vb = a[key], b.get(key)
@@ -95,4 +133,4 @@ def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                     out.append(f"{key}.{sub}: {json.dumps(va.get(sub))} -> {json.dumps(vb.get(sub))}")
         elif json.dumps(va, sort_keys=True) != json.dumps(vb, sort_keys=True):
             out.append(f"{key}: {json.dumps(va)} -> {json.dumps(vb)}")
-    return out
+    return out + _data_diff(old, new)

@@ -179,7 +179,8 @@ def _recipe_keys(same: list[Row]) -> list[str]:
     configs = [r.run_config for r in same if r.run_config is not None]
     if len(configs) < 2:
         return []
-    neutral = {"task": None, "data_root": None}  # a row spans tasks: only the recipe is compared
+    # a row spans tasks: only the recipe is compared, not the task and its data
+    neutral = {"task": None, "num_classes": None, "data_root": None, "data_identity": None}
     ref = {**configs[0], **neutral}
     keys: list[str] = []
     for other in configs[1:]:

@@ -51,6 +51,13 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
         "--task", required=True, help="VTAB-1K task name, alias, or a custom folder under the root"
     )
     g.add_argument("--data-root", default=None, help="VTAB-1K root (default $VTAB_ROOT, else ./data/vtab-1k)")
+    g.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a custom task's class count (default: the largest label + 1, refused when it leaves classes empty)",
+    )
     g.add_argument("--out", default=None, help="run folder (default runs/<method>/<task>)")
     g.add_argument(
         "--opt",

@@ -138,6 +138,20 @@ def _compare(acc: float, total: int, result: dict[str, Any], split: str, merged:
     return f"; {RESULT} {key} {expected:.4f}: {verdict}", (diff == 0 if not merged else diff <= 1)
 
 
+def _split_change(config: dict[str, Any], task: str, split: str, data_root: str | None) -> str | None:
+    """How ``split`` of ``task`` now differs from the run's recorded data identity (``797 images, list
+    1a2b3c4d, files ... -> 400 images, ...``); None when it is the same or the run recorded none."""
+    import vtab
+
+    from ..fingerprint import split_text
+
+    recorded = ((config.get("data_identity") or {}).get("splits") or {}).get(split)
+    if not recorded:
+        return None
+    current = vtab.split_identity(task, split, data_root)
+    return None if current == recorded else f"{split_text(recorded)} -> {split_text(current)}"
+
+
 def evaluate_run(args: argparse.Namespace) -> EvalResult:
     """Rebuild the backbone of ``args.adapter``, load the adapter (merged with ``--merge``) and count
     the right top-1 predictions on ``args.split``."""
@@ -160,6 +174,12 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
     batch_size = args.batch_size or recipe.get("batch_size", 64)
     data_root = args.data_root or config.get("data_root")
     num_classes = adapter_cfg.get("num_classes") or vtab.num_classes(b["task"], data_root)
+    changed = _split_change(config, b["task"], args.split, data_root)
+    if changed and args.check:
+        raise UserError(
+            f"--check: the {args.split} split is not the one {run_dir} was evaluated on ({changed}); "
+            "its recorded accuracy is not comparable"
+        )
 
     seed_everything(int(recipe.get("seed", 0)))  # the random init of a --no-pretrained run
     model = build_backbone(
@@ -187,7 +207,9 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
         f"accuracy {correct / total:.4f} ({correct}/{total})"
     )
     suffix, matches = ("", True)
-    if result:
+    if changed:
+        suffix, matches = f"; not comparable with {RESULT}: the {args.split} split changed ({changed})", False
+    elif result:
         suffix, matches = _compare(correct / total, total, result, args.split, args.merge)
     return EvalResult(correct, total, line + suffix, matches)
 

@@ -67,6 +67,7 @@ class RunSpec:
     pretrained_file_sha256: str | None = None
     preset: str | None = None  # ``method/name`` of the per-task preset applied (petl_zoo.presets)
     test: bool = True  # False (--no-test): val only, the test split is never evaluated
+    data_identity: dict[str, Any] = field(default_factory=dict)  # vtab.data_identity: the data by content
 
     @property
     def folder(self) -> RunFolder:
@@ -83,6 +84,7 @@ class RunSpec:
             "task": self.task,
             "num_classes": self.num_classes,
             "data_root": self.data_root,
+            "data_identity": self.data_identity,
             "pretrained_file": self.pretrained_file,
             "pretrained_file_sha256": self.pretrained_file_sha256,
             "pretrained": self.pretrained,
@@ -166,7 +168,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     resolved_model, note = resolve_model_name(args.model)
     if note:
         logger.warning(note)
-    num_classes = vtab.num_classes(args.task, args.data_root)
+    num_classes = vtab.num_classes(args.task, args.data_root, declared=args.num_classes)
     if args.no_test and recipe["select_on"] != "val":
         raise UserError("--no-test needs --select-on val: without test or val nothing would be evaluated")
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
@@ -198,6 +200,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         pretrained_file_sha256=sha256_file(pretrained_file) if pretrained_file else None,
         preset=preset_label or None,
         test=not args.no_test,
+        data_identity=vtab.data_identity(args.task, args.data_root),
     )
 
 
@@ -229,13 +232,12 @@ def expected_config(train_args: list[str]) -> dict[str, Any]:
     return resolve_spec(args, device, ["tools/train.py", *train_args]).run_config(info)
 
 
-def run_differences(old: dict[str, Any], new: dict[str, Any], data_root: bool = True) -> list[str]:
+def run_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What makes the run of config ``old`` another run than ``new``: ``fingerprint.identity_diff``
-    (method, options, model, weights, recipe, task, data root) and the seed, as ``key: old -> new``;
-    ``data_root=False`` leaves the data root out (a resumed run may read moved data)."""
+    (method, options, model, weights, recipe, task, class count, the data by content) and the seed, as
+    ``key: old -> new``. Moved data is the same data; a run recorded without a data identity is
+    compared by its data root's path."""
     diff = identity_diff(old, new)
-    if not data_root:
-        diff = [d for d in diff if not d.startswith("data_root:")]
     seeds = [(c.get("recipe") or {}).get("seed") for c in (old, new)]
     if seeds[0] != seeds[1]:
         diff.append(f"recipe.seed: {json.dumps(seeds[0])} -> {json.dumps(seeds[1])}")
@@ -250,8 +252,11 @@ def format_differences(diff: list[str], limit: int = 6) -> str:
 
 def check_resume_config(saved: dict[str, Any], config: dict[str, Any], out: Path) -> None:
     """Refuse to ``--resume`` the run in ``out`` with settings that change the numbers (everything in
-    ``run_differences`` but the data root), naming the keys that differ."""
-    diff = run_differences(saved, config, data_root=False)
+    ``run_differences``: changed data is refused, moved data resumes), naming the keys that differ. A
+    run started before data identities were recorded resumes from moved data, as it always could."""
+    diff = run_differences(saved, config)
+    if not saved.get("data_identity"):
+        diff = [d for d in diff if not d.startswith("data_root:")]
     if diff:
         raise UserError(
             f"--resume: the run in {out} was started with other settings ({format_differences(diff)}); "
