@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,37 @@ __all__ = [
     "read_adapter_config",
     "load_adapter_weights",
     "base_model_record",
+    "checked_model_kwargs",
+    "require_weights_hash",
+    "verify_weights",
+    "DENIED_MODEL_KWARGS",
     "ADAPTER_WEIGHTS",
     "ADAPTER_CONFIG",
 ]
 
 FORMAT_VERSION = 1
+
+logger = logging.getLogger(__name__)
+
+#: ``timm.create_model`` keywords that a saved record (``base_model.model_kwargs``) may never set, with
+#: why. Besides these, :func:`checked_model_kwargs` refuses every key that names a file, folder or address
+#: (ending in ``_path``, ``_file``, ``_dir``, ``_url``, ``_uri``), starts with ``hf_hub``, ``pretrained``
+#: or ``checkpoint``, or starts with ``_``: only architecture keywords (``img_size``, ``depth`` ...) pass.
+DENIED_MODEL_KWARGS: dict[str, str] = {
+    **dict.fromkeys(
+        ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "cache_dir"),
+        "it loads a file or reaches the network in place of the base weights",
+    ),
+    **dict.fromkeys(
+        ("pretrained", "num_classes", "drop_path_rate"), "it is set by the loader, not by the record"
+    ),
+    **dict.fromkeys(
+        ("features_only", "feature_cfg", "feature_cls", "out_indices"),
+        "it makes timm.create_model return a feature extractor, not the classifier that was saved",
+    ),
+}
+_DENIED_SUFFIXES = ("_path", "_file", "_dir", "_url", "_uri")
+_DENIED_PREFIXES = ("hf_hub", "pretrained", "checkpoint")
 
 
 def method_of(model: nn.Module) -> Method | None:
@@ -218,10 +246,64 @@ def _model_signature(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def checked_model_kwargs(kwargs: Any, source: str, field: str = "base_model.model_kwargs") -> dict[str, Any]:
+    """``kwargs`` (a saved record's ``field``, read from file ``source``) as a dict of
+    ``timm.create_model`` architecture keywords; one ValueError line naming the first key that may not
+    come from a file (:data:`DENIED_MODEL_KWARGS`, and the rule written above it). Every place where
+    keywords read from a file reach timm passes them through here."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(
+            f"{source}: {field} is a {type(kwargs).__name__}, not an object of "
+            'timm.create_model keywords ({"img_size": 32, ...})'
+        )
+    for key in kwargs:
+        why = DENIED_MODEL_KWARGS.get(key)
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            why = "it is not a public keyword name"
+        elif why is None and (key.startswith(_DENIED_PREFIXES) or key.endswith(_DENIED_SUFFIXES)):
+            why = (
+                "keys ending in "
+                + "/".join(_DENIED_SUFFIXES)
+                + " or starting with "
+                + "/".join(_DENIED_PREFIXES)
+                + " load files or reach the network"
+            )
+        if why is not None:
+            raise ValueError(
+                f"{source}: {field} sets {key!r}, which a saved record may not set ({why}); "
+                "only timm architecture keywords pass (img_size, patch_size, depth, embed_dim, num_heads, ...)"
+            )
+    return dict(kwargs)
+
+
+def _attached_model_kwargs(model: nn.Module) -> dict[str, Any] | None:
+    """The ``model_kwargs`` of the base-model record that :func:`load_adapter` attached to ``model``
+    (``petl_base_model``), when it names the model's own architecture; else None."""
+    record = getattr(model, "petl_base_model", None)
+    if not isinstance(record, dict):
+        return None
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if record.get("architecture") != architecture:
+        logger.warning(
+            "the base-model record attached to this model names %s, the model is a %s: not reused",
+            record.get("architecture"),
+            architecture,
+        )
+        return None
+    return dict(record.get("model_kwargs") or {})
+
+
 def base_model_record(model: nn.Module, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """What :func:`petl_zoo.from_pretrained` needs to rebuild the base model: timm's architecture and
     pretrained tag (``name`` = ``architecture.tag``), the Hub id of those weights when timm knows one, the
-    class count and the extra ``timm.create_model`` keyword arguments (``img_size=32`` ...)."""
+    class count and the extra ``timm.create_model`` keyword arguments (``img_size=32`` ...).
+
+    Without ``model_kwargs``, those of the record that :func:`load_adapter` (and so
+    :func:`petl_zoo.from_pretrained`) attached to the model are reused, else none."""
+    if model_kwargs is None:
+        model_kwargs = _attached_model_kwargs(model)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     architecture = cfg.get("architecture")
     tag = cfg.get("tag") or None
@@ -242,9 +324,10 @@ def save_adapter(
     """Write ``adapter.safetensors`` (method tensors + head) and ``adapter_config.json`` to ``directory``.
 
     ``adapter_config.json`` records the base model (:func:`base_model_record`; pass the ``model_kwargs``
-    the model was created with so that :func:`petl_zoo.from_pretrained` can rebuild it) and the SHA-256 of
-    the weights file, checked by :func:`load_adapter`. Both files are written atomically (temporary file,
-    then rename).
+    the model was created with so that :func:`petl_zoo.from_pretrained` can rebuild it; a model that
+    :func:`load_adapter` or ``from_pretrained`` loaded carries its record, reused when none are given)
+    and the SHA-256 of the weights file, checked by :func:`load_adapter`. Both files are written
+    atomically (temporary file, then rename).
     """
     method = _require_method(model)
     directory = Path(directory)
@@ -294,21 +377,39 @@ def saved_options(config: dict[str, Any]) -> dict[str, Any]:
     return get_method(config["method"]).upgrade_options(dict(config.get("config", {})))
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Rebuild the saved method on an unpatched ``model`` and load its tensors; returns the model.
+def require_weights_hash(directory: str | os.PathLike, config: dict[str, Any]) -> str:
+    """The SHA-256 that ``adapter_config.json`` records for the weights; one ValueError line when it is
+    missing or empty (a deleted hash must not turn the check off)."""
+    expected = config.get("weights_sha256")
+    if not isinstance(expected, str) or not expected.strip():
+        got = "no weights_sha256" if expected in (None, "") else f"weights_sha256 {expected!r}, not a hash"
+        raise ValueError(
+            f"{Path(directory) / ADAPTER_CONFIG} records {got}, so {ADAPTER_WEIGHTS} cannot be checked; "
+            "pass verify=False to load it unchecked"
+        )
+    return expected
 
-    Raises ValueError when the folder was saved for another architecture or tensor shapes differ.
-    """
+
+def verify_weights(directory: str | os.PathLike, config: dict[str, Any], verify: bool = True) -> Path:
+    """The adapter's weights file, checked against the SHA-256 in ``config`` (with ``verify``: a missing
+    hash or another file is one ValueError line; without it the check is skipped, with a warning)."""
     directory = Path(directory)
-    config = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    expected_hash = config.get("weights_sha256")
-    if expected_hash and sha256_file(weights) != expected_hash:
+    if not verify:
+        logger.warning("loading %s without checking its SHA-256 (verify=False)", weights)
+        return weights
+    if sha256_file(weights) != require_weights_hash(directory, config):
         raise ValueError(
             f"{weights} does not match the SHA-256 recorded in {ADAPTER_CONFIG} (a corrupt or replaced file)"
         )
+    return weights
+
+
+def check_adapter_fits(model: nn.Module, directory: str | os.PathLike, config: dict[str, Any]) -> None:
+    """One ValueError line when the adapter saved in ``directory`` (its ``config``) cannot go on the
+    unpatched ``model``: the model carries a method, or is another class or block count."""
     existing = method_of(model)
     if existing is not None:
         raise ValueError(
@@ -327,11 +428,42 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, strict: bool = 
             f"adapter in {directory} was saved for a model with {saved_model['num_blocks']} blocks, "
             f"this one has {signature['num_blocks']}"
         )
+
+
+def attach_saved_method(model: nn.Module, config: dict[str, Any]) -> Method:
+    """Create the method recorded in ``config`` on ``model`` and restore its saved structure state."""
     create(config["method"], model, **saved_options(config))
     method = _require_method(model)
     method.set_state(model, config.get("state", {}))
     place_like_host(model)
+    return method
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, strict: bool = True, *, verify: bool = True
+) -> nn.Module:
+    """Rebuild the saved method on an unpatched ``model`` and load its tensors; returns the model.
+
+    The weights must match the SHA-256 that ``adapter_config.json`` records; a folder that records none
+    is refused unless ``verify=False`` (which skips the check). Raises ValueError when the folder was
+    saved for another architecture or tensor shapes differ. The folder's base-model record is attached
+    to the model (``petl_base_model``), so that :func:`save_adapter` and
+    :func:`petl_zoo.push_to_hub` record the same creation keywords when given none.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = verify_weights(directory, config, verify)
+    check_adapter_fits(model, directory, config)
+    attach_saved_method(model, config)
     load_adapter_weights(model, load_file(str(weights)), strict=strict, source=str(directory))
+    record = config.get("base_model")
+    if isinstance(record, dict):
+        try:
+            checked_model_kwargs(record.get("model_kwargs"), str(directory / ADAPTER_CONFIG))
+        except ValueError as err:
+            logger.warning("base-model record not kept with the model: %s", err)
+        else:
+            model.petl_base_model = json.loads(json.dumps(record))
     return model
 
 

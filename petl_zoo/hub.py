@@ -8,7 +8,10 @@ id of those weights), its class count and creation keywords, and the weights' SH
     model = petl_zoo.from_pretrained("runs/lora/dtd")          # a local folder
     model = petl_zoo.from_pretrained("user/lora-vit-b-dtd")    # a Hub repo (needs network)
 
-builds the timm base model from that record, attaches the method and loads its tensors.
+builds the timm base model from that record, attaches the method and loads its tensors. The record is
+data: its creation keywords pass :func:`petl_zoo.api.checked_model_kwargs` (architecture keywords only,
+never a file, address or weights switch), and the weights must match the recorded SHA-256.
+:func:`push_to_hub` uploads only what ``from_pretrained`` would load back.
 """
 
 from __future__ import annotations
@@ -23,7 +26,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import load_adapter, read_adapter_config, save_adapter
+from .api import (
+    _model_signature,
+    attach_saved_method,
+    check_adapter_fits,
+    checked_model_kwargs,
+    load_adapter,
+    load_adapter_weights,
+    read_adapter_config,
+    require_weights_hash,
+    save_adapter,
+    verify_weights,
+)
 from .runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD_CONFIG, METRICS, RESULT
 
 __all__ = ["from_pretrained", "push_to_hub", "resolve_adapter_folder", "HUB_FILES"]
@@ -66,9 +80,20 @@ def resolve_adapter_folder(
     return folders.pop()
 
 
-def _model_kwargs(record: dict[str, Any]) -> dict[str, Any]:
+def _base_record(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    record = config.get("base_model") or {}
+    if not isinstance(record, dict) or not record.get("name") or record.get("num_classes") is None:
+        raise ValueError(
+            f"{folder / ADAPTER_CONFIG} has no base_model record (saved by an older petl_zoo): build the "
+            "timm model yourself and call petl_zoo.load_adapter(model, folder)"
+        )
+    return record
+
+
+def _model_kwargs(record: dict[str, Any], source: str) -> dict[str, Any]:
+    kwargs = checked_model_kwargs(record.get("model_kwargs"), source)
     # JSON turned tuples (img_size=(32, 32), depths=(2, 2)) into lists; timm expects tuples.
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in (record.get("model_kwargs") or {}).items()}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
 def from_pretrained(
@@ -80,6 +105,7 @@ def from_pretrained(
     token: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """The base model named in the adapter's config with the adapter attached and loaded, in eval mode.
 
@@ -87,30 +113,90 @@ def from_pretrained(
     recorded ``architecture.tag`` (``pretrained=True``, from the Hub cache or the network), the weights in
     ``pretrained_file`` (a local ``.safetensors``/``.npz``/``.pth``: what a run trained with
     ``--pretrained-file`` needs), or none (``pretrained=False``: only useful when the adapter holds every
-    weight, e.g. ``full``). The adapter's SHA-256 is checked before loading.
+    weight, e.g. ``full``). The recorded creation keywords must be architecture keywords
+    (:func:`petl_zoo.api.checked_model_kwargs`). The adapter's SHA-256 is checked before loading; a
+    config that records none is refused unless ``verify=False``. The model carries the record, so
+    :func:`push_to_hub` and :func:`petl_zoo.save_adapter` write it again.
     """
     from .train.backbone import build_backbone
 
     folder = resolve_adapter_folder(source, revision=revision, token=token)
     config = read_adapter_config(folder)
-    record = config.get("base_model") or {}
-    if not record.get("name") or record.get("num_classes") is None:
-        raise ValueError(
-            f"{folder / ADAPTER_CONFIG} has no base_model record (saved by an older petl_zoo): build the "
-            "timm model yourself and call petl_zoo.load_adapter(model, folder)"
-        )
+    record = _base_record(folder, config)
+    if verify:
+        require_weights_hash(folder, config)  # before building (and maybe downloading) the backbone
     model = build_backbone(
         record["name"],
         int(record["num_classes"]),
         pretrained_file=pretrained_file,
         pretrained=pretrained and pretrained_file is None,
-        model_kwargs=_model_kwargs(record),
+        model_kwargs=_model_kwargs(record, str(folder / ADAPTER_CONFIG)),
     )
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    load_adapter(model, folder)
+    load_adapter(model, folder, verify=verify)
     logger.info("loaded %s adapter from %s onto %s", config.get("method"), folder, record["name"])
     return model.eval()
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _first_difference(there: dict[str, Any], here: dict[str, Any]) -> str | None:
+    """``'key' is A there, B here`` for the first key where two tables differ (None when equal)."""
+    for key in [*there, *(k for k in here if k not in there)]:
+        a, b = there.get(key, "absent"), here.get(key, "absent")
+        if a != b:
+            return f"{key!r} is {a} there, {b} here"
+    return None
+
+
+def _rebuild_on_meta(folder: Path, model: nn.Module | None) -> str | None:
+    """Why :func:`from_pretrained` could not load ``folder`` back (None when it could), found without
+    weights: the base model is built from the record on the meta device (shapes only), the saved method
+    attached, and the weights file's tensor names and shapes checked against it, as ``load_adapter``
+    checks them. With ``model`` (what is pushed), the rebuilt model must also have its every shape."""
+    from safetensors import safe_open
+
+    from .train.backbone import build_backbone
+
+    config = read_adapter_config(folder)
+    record = _base_record(folder, config)
+    kwargs = _model_kwargs(record, str(folder / ADAPTER_CONFIG))
+    if not isinstance(config.get("weights_sha256"), str) or not config["weights_sha256"].strip():
+        return (
+            f"{folder / ADAPTER_CONFIG} records no weights_sha256, which from_pretrained requires; "
+            "write the folder again with petl_zoo.save_adapter"
+        )
+    weights = verify_weights(folder, config)
+    built = f"{record['name']} with model_kwargs {record.get('model_kwargs') or {}}"
+    hint = "; pass model_kwargs= with the timm.create_model keywords this model was built with"
+    try:
+        with torch.device("meta"):
+            rebuilt = build_backbone(
+                record["name"], int(record["num_classes"]), pretrained=False, model_kwargs=kwargs
+            )
+        if model is not None:
+            differs = _first_difference(_model_signature(rebuilt), _model_signature(model))
+            if differs:
+                return f"from_pretrained would build {built}, another model than this one ({differs}){hint}"
+        check_adapter_fits(rebuilt, folder, config)
+        with torch.device("meta"):
+            attach_saved_method(rebuilt, config)
+        with safe_open(str(weights), "pt") as f:
+            saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        load_adapter_weights(rebuilt, saved, strict=True, source=str(folder))
+    except Exception as err:  # noqa: BLE001 - any failure to rebuild is a reason not to push
+        reason = " ".join(str(err).split()) or type(err).__name__
+        return f"from_pretrained could not load it back on {built} ({reason})" + (
+            hint if model is not None else ""
+        )
+    if model is not None:
+        differs = _first_difference(_shapes(rebuilt), _shapes(model))
+        if differs:
+            return f"from_pretrained would build {built}, another model than this one ({differs}){hint}"
+    return None
 
 
 def push_to_hub(
@@ -124,20 +210,42 @@ def push_to_hub(
 ) -> str:
     """Upload an adapter to Hub repo ``repo_id`` (created if missing); returns the commit URL.
 
-    ``source`` is a patched model (saved first with :func:`save_adapter`) or a folder: an adapter folder,
-    a run folder or a card folder from ``tools/model_card.py``, of which the adapter files, the card
-    (``README.md``) and the run records in :data:`HUB_FILES` are uploaded.
+    ``source`` is a patched model (saved first with :func:`save_adapter`; without ``model_kwargs``, those
+    of the record it was loaded from, if any) or a folder: an adapter folder, a run folder or a card folder
+    from ``tools/model_card.py``, of which the adapter files, the card (``README.md``) and the run records
+    in :data:`HUB_FILES` are uploaded. Nothing is uploaded (one ValueError line) unless
+    :func:`from_pretrained` would load the adapter back: its record names a timm model that rebuilds
+    (checked on the meta device: no weights, no download) with every tensor of the adapter in its shape,
+    the weights match their recorded SHA-256, and a pushed model is what the record rebuilds.
     """
-    from huggingface_hub import create_repo, upload_folder
-
     if isinstance(source, nn.Module):
         with tempfile.TemporaryDirectory(prefix="petl_zoo_push_") as tmp:
             save_adapter(source, tmp, model_kwargs=model_kwargs)
-            return push_to_hub(tmp, repo_id, token=token, private=private, commit_message=commit_message)
+            return _upload(Path(tmp), repo_id, "this model", source, token, private, commit_message)
     folder = Path(source)
     missing = [name for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: not an adapter, run or card folder")
+    return _upload(folder, repo_id, str(folder), None, token, private, commit_message)
+
+
+def _upload(
+    folder: Path,
+    repo_id: str,
+    what: str,
+    model: nn.Module | None,
+    token: str | None,
+    private: bool,
+    commit_message: str,
+) -> str:
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        why = _rebuild_on_meta(folder, model)
+    except (ValueError, FileNotFoundError) as err:
+        why = " ".join(str(err).split())
+    if why is not None:
+        raise ValueError(f"refusing to push {what} to {repo_id}: {why}; nothing was uploaded")
     create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     info = upload_folder(
         repo_id=repo_id,
@@ -147,4 +255,5 @@ def push_to_hub(
         allow_patterns=[name for name in HUB_FILES if (folder / name).is_file()],
         commit_message=commit_message,
     )
+    logger.info("pushed %s to %s", what, repo_id)
     return str(getattr(info, "commit_url", info))

@@ -171,3 +171,187 @@ def test_card_folder_round_trips_through_from_pretrained(adapter_dir, weights_fi
     assert str(weights_file.parent) not in card.text  # the file by name and hash, not by its path
     loaded = petl_zoo.from_pretrained(card_dir, pretrained_file=weights_file)
     torch.testing.assert_close(_out(loaded), _out(model), rtol=0, atol=0)
+
+
+# Records you can trust: what from_pretrained rebuilds from, and what push_to_hub publishes.
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch) -> dict[str, Path]:
+    """create_repo / upload_folder replaced: each upload is copied to ``tmp_path/hub/<repo>`` (only the
+    allowed files), so a pushed repo can be loaded back; the returned dict maps repo id -> its copy."""
+    import huggingface_hub
+
+    repos: dict[str, Path] = {}
+
+    def fake_upload(repo_id, folder_path, allow_patterns, **_):
+        target = tmp_path / "hub" / repo_id
+        target.mkdir(parents=True, exist_ok=True)
+        for name in allow_patterns:
+            shutil.copy(Path(folder_path) / name, target / name)
+        repos[repo_id] = target
+        return type("Info", (), {"commit_url": f"https://example.invalid/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: repos.setdefault(repo_id, None))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload)
+    return repos
+
+
+def _edit_config(folder: Path, edit) -> None:
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    edit(config)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config))
+
+
+def test_a_model_from_pretrained_pushes_a_repo_that_loads_back(adapter_dir, weights_file, fake_hub):
+    folder, model = adapter_dir
+    loaded = petl_zoo.from_pretrained(folder, pretrained_file=weights_file)
+    petl_zoo.push_to_hub(loaded, "someone/again")  # no model_kwargs: the record came with the model
+    pushed = fake_hub["someone/again"]
+    assert json.loads((pushed / ADAPTER_CONFIG).read_text())["base_model"]["model_kwargs"] == KWARGS
+    again = petl_zoo.from_pretrained(pushed, pretrained_file=weights_file)
+    torch.testing.assert_close(_out(again), _out(model), rtol=0, atol=0)
+
+
+def test_load_adapter_attaches_the_record_and_explicit_kwargs_win(adapter_dir, weights_file, tmp_path):
+    folder, _ = adapter_dir
+    model = build_backbone(ARCH, 5, pretrained_file=weights_file, model_kwargs=KWARGS)
+    petl_zoo.load_adapter(model, folder)
+    assert petl_zoo.api.base_model_record(model)["model_kwargs"] == KWARGS
+    petl_zoo.save_adapter(model, tmp_path / "resaved")
+    assert petl_zoo.read_adapter_config(tmp_path / "resaved")["base_model"]["model_kwargs"] == KWARGS
+    petl_zoo.save_adapter(model, tmp_path / "given", model_kwargs={"img_size": 32})
+    assert petl_zoo.read_adapter_config(tmp_path / "given")["base_model"]["model_kwargs"] == {"img_size": 32}
+
+
+def test_push_refuses_a_model_its_record_would_not_rebuild(weights_file, fake_hub):
+    model = _trained_lora(weights_file)  # built with KWARGS, which the caller does not pass
+    with pytest.raises(
+        ValueError,
+        match=r"^refusing to push this model to someone/x: from_pretrained would build "
+        rf"{ARCH}\.\w+ with model_kwargs \{{\}}, another model than this one \('num_blocks' is 12 there, "
+        r"2 here\); pass model_kwargs= with the timm.create_model keywords this model was built with; "
+        r"nothing was uploaded$",
+    ):
+        petl_zoo.push_to_hub(model, "someone/x")
+    no_size = {k: v for k, v in KWARGS.items() if k != "img_size"}  # the blocks fit, the input size not
+    with pytest.raises(ValueError, match=r"'pos_embed' is \(1, 785, 48\) there, \(1, 17, 48\) here"):
+        petl_zoo.push_to_hub(model, "someone/x", model_kwargs=no_size)
+    assert fake_hub == {}  # no repo created, nothing uploaded
+    petl_zoo.push_to_hub(model, "someone/x", model_kwargs=KWARGS)
+    assert sorted(p.name for p in fake_hub["someone/x"].iterdir()) == sorted(
+        [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: c["base_model"].update(model_kwargs={}),
+            r"from_pretrained could not load it back on \S+ with model_kwargs \{\} \(adapter in \S+ was saved "
+            r"for a model with 2 blocks, this one has 12\)",
+        ),
+        (
+            lambda c: c["base_model"].update(num_classes=7),
+            r"tensor 'head.bias' has shape \(5,\), the model expects \(7,\)",
+        ),
+        (lambda c: c.pop("weights_sha256"), r"records no weights_sha256, which from_pretrained requires"),
+        (lambda c: c.update(weights_sha256="0" * 64), r"does not match the SHA-256"),
+        (
+            lambda c: c["base_model"]["model_kwargs"].update(checkpoint_path="x.pth"),
+            r"sets 'checkpoint_path'",
+        ),
+        (lambda c: c.pop("base_model"), r"has no base_model record"),
+    ],
+    ids=["kwargs-empty", "num-classes", "no-hash", "wrong-hash", "file-kwarg", "no-record"],
+)
+def test_push_refuses_a_folder_from_pretrained_would_not_load(adapter_dir, fake_hub, edit, message):
+    folder, _ = adapter_dir
+    _edit_config(folder, edit)
+    with pytest.raises(ValueError, match=rf"^refusing to push {folder} to someone/x: .*{message}.*; nothing"):
+        petl_zoo.push_to_hub(folder, "someone/x")
+    assert fake_hub == {}
+
+
+@pytest.mark.parametrize("method", petl_zoo.method_names())
+def test_every_method_passes_the_push_check(method, fake_hub):
+    torch.manual_seed(0)
+    model = petl_zoo.create(method, build_backbone(ARCH, 5, pretrained=False, model_kwargs=KWARGS))
+    petl_zoo.push_to_hub(model, f"someone/{method}", model_kwargs=KWARGS)
+    assert (fake_hub[f"someone/{method}"] / ADAPTER_WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("checkpoint_path", None),  # set to a real other backbone file below
+        ("pretrained_cfg", {"file": "other.safetensors"}),
+        ("pretrained_cfg_overlay", {"file": "other.safetensors"}),
+        ("pretrained", True),
+        ("pretrained_strict", False),
+        ("cache_dir", "somewhere"),
+        ("hf_hub_id", "someone/else"),
+        ("weights_url", "https://example.invalid/w.pth"),
+        ("features_only", True),
+        ("__class__", 1),
+    ],
+)
+def test_record_kwargs_reach_timm_only_as_architecture_keywords(
+    adapter_dir, weights_file, tmp_path, key, value
+):
+    folder, _ = adapter_dir
+    if value is None:  # a loadable file: without the check, it would silently replace the user's weights
+        torch.manual_seed(3)
+        other = build_backbone(ARCH, 5, pretrained=False, model_kwargs=KWARGS)
+        value = str(tmp_path / "other.safetensors")
+        save_file({k: v.contiguous() for k, v in other.state_dict().items()}, value)
+    _edit_config(folder, lambda c: c["base_model"]["model_kwargs"].update({key: value}))
+    with pytest.raises(
+        ValueError, match=rf"^{folder / ADAPTER_CONFIG}: base_model.model_kwargs sets '{key}'"
+    ):
+        petl_zoo.from_pretrained(folder, pretrained_file=weights_file)
+    model = build_backbone(ARCH, 5, pretrained_file=weights_file, model_kwargs=KWARGS)
+    petl_zoo.load_adapter(model, folder)  # the record is not used here, and not carried on
+    assert not hasattr(model, "petl_base_model")
+
+
+@pytest.mark.parametrize("hash_edit", ["deleted", "empty"])
+def test_an_adapter_without_a_hash_loads_only_with_verify_false(adapter_dir, weights_file, hash_edit, caplog):
+    folder, model = adapter_dir
+    _edit_config(
+        folder, lambda c: c.pop("weights_sha256") if hash_edit == "deleted" else c.update(weights_sha256="")
+    )
+    message = (
+        rf"^{folder / ADAPTER_CONFIG} records no weights_sha256, so {ADAPTER_WEIGHTS} cannot be checked; "
+        r"pass verify=False to load it unchecked$"
+    )
+    with pytest.raises(ValueError, match=message):
+        petl_zoo.from_pretrained(folder, pretrained_file=weights_file)
+    fresh = build_backbone(ARCH, 5, pretrained_file=weights_file, model_kwargs=KWARGS)
+    with pytest.raises(ValueError, match=message):
+        petl_zoo.load_adapter(fresh, folder)
+    assert petl_zoo.method_of(fresh) is None  # refused before anything was attached
+    loaded = petl_zoo.from_pretrained(folder, pretrained_file=weights_file, verify=False)
+    torch.testing.assert_close(_out(loaded), _out(model), rtol=0, atol=0)
+    assert "without checking its SHA-256 (verify=False)" in caplog.text
+    petl_zoo.load_adapter(fresh, folder, verify=False)
+    torch.testing.assert_close(_out(fresh.eval()), _out(model), rtol=0, atol=0)
+
+
+def test_checked_model_kwargs_passes_architecture_keywords_only():
+    from petl_zoo.api import checked_model_kwargs
+
+    assert checked_model_kwargs({"img_size": [32, 32], "depth": 2}, "a.json") == {
+        "img_size": [32, 32],
+        "depth": 2,
+    }
+    assert checked_model_kwargs(None, "a.json") == {}
+    with pytest.raises(
+        ValueError, match=r"^a.json: base_model.model_kwargs is a list, not an object of timm"
+    ):
+        checked_model_kwargs(["img_size", 32], "a.json")
+    with pytest.raises(
+        ValueError, match=r"^config.json: model_kwargs sets 'model_file', which a saved record"
+    ):
+        checked_model_kwargs({"depth": 2, "model_file": "x"}, "config.json", field="model_kwargs")
