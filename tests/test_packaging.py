@@ -1,7 +1,8 @@
 """The installed package, not the checkout: a wheel in a fresh venv runs every console command.
 
-The venv reuses the installed dependencies (``--system-site-packages``) but holds its own, non-editable
-petl_zoo, and every command runs from a folder outside the checkout, so nothing can come from the
+The venv reuses the dependencies of the environment running the tests (a ``.pth`` file naming its
+package folders: works from a virtualenv, a conda env and a system Python) but holds its own,
+non-editable petl_zoo, and every command runs from a folder outside the checkout, so nothing can come from the
 source tree (the card template is package data, the sweep runs ``python -m petl_zoo.train``).
 """
 
@@ -49,14 +50,34 @@ def venv(tmp_path_factory) -> dict[str, Path]:
         env=env,
     )
     (wheel,) = dist.glob("petl_zoo-*.whl")
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(base / "venv")], cwd=base, env=env)
+    _run([sys.executable, "-m", "venv", str(base / "venv")], cwd=base, env=env)
     python = base / "venv" / "bin" / "python"
+    _see_this_environment(python, base, env)
     _run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], cwd=base, env=env
     )
     work = base / "elsewhere"
     work.mkdir()
     return {"python": python, "bin": python.parent, "work": work, "base": base}
+
+
+def _site_dirs() -> list[str]:
+    """The running interpreter's package folders (a virtualenv's, a conda env's or the system's):
+    where its dependencies (torch, timm, ...) are installed."""
+    return [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+
+
+def _see_this_environment(python: Path, base: Path, env: dict[str, str]) -> None:
+    """Make the new venv see the dependencies of the environment running the tests. ``venv
+    --system-site-packages`` would show the *base* interpreter's packages, which lack them when the
+    tests run inside a virtualenv; a ``.pth`` file names this environment's folders instead (their own
+    ``.pth`` files, such as an editable petl_zoo's, are not run: petl_zoo comes from the wheel)."""
+    purelib = _run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], base, env
+    )
+    Path(purelib.stdout.strip(), "parent_environment.pth").write_text("\n".join(_site_dirs()) + "\n")
+    found = _run([str(python), "-c", "import torch; print(torch.__file__)"], base, env).stdout.strip()
+    assert found == torch.__file__, (found, torch.__file__)
 
 
 def _env() -> dict[str, str]:
