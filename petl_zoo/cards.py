@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .api import checked_model_kwargs
 from .io import atomic_write, atomic_write_text
 from .runfolder import (
     ADAPTER_CONFIG,
@@ -323,7 +324,9 @@ def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> d
     acc_best, acc_last = _accuracies(run)
     sel = result.get("test_acc_selected")
     base_weights, weights_file, pretrained = _base_weights(config, base)
-    model_kwargs = config.get("model_kwargs") or {}
+    model_kwargs = checked_model_kwargs(
+        config.get("model_kwargs"), str(RunFolder(run["dir"]).config_path), "model_kwargs"
+    )
     return dict(
         method=ident["method"],
         method_description=list_methods().get(ident["method"], "method not registered in this install"),

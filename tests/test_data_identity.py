@@ -88,3 +88,29 @@ def test_a_typo_label_is_refused_and_num_classes_insists(tmp_path):
         expected_config(args)
     config = expected_config([*args, "--num-classes", "10"])
     assert config["num_classes"] == 10 and config["data_identity"]["splits"]["train"]["count"] == 16
+
+
+def test_a_run_config_cannot_redirect_what_eval_and_the_card_load(finished, capsys):
+    """config.json is data: a checkpoint_path in its model_kwargs reaches neither eval nor the card."""
+    import json
+
+    from petl_zoo.cards import build_card
+
+    _, out, _ = finished
+    config = json.loads((out / "config.json").read_text())
+    config["model_kwargs"]["checkpoint_path"] = "other.safetensors"
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert eval_main(["--adapter", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out / 'config.json'}: model_kwargs sets 'checkpoint_path', which a saved")
+    with pytest.raises(ValueError, match="model_kwargs sets 'checkpoint_path'"):
+        build_card(out)
+
+
+def test_the_trainer_refuses_model_kwargs_its_record_could_not_carry(tmp_path, capsys):
+    root = write_task(tmp_path / "a")
+    assert main(base_args(root, tmp_path / "run", "--model-kwargs", "checkpoint_path=x.pth")) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: --model-kwargs: the run's model_kwargs sets 'checkpoint_path', which a saved record may not set"
+    )

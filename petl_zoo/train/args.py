@@ -44,6 +44,15 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
         prog=prog,
         description="Train a PETL method on a VTAB-1K task (single process, or under torchrun with DDP).",
     )
+    _add_what_arguments(p)
+    _add_recipe_arguments(p)
+    _add_execution_arguments(p)
+    p.raise_errors = raise_errors
+    return p
+
+
+def _add_what_arguments(p: argparse.ArgumentParser) -> None:
+    """What is trained on what: the method and its options, the model, the task and its data."""
     g = p.add_argument_group("what to train")
     g.add_argument("--method", required=True, help="registered method name (petl_zoo.list_methods())")
     g.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default %(default)s)")
@@ -86,6 +95,10 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
         metavar="KEY=VALUE",
         help="timm.create_model options, e.g. img_size=32 patch_size=4 depth=6",
     )
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """How it is trained: the recipe's values (each flag's help names the recipe's default)."""
     r = p.add_argument_group("recipe (defaults: the recipe, then the method's own values, then these flags)")
     r.add_argument(
         "--recipe", default="vtab", choices=sorted(RECIPES), help="base recipe (default %(default)s)"
@@ -138,9 +151,6 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
         action="store_true",
         help="evaluate on val only, never on test (tuning grid points; needs --select-on val)",
     )
-    _add_execution_arguments(p)
-    p.raise_errors = raise_errors
-    return p
 
 
 def _recipe_default(key: str) -> str:

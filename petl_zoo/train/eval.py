@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..api import checked_model_kwargs, merge, read_adapter_config
 from ..api import load_adapter as _load_adapter
-from ..api import merge, read_adapter_config
 from ..io import read_json
 from ..runfolder import CONFIG, RESULT, RunFolder
 from . import distributed as D
@@ -81,8 +81,10 @@ def _backbone_settings(args: argparse.Namespace, config: dict[str, Any], run_dir
         raise UserError(f"{run_dir} has no {CONFIG} of a tools/train.py run: give {missing}")
     if args.model_kwargs is not None:
         model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
-    else:
-        model_kwargs = config.get("model_kwargs", {})
+    else:  # the run's record is data: only architecture keywords reach timm
+        model_kwargs = checked_model_kwargs(
+            config.get("model_kwargs"), str(RunFolder(run_dir).config_path), "model_kwargs"
+        )
     if args.no_pretrained:
         pretrained_file, pretrained = None, False
     elif args.pretrained_file is not None:

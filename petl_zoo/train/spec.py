@@ -14,6 +14,7 @@ import numpy as np
 import timm
 import torch
 
+from ..api import checked_model_kwargs
 from ..fingerprint import fingerprints, identity_diff
 from ..io import sha256_file
 from ..registry import get_method
@@ -153,7 +154,10 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     task = info.name if info is not None else folder.name
     preset_label, preset_options, preset_recipe = _preset_values(method_cls.name, args.preset, task)
     config = method_options(method_cls, args.opt, args.method_config, preset_options)
-    model_kwargs = parse_key_values(args.model_kwargs, "--model-kwargs")
+    # what the run records must load back: the keywords a saved record may not set are refused here
+    model_kwargs = checked_model_kwargs(
+        parse_key_values(args.model_kwargs, "--model-kwargs"), "--model-kwargs", "the run's model_kwargs"
+    )
     recipe, sources = resolve_recipe(
         args.recipe,
         method_cls.recipe,
