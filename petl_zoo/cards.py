@@ -313,6 +313,27 @@ def _base_weights(config: dict[str, Any], base: str) -> tuple[str, str, bool]:
     return f"timm's default pretrained weights, `{base}`", "", True
 
 
+def _tuning(run_dir: Path, seed: Any) -> dict[str, str] | None:
+    """What the card says of a tuned run: the grid, the rule and the winner of the tuning record whose
+    retrained runs include ``run_dir`` (None for a run that was not tuned)."""
+    from .runfolder import TUNE_PREFIX, read_selection, selection_path
+
+    folder = Path(run_dir).resolve()
+    tune = next((p for p in folder.parents if p.name.startswith(TUNE_PREFIX)), None)
+    record = read_selection(selection_path(tune)) if tune and selection_path(tune).is_file() else None
+    if record is None or folder not in {f.resolve() for _, f in record.retrained}:
+        return None
+    grid = " x ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in record.grid.items())
+    return {
+        "grid": grid,
+        "rule": record.rule or "not recorded",
+        "winner": ", ".join(f"{k}={v}" for k, v in record.winner.items()),
+        "seed": str(seed),
+        "record": str(selection_path(Path(tune.name))),
+        "fingerprint": record.grid_fingerprint,
+    }
+
+
 def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> dict[str, Any]:
     """Everything the Jinja template shows besides the metadata."""
     from .registry import list_methods
@@ -332,7 +353,10 @@ def _template_values(run: dict[str, Any], ident: dict[str, Any], base: str) -> d
         method_description=list_methods().get(ident["method"], "method not registered in this install"),
         model=ident["model"],
         task=ident["task"],
-        task_header=entry.header if entry else ident["raw_task"],
+        task_title=f"{ident['benchmark'].title} {entry.header}"
+        if entry
+        else f"the custom task {ident['raw_task']}",
+        tuning=_tuning(run["dir"], result.get("seed")),
         task_kind=f"{ident['benchmark'].title} {entry.group}" if entry else "custom",
         num_classes=result.get("num_classes", "?"),
         epochs=result.get("epochs", recipe.get("epochs", "?")),

@@ -150,11 +150,35 @@ def test_merge_line_follows_the_saved_adapter(tmp_path, caplog, method, options,
 
 def test_local_pretrained_file_and_custom_task(tmp_path):
     run = tmp_path / "run"
-    make_run(run, task="digits", pretrained_file="/work/shared/proxy/vit_tiny_fmnist32.safetensors")
+    make_run(run, task="digits", pretrained_file="demo/vit_tiny_fmnist32.safetensors")
     card = ModelCard.load(write_card(run, tmp_path / "card"))
     assert card.data.base_model == "vit_tiny_patch16_224"  # local weights: no Hub base to point at
     assert card.data.datasets == ["digits"] and "vtab-1k" not in card.data.tags
     assert "vit_tiny_fmnist32.safetensors" in card.text and "pretrained_cfg_overlay" in card.text
+    assert "# lora on vit_tiny_patch16_224 for the custom task digits\n" in card.text
+    assert "VTAB-1K" not in card.text.split("## Results")[0]  # a custom task's card is not titled VTAB-1K
+
+
+def test_a_tuned_run_says_it_was_tuned(tmp_path):
+    """A retrained winner's card names the grid, the rule and the winner, not only plain flags."""
+    tune = tmp_path / "runs" / "lora" / "dtd" / "tune-0123456789abcdef"
+    make_run(tune / "seed0")
+    record = {
+        "version": 1, "method": "lora", "task": "dtd", "grid_fingerprint": "0123456789abcdef",
+        "grid": {"lr": [0.001, 0.01]}, "rule": "highest val_accuracy", "winner": {"lr": 0.001},
+        "points": [{"setting": {"lr": 0.001}, "folder": "points/lr0.001", "val_accuracy": 80.0},
+                   {"setting": {"lr": 0.01}, "folder": "points/lr0.01", "val_accuracy": 70.0}],
+        "retrained": [{"seed": 0, "folder": "seed0"}],
+    }  # fmt: skip
+    (tune / "selection.json").write_text(json.dumps(record))
+    text = " ".join(ModelCard.load(write_card(tune / "seed0", tmp_path / "card")).text.split())
+    assert (
+        "**Tuned**: these settings were chosen, not given." in text and "the grid lr in {0.001, 0.01}" in text
+    )
+    assert 'by the rule "highest val_accuracy"; the winner, lr=0.001, was retrained' in text
+    assert "`tune-0123456789abcdef/selection.json`, grid fingerprint `0123456789abcdef`" in text
+    make_run(tmp_path / "untuned")
+    assert "**Tuned**" not in ModelCard.load(write_card(tmp_path / "untuned", tmp_path / "c3")).text
 
 
 def test_base_model_id():
