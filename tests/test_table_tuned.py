@@ -260,7 +260,8 @@ def test_plot_writes_png_and_svg(tmp_path):
 
     points = plot_points(rows, load_published(), "last", "tasks")
     styles = {p.style for p in points}
-    assert styles == {"ours", "last", "best", "unstated"}
+    assert styles == {"ours_partial", "last", "best", "unstated"}  # our rows: 2 custom tasks, no VTAB one
+    assert all("(0/19 tasks, +" in p.label for p in points if p.style == "ours_partial")
     linear = next(p for p in points if p.label.startswith("Linear"))
     assert linear.params_m == 0 and linear.accuracy == pytest.approx(52.99, abs=0.01)  # mean of 19
 

@@ -144,23 +144,28 @@ def plot_points(
     mean: str = "groups",
     benchmark: Benchmark = VTAB_1K,
 ) -> list[PlotPoint]:
-    """One point per row with a mean and a parameter count: ours from the ``metric`` table over the
-    benchmark's tasks only (other tasks, e.g. the demo task, are not in a published row's mean), published
-    rows with their means recomputed under the same convention. A row over part of the benchmark's tasks
-    is drawn as partial (its own marker, ``(k/N tasks)`` in its label), never as a full row; a row over
-    none of them has no benchmark mean and is left out."""
+    """One point per row with a mean and a parameter count: ours from the ``metric`` table, published
+    rows with their means recomputed under the same convention. Beside published rows (means over the
+    benchmark's tasks), a row over all of them is drawn with its mean over those tasks only; any other
+    row is drawn as partial, its own marker and its coverage in its label (``(3/19 tasks, +1 other)``),
+    never as a full row."""
     ours_key = PLOT_MEANS[mean]
     of_tasks, of_groups = benchmark.conventions
     lit_key = of_groups if mean == "groups" else of_tasks
     points, total = [], len(benchmark.tasks)
-    for row, cells in compute_table(rows, metric, [], benchmark).rows if rows else []:
-        acc, params, present = cells[ours_key].mean, cells["params_m"].mean, int(cells["tasks"].mean or 0)
-        if acc is None or params is None:
-            continue
-        if present < total:
-            points.append(PlotPoint(f"{row.name} ({present}/{total} tasks)", params, acc, "ours_partial"))
-        else:
-            points.append(PlotPoint(row.name, params, acc, "ours"))
+    if rows:
+        every = compute_table(rows, metric, None, benchmark).rows  # custom tasks included
+        own = compute_table(rows, metric, [], benchmark).rows  # the benchmark's tasks only
+        for (row, cells), (_, bench) in zip(every, own):
+            present, other = int(cells["tasks"].mean or 0), cells["tasks"].n
+            label, style, acc = row.name, "ours", cells[ours_key].mean
+            if published and present == total:  # a full row: its mean over the benchmark's tasks
+                acc = bench[ours_key].mean
+            elif published:
+                coverage = f"{present}/{total} tasks" + (f", +{other} other" if other else "")
+                label, style = f"{row.name} ({coverage})", "ours_partial"
+            if acc is not None and cells["params_m"].mean is not None:
+                points.append(PlotPoint(label, cells["params_m"].mean, acc, style))
     for r in published:
         if r.params_m is not None:
             points.append(
