@@ -52,7 +52,8 @@ def test_grid_items_parse_with_types_aliases_and_clear_errors():
     for bad, match in [
         (["momentum=0.9"], "--grid key 'momentum' is invalid; valid: lr, weight_decay"),
         (["lr"], "--grid 'lr' is invalid; valid: KEY=VALUE"),
-        (["lr=1e-3,1e-3"], "empty or repeated value"),
+        (["lr=1e-3,1e-3"], r"repeats a value \(1e-3 and 1e-3 are the same\)"),
+        (["lr=1e-3,"], "has an empty value"),
         (["batch_size=8.5"], "batch_size takes int values"),
         (["lr=1e-3", "lr=1e-2"], "given twice"),
     ]:
@@ -69,8 +70,10 @@ def test_default_lr_axis_and_conflicts_with_the_trainer_flags():
         build_grid("lora", {"lr": [1e-2]}, ["--lr=1e-3"])
     with pytest.raises(ValueError, match="grid key 'opt.rank' is also set"):
         build_grid("lora", {"opt.rank": [4]}, ["--opt", "rank=8"])
-    for flag in ("--seed", "--select-on", "--out"):
-        with pytest.raises(ValueError, match=f"{flag} in the trainer flags: a tuning sets it itself"):
+    for flag in ("--seed", "--select-on", "--out", "--no-test"):
+        with pytest.raises(
+            ValueError, match=f"{flag} in the trainer flags after --: a tuning sets it itself"
+        ):
             build_grid("lora", {}, [flag, "1"])
 
 
@@ -204,6 +207,7 @@ def check_records(out_root: Path) -> None:
         for point in rec["points"]:
             result = json.loads((folder / point["folder"] / "result.json").read_text())
             assert result["select_on"] == "val" and result["seed"] == 0
+            assert result["test_acc_last"] is None and result["test_acc_best"] is None  # --no-test
             assert point["val_accuracy"] == round(100 * result["val_acc_last"], 4)
         best = max(p["val_accuracy"] for p in rec["points"])
         tied = [p["setting"] for p in rec["points"] if p["val_accuracy"] == best]
@@ -219,7 +223,8 @@ def check_records(out_root: Path) -> None:
 
 def check_table_and_plot(runs: Path, plot: Path) -> None:
     """The table of a tuned sweep: one tuned row per method over the three tasks (grid points left
-    out), both averaging conventions labelled, the selection shown; the plot written as PNG and SVG."""
+    out), both averaging conventions labelled, the selection shown; the plot written as PNG and SVG
+    (with the published rows: these rows over demo tasks are not plotted)."""
     import contextlib
     import io
 
@@ -227,7 +232,9 @@ def check_table_and_plot(runs: Path, plot: Path) -> None:
 
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        assert table([str(runs), "--selection", "--plot", str(plot)]) == 0
+        # --published: the plot sets rows over the 19 tasks only against each other, and these rows are
+        # over demo tasks (left out of the plot); the published rows are drawn
+        assert table([str(runs), "--selection", "--published", "all", "--plot", str(plot)]) == 0
     out = text.getvalue()
     assert "Mean of groups" in out and "Mean of tasks" in out
     tables, selections = out.split("**Selection", 1)[0], out.count("**Selection: ")
@@ -262,7 +269,7 @@ def test_tuned_protocol_end_to_end_rerun_and_resume(tmp_path, data):
     assert not list(other.rglob("selection.json"))  # the points of other tunings are still to run
     printed = sweep("--print-commands", *tuned_args(other, data))
     nxt = shlex.split(printed.stdout.splitlines()[0])
-    assert train([*nxt[3:], "--stop-after-epoch", "1"]) == 137  # killed after epoch 1
+    assert train([*nxt[nxt.index("--method") :], "--stop-after-epoch", "1"]) == 137  # killed after epoch 1
     killed = Path(nxt[nxt.index("--out") + 1])
     assert (killed / "last.pt").is_file() and not (killed / "result.json").exists()
     resumed = sweep(*tuned_args(other, data, "--in-process"))
@@ -286,7 +293,9 @@ def test_print_commands_show_the_points_then_the_retrained_runs(tmp_path, data):
         a[:5] == ["torchrun", "--nproc_per_node", "2", "-m", "petl_zoo.train"] for a in lines
     )
     assert [a[a.index("--lr") + 1] for a in lines] == ["0.001", "0.03"]
-    assert all(a[a.index("--seed") + 1] == "3" and a[-2:] == ["--select-on", "val"] for a in lines)
+    assert all(
+        a[a.index("--seed") + 1] == "3" and a[-3:] == ["--select-on", "val", "--no-test"] for a in lines
+    )
     outs = [Path(a[a.index("--out") + 1]) for a in lines]
     assert [o.name for o in outs] == ["lr0.001", "lr0.03"] and outs[
         0

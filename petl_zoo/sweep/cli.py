@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
-from .execute import InProcessExecutor, LocalExecutor, StopSweep, Sweep
+from .execute import InProcessExecutor, LocalExecutor, StopSweep, Sweep, Terminated
 from .launch import CLUSTERS, SlurmOptions, SubmititExecutor, default_folder
 from .plan import (
     SweepRun,
@@ -21,49 +25,73 @@ from .plan import (
 from .stages import planned_runs, run_tunings
 from .tuning import GRID_KEYS, parse_grid, plan_tuning
 
-__all__ = ["main"]
+__all__ = ["main", "INTERRUPTED_EXIT_STATUS", "TERMINATED_EXIT_STATUS"]
 
 SUBMITIT = "submitit"
+INTERRUPTED_EXIT_STATUS = 130  # Ctrl-C, as the trainer (128 + SIGINT)
+TERMINATED_EXIT_STATUS = 143  # SIGTERM, as the trainer (128 + SIGTERM)
+
+DESCRIPTION = """\
+Run every VTAB-1K task (x seeds) for one or more methods, tuned on val200 or not, or print one
+command per run."""
+
+EPILOG = """\
+Flags after '--' go to every trainer run, e.g. -- --opt rank=8 --epochs 100.
+Runs land in <out-root>/<method>/<task>/ (one seed) or .../<task>/seed<k>/ (several); tuned runs in
+.../<task>/tune-<fingerprint>/ (points/<setting>/, seed<k>/, selection.json).
+Finished runs of the same settings are skipped, killed ones resumed, runs in use by another process
+left alone, and runs made with other settings refused (--overwrite replaces them).
+Exit status: 1 if any run failed or was refused, 2 for a bad argument, 130 on Ctrl-C and 143 on
+SIGTERM (the running trainer stopped, submitted jobs cancelled; a rerun resumes). See docs/sweep.md."""
 
 
-def _parser(prog: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Run every VTAB-1K task (x seeds) for one or more methods, tuned on val200 or not, or "
-        "print one command per run.",
-        epilog="Flags after '--' go to every trainer run, e.g. -- --opt rank=8 --epochs 100. Runs land in "
-        "<out-root>/<method>/<task>/ (one seed) or .../<task>/seed<k>/ (several); tuned runs in "
-        ".../<task>/tune-<fingerprint>/ (points/<setting>/, seed<k>/, selection.json). Finished runs of the "
-        "same settings are skipped, killed ones resumed, runs in use by another process left alone, and "
-        "runs made with other settings refused (--overwrite replaces them). Exit status 1 if any run "
-        "failed or was refused. See docs/sweep.md.",
-    )
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description and epilog as written, each option's default after its help; an option whose
+    default is None or an empty list (or a flag, default False) says what that means in its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line ``error: ... (see PROG --help)`` (the usage is on ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _parser(prog: str | None) -> _Parser:
+    p = _Parser(prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--method", help="one registered method")
     which.add_argument("--methods", help="a comma list of methods, e.g. lora,neat")
-    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
     p.add_argument("--tasks", default="all", help="all | natural | specialized | structured | comma list")
     p.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="one folder per seed when several (tuning: the "
-        "retrained seeds, the first also trains the grid points; default 0)"
+        "--seeds", type=int, nargs="+", default=None, help="integers >= 0, one folder per seed when several "
+        "(tuning: the retrained seeds, the first also trains the grid points); default: the trainer's "
+        "seed (0) in <task>/"
     )  # fmt: skip
-    p.add_argument("--out-root", default="runs")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--preset", default=None, help="a paper preset for every run (the trainer's --preset)")
+    p.add_argument("--out-root", default="runs", help="where the run folders go")
+    p.add_argument(
+        "--data-root", default=None, help="VTAB-1K root; default: the trainer's ($VTAB_ROOT, else ./data/vtab-1k)"
+    )  # fmt: skip
+    p.add_argument(
+        "--preset", default=None, help="a paper preset for every run (the trainer's --preset); default: none"
+    )
     t = p.add_argument_group("tuning (grid on train800 -> val200, winner retrained on train800val200)")
     t.add_argument(
         "--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
         help=f"recipe values to tune: {', '.join(GRID_KEYS)} (wd = weight_decay); without lr, each method's "
-        "default lr grid (petl_zoo.sweep.tuning.LR_GRIDS) unless -- --lr fixes it",
+        "default lr grid (petl_zoo.sweep.tuning.LR_GRIDS) unless -- --lr fixes it; default: no tuning",
     )  # fmt: skip
     t.add_argument(
-        "--grid-opt",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="method options to tune",
-    )
+        "--grid-opt", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+        help="method options to tune (values holding commas separated by |: targets=q,v|qkv); default: none",
+    )  # fmt: skip
     t.add_argument("--tune", action="store_true", help="tune with the default grid (each method's lr grid)")
     p.add_argument(
         "--print-commands", action="store_true", help="print one shell command per run, run nothing"
@@ -72,7 +100,7 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
     p.add_argument(
         "--launcher", default=None,
         help="command prefix replacing python, e.g. 'torchrun --nproc_per_node 8'; or 'submitit': one Slurm "
-        "job per run",
+        "job per run; default: python -P -m petl_zoo.train, one run after the other",
     )  # fmt: skip
     p.add_argument(
         "--overwrite",
@@ -80,15 +108,15 @@ def _parser(prog: str | None) -> argparse.ArgumentParser:
         help="replace runs made with other settings (the trainer gets --overwrite) instead of refusing them",
     )
     s = p.add_argument_group("--launcher submitit (pip install 'petl_zoo[cluster]')")
-    s.add_argument("--slurm-partition", default=None)
-    s.add_argument("--slurm-time", type=int, default=240, help="minutes per job (default %(default)s)")
-    s.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job (default %(default)s)")
-    s.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per job")
+    s.add_argument("--slurm-partition", default=None, help="Slurm partition; default: the cluster's")
+    s.add_argument("--slurm-time", type=int, default=240, help="minutes per job")
+    s.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per job")
+    s.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per job; default: Slurm's")
     s.add_argument(
         "--submitit-cluster", default="slurm", choices=CLUSTERS, help="local: jobs as local processes"
     )
     s.add_argument(
-        "--submitit-folder", default=None, help="job scripts and logs (default <out-root>/.submitit)"
+        "--submitit-folder", default=None, help="job scripts and logs; default: <out-root>/.submitit"
     )
     p.add_argument("--train-script", default=None, help=argparse.SUPPRESS)
     # Testing aids: the trainer in this process; stop after N started runs, as if the sweep were killed.
@@ -161,8 +189,31 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> tuple[list[SweepRun], l
     return runs, tunings
 
 
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises ``Terminated`` in the main thread (unless SIGTERM is ignored), so
+    that the running child is stopped and submitted jobs are cancelled as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``petl-zoo sweep`` / ``tools/sweep.py``: returns the exit status."""
+    """``petl-zoo sweep`` / ``tools/sweep.py``: returns the exit status (130 on Ctrl-C, 143 on SIGTERM,
+    each reported in one line saying what was interrupted and what is left)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
     if "--" in argv:
@@ -170,6 +221,22 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         argv, extra = argv[:cut], argv[cut + 1 :]
     p = _parser(prog)
     args = p.parse_args(argv)
+    state: dict[str, Sweep] = {}
+    try:
+        with _sigterm_raises():
+            return _run(p, args, extra, state)
+    except KeyboardInterrupt:
+        how, status = "interrupted (Ctrl-C)", INTERRUPTED_EXIT_STATUS
+    except Terminated:
+        how, status = "terminated (SIGTERM)", TERMINATED_EXIT_STATUS
+    sweep = state.get("sweep")
+    line = sweep.interrupted(how) if sweep is not None else f"sweep {how} while planning; nothing was run"
+    sys.stderr.write(f"error: {line}\n")
+    return status
+
+
+def _run(p: _Parser, args: argparse.Namespace, extra: list[str], state: dict[str, Sweep]) -> int:
+    """Plan, then run (or print) the sweep; ``state["sweep"]`` once it runs (for the interrupted line)."""
     try:
         if args.in_process and (args.launcher or args.train_script):
             raise ValueError("--in-process runs the trainer in this process: no --launcher / --train-script")
@@ -188,6 +255,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 1
     sweep = Sweep(executor, log=lambda s: print(s, flush=True), overwrite=args.overwrite,
                   total=len(runs), stop_after=args.stop_after_runs)  # fmt: skip
+    state["sweep"] = sweep
     try:
         sweep.run(runs)
         if tunings:

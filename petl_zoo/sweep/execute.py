@@ -5,18 +5,22 @@ line per run start and end with the overall progress (runs done of the sweep's t
 the mean duration of the runs finished in this sweep). Executors start the runs:
 
 - ``LocalExecutor``: subprocesses, one after the other (a crash in one does not stop the others); each
-  child gets SIGTERM when the sweep dies (Linux), so no orphaned trainer keeps writing;
+  child gets SIGTERM when the sweep dies (Linux), so no orphaned trainer keeps writing, and when the
+  sweep is interrupted (Ctrl-C, SIGTERM: ``Terminated``) the running child is stopped (SIGTERM, then
+  SIGKILL after ``STOP_GRACE_S``) before the interruption goes on;
 - ``InProcessExecutor``: ``petl_zoo.train.main`` in this process (a testing aid: fast, no isolation);
 - ``petl_zoo.sweep.launch.SubmititExecutor``: one Slurm job per run through submitit.
 
 Each status is checked again right before its run starts (or is submitted): another worker may have
-finished, started or killed it since planning.
+finished, started or killed it since planning. ``Sweep.doing`` says what the sweep is busy with (the
+run in progress, the jobs waited for), for the line that reports an interruption.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +33,7 @@ from .plan import BUSY_EXIT_STATUS, ExpectedConfig, SweepRun, _expected_config, 
 __all__ = [
     "SweepReport",
     "StopSweep",
+    "Terminated",
     "Sweep",
     "LocalExecutor",
     "InProcessExecutor",
@@ -37,6 +42,15 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds an interrupted sweep gives its running child to stop after SIGTERM (it releases its run
+#: folder's lock) before killing it.
+STOP_GRACE_S = 10.0
+
+
+class Terminated(BaseException):
+    """SIGTERM to the sweep as an exception (``petl_zoo.sweep.cli`` raises it), so that the running
+    child is stopped and submitted jobs are cancelled on the way out, as for Ctrl-C."""
 
 
 def _die_with_parent() -> None:
@@ -124,10 +138,22 @@ class Sweep:
         self.report = SweepReport()
         self.durations: list[float] = []
         self.started = 0
+        self.doing = ""  # what is in progress: "run runs/lora/dtd", "3 submitit jobs"; "" between runs
         self._on_done: dict[str, Callable[[SweepRun], None]] = {}
 
     def add_total(self, n: int) -> None:
         self.total += n
+
+    def interrupted(self, how: str) -> str:
+        """One line for an interruption (``how``: ``interrupted (Ctrl-C)``): what was in progress, how many
+        runs are done and left, and that a rerun resumes."""
+        total = max(self.total, self.report.accounted)
+        left = total - self.report.settled
+        doing = f"during {self.doing}" if self.doing else "between runs"
+        return (
+            f"sweep {how} {doing}; {self.report.settled} of {total} runs done, {left} left; rerun the same "
+            "command to resume (finished runs are skipped, killed ones resumed)"
+        )
 
     def progress(self) -> str:
         """``5/36 runs done, ETA 12 min`` (the ETA once a run has finished in this sweep)."""
@@ -214,19 +240,43 @@ class LocalExecutor:
         self.env = env
 
     def start(self, run: SweepRun) -> int:
-        return subprocess.run(run.argv, env=self.env, check=False, preexec_fn=_die_with_parent).returncode
+        child = subprocess.Popen(run.argv, env=self.env, preexec_fn=_die_with_parent)
+        try:
+            return child.wait()
+        except BaseException:  # Ctrl-C, Terminated: stop the child before going on
+            _stop(child)
+            raise
 
     def execute(self, runs: Sequence[SweepRun], sweep: Sweep) -> None:
         for run in runs:
             if not sweep.ready(run):
                 continue
             start = time.time()
+            sweep.doing = f"run {run.out}"
             try:
                 rc = self.start(run)
             except OSError as err:
+                sweep.doing = ""
                 sweep.ended(run, None, time.time() - start, f"could not start: {err}")
                 continue
+            except BaseException:
+                sweep.doing = f"run {run.out} (stopped)"
+                raise
+            sweep.doing = ""
             sweep.ended(run, rc, time.time() - start)
+
+
+def _stop(child: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to a running child (the trainer releases its lock and exits 143), SIGKILL when it has not
+    ended within ``grace_s`` seconds or a second interruption comes while waiting."""
+    if child.poll() is not None:
+        return
+    try:
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=grace_s)
+    except BaseException:  # noqa: BLE001 - the timeout, or a second Ctrl-C: kill it
+        child.kill()
+        child.wait()
 
 
 class InProcessExecutor(LocalExecutor):

@@ -3,15 +3,17 @@ petl_zoo[cluster]``).
 
 The sweep plans every folder's status on the submitting machine as it does for local runs (finished
 runs skipped, killed ones resumed with ``--resume``, busy and refused ones left alone), submits one job
-per run to start, each job running the same ``python -m petl_zoo.train ...`` command a local sweep
-would (the job calls ``subprocess.call``), and waits for the jobs (polling), filing each one's outcome as it ends. Interrupted while
-waiting (Ctrl-C, SIGTERM), it cancels the jobs it submitted that have not ended; a rerun plans again
-and submits what is still missing. ``cluster="local"`` (submitit's LocalExecutor: jobs as local
+per run to start, each job running the same ``python -P -m petl_zoo.train ...`` command a local sweep
+would (the job calls ``subprocess.call``), and waits for the jobs (polling), filing each one's outcome
+as it ends. Interrupted while submitting or waiting (Ctrl-C; SIGTERM, which ``petl_zoo.sweep.cli``
+turns into ``execute.Terminated``), it cancels the jobs it submitted that have not ended; a rerun plans
+again and submits what is still missing. ``cluster="local"`` (submitit's LocalExecutor: jobs as local
 processes) and ``"debug"`` (in this process) run the same path without Slurm.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -27,6 +29,8 @@ from .plan import SweepRun
 __all__ = ["CLUSTERS", "SlurmOptions", "SubmititExecutor", "default_folder"]
 
 CLUSTERS = ("slurm", "local", "debug")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,34 +92,39 @@ class SubmititExecutor:
 
     def execute(self, runs: Sequence[SweepRun], sweep: Sweep) -> None:
         executor = self._executor()
-        jobs = []
-        for run in runs:
-            if not sweep.ready(run, verb="submit"):
-                continue
-            executor.update_parameters(name=f"petl-{run.out.parent.name}-{run.out.name}")
-            try:  # a stdlib function: the job unpickles it without importing petl_zoo (and torch)
-                job = executor.submit(subprocess.call, run.argv)
-            except Exception as err:  # noqa: BLE001 - sbatch errors come in many types
-                sweep.ended(run, None, 0.0, f"could not submit: {' '.join(str(err).split())[:300]}")
-                continue
-            sweep.log(f"  job {job.job_id}")
-            jobs.append((run, job))
-        self._wait(jobs, sweep)
+        jobs: list[tuple[SweepRun, Any]] = []
+        try:
+            for run in runs:
+                if not sweep.ready(run, verb="submit"):
+                    continue
+                executor.update_parameters(name=f"petl-{run.out.parent.name}-{run.out.name}")
+                try:  # a stdlib function: the job unpickles it without importing petl_zoo (and torch)
+                    job = executor.submit(subprocess.call, run.argv)
+                except Exception as err:  # noqa: BLE001 - sbatch errors come in many types
+                    sweep.ended(run, None, 0.0, f"could not submit: {' '.join(str(err).split())[:300]}")
+                    continue
+                sweep.log(f"  job {job.job_id}")
+                jobs.append((run, job))
+                sweep.doing = f"the submission of jobs ({len(jobs)} submitted)"
+            self._wait(jobs, sweep)
+        except BaseException:  # Ctrl-C, Terminated (SIGTERM), an error: no job left running for nothing
+            pending = [job for run, job in jobs if not _ended(job)]
+            cancelled = sum(_cancel(job) for job in pending)
+            done = f"{cancelled} of {len(pending)} unfinished jobs cancelled"
+            sweep.doing = f"{sweep.doing or 'the submission of jobs'} ({done})"
+            raise
+        sweep.doing = ""
 
     def _wait(self, jobs: list[tuple[SweepRun, Any]], sweep: Sweep) -> None:
-        """File each job's outcome as it ends; cancel the ones still pending if interrupted."""
+        """File each job's outcome as it ends (``execute`` cancels the others if interrupted)."""
         pending = list(jobs)
-        try:
-            while pending:
-                for item in [j for j in pending if j[1].done()]:
-                    pending.remove(item)
-                    self._collect(*item, sweep)
-                if pending:
-                    time.sleep(self.poll_s)
-        except BaseException:
-            for _, job in pending:
-                job.cancel(check=False)
-            raise
+        while pending:
+            sweep.doing = f"the wait for {len(pending)} submitit jobs"
+            for item in [j for j in pending if j[1].done()]:
+                pending.remove(item)
+                self._collect(*item, sweep)
+            if pending:
+                time.sleep(self.poll_s)
 
     @staticmethod
     def _collect(run: SweepRun, job: Any, sweep: Sweep) -> None:
@@ -126,6 +135,23 @@ class SubmititExecutor:
             sweep.ended(run, None, 0.0, f"job {job.job_id} failed: {reason}; log in {job.paths.folder}")
             return
         sweep.ended(run, rc, _run_seconds(run))
+
+
+def _ended(job: Any) -> bool:
+    try:
+        return bool(job.done())
+    except Exception:  # noqa: BLE001 - its state cannot be read (sacct down): cancel it to be sure
+        return False
+
+
+def _cancel(job: Any) -> bool:
+    """``job.cancel`` (scancel); False, with a warning naming the job, when that fails."""
+    try:
+        job.cancel(check=False)
+    except Exception as err:  # noqa: BLE001 - scancel missing or refused
+        logger.warning(f"could not cancel job {job.job_id}: {' '.join(str(err).split())[:200]}")
+        return False
+    return True
 
 
 def _run_seconds(run: SweepRun) -> float:

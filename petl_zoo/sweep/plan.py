@@ -1,7 +1,15 @@
 """Planning a sweep: the trainer command of each run folder and its status (``petl-zoo sweep``).
 
-Each run is ``python -m petl_zoo.train ...`` (or ``<launcher> -m petl_zoo.train ...``, e.g. torchrun), so
-the sweep works from an installed package as well as from a checkout.
+Each run is ``python -P -m petl_zoo.train ...`` (or ``env PYTHONSAFEPATH=1 <launcher> -m petl_zoo.train
+...``, e.g. torchrun), so the sweep works from an installed package as well as from a checkout, and no
+run imports from the working directory: ``python -m`` puts the working directory first on ``sys.path``,
+where a folder named ``vtab`` (a data folder, say) would shadow the ``vtab`` package. ``-P`` (Python
+>= 3.11) and ``PYTHONSAFEPATH=1`` (which 3.11+ honours, also in the processes a launcher starts) leave
+it out; on Python 3.10 the python prefix is ``python -c SAFE_RUN_CODE`` (``petl_zoo.train`` run as
+``__main__`` once the working directory is off ``sys.path``), and a launcher's children are not
+covered. When the sweep's own ``petl_zoo`` comes from the working directory (a checkout run from its
+root, whose ``vtab/`` is the package itself), the runs keep the plain ``python -m petl_zoo.train``:
+they need that directory on their path (``safe_path``).
 
 Run folders: ``<out_root>/<method>/<task>/`` for a single seed, ``<out_root>/<method>/<task>/seed<k>/``
 when several seeds are given (tuned runs: ``petl_zoo.sweep.tuning``). Each folder gets a status before
@@ -33,6 +41,7 @@ from ..runfolder import CONFIG, RunFolder
 
 __all__ = [
     "TRAIN_MODULE",
+    "SAFE_RUN_CODE",
     "BUSY_EXIT_STATUS",
     "resolve_tasks",
     "SweepRun",
@@ -41,6 +50,9 @@ __all__ = [
     "classify",
     "recipe_differences",
     "task_dirname",
+    "PACKAGE_ROOT",
+    "safe_path",
+    "python_module",
     "train_prefix",
     "make_run",
     "base_train_args",
@@ -52,6 +64,13 @@ __all__ = [
 
 #: The trainer as a module, runnable by ``python -m`` and by ``torchrun -m`` alike.
 TRAIN_MODULE = "petl_zoo.train"
+
+#: ``python -c`` code running a module as ``python -m`` does but without the working directory (the
+#: ``''`` entries) on ``sys.path``: the Python 3.10 stand-in for ``python -P -m MODULE``.
+SAFE_RUN_CODE = (
+    "import sys; sys.path[:] = [p for p in sys.path if p]; import runpy; "
+    "runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+)
 
 
 def resolve_tasks(spec: str | Sequence[str]) -> list[str]:
@@ -189,13 +208,45 @@ def classify(
     return ("done" if finished else "resume"), ""
 
 
+#: The folder holding this ``petl_zoo`` package (a checkout's root, or site-packages).
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def safe_path(cwd: str | os.PathLike | None = None) -> bool:
+    """Whether the runs leave the working directory (``cwd``, default this process's) off ``sys.path``:
+    yes, unless it is where this ``petl_zoo`` was imported from (a checkout's root)."""
+    return Path(cwd if cwd is not None else os.getcwd()).resolve() != PACKAGE_ROOT
+
+
+def python_module(python: str, module: str, safe_path_flag: bool | None = None) -> list[str]:
+    """``[python, -P, -m, module]``: the module run with the working directory left off ``sys.path``
+    (``safe_path_flag`` None: ``-P`` on Python >= 3.11, the version of ``python`` taken to be this
+    process's; False: ``-c SAFE_RUN_CODE``, which every version runs)."""
+    if safe_path_flag is None:
+        safe_path_flag = sys.version_info >= (3, 11)
+    if safe_path_flag:
+        return [python, "-P", "-m", module]
+    return [python, "-c", SAFE_RUN_CODE.format(module=module)]
+
+
 def train_prefix(
-    launcher: str | None = None, train_script: str | os.PathLike | None = None, python: str = sys.executable
+    launcher: str | None = None,
+    train_script: str | os.PathLike | None = None,
+    python: str = sys.executable,
+    safe: bool | None = None,
 ) -> list[str]:
-    """What precedes the trainer's arguments: ``<launcher or python> -m petl_zoo.train``, or the
-    script ``train_script`` instead of ``-m petl_zoo.train`` (a stand-in trainer, e.g. in tests)."""
-    prefix = shlex.split(launcher) if launcher else [python]
-    return prefix + ([str(train_script)] if train_script is not None else ["-m", TRAIN_MODULE])
+    """What precedes the trainer's arguments: ``python -P -m petl_zoo.train`` (``python_module``),
+    ``env PYTHONSAFEPATH=1 <launcher> -m petl_zoo.train`` with a launcher (so that the processes it starts
+    leave the working directory off ``sys.path`` too), or ``python <train_script>`` (a stand-in trainer,
+    e.g. in tests). ``safe`` False (default: ``safe_path()``): ``<launcher or python> -m petl_zoo.train``."""
+    start = shlex.split(launcher) if launcher else [python]
+    if train_script is not None:
+        return [*start, str(train_script)]
+    if not (safe_path() if safe is None else safe):
+        return [*start, "-m", TRAIN_MODULE]
+    if launcher:
+        return ["env", "PYTHONSAFEPATH=1", *start, "-m", TRAIN_MODULE]
+    return python_module(python, TRAIN_MODULE)
 
 
 def make_run(
@@ -258,9 +309,12 @@ def plan_sweep(
 
 
 def check_method_and_seeds(method: str, seeds: Sequence[int] | None) -> None:
-    """A ValueError line for an empty method name or repeated seeds."""
+    """A ValueError line for an empty method name, a negative seed or repeated seeds."""
     if not method:
         raise ValueError("method '' is empty: give a registered method name, e.g. lora")
+    if seeds is not None and any(s < 0 for s in seeds):
+        bad = next(s for s in seeds if s < 0)
+        raise ValueError(f"--seeds {bad} is invalid; valid: integers >= 0, e.g. --seeds 0 1 2")
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds {list(seeds)} repeat a value: give distinct seeds")
 

@@ -53,10 +53,12 @@ __all__ = [
     "DEFAULT_LR_GRID",
     "LR_GRIDS",
     "GRID_KEYS",
+    "POINT_FLAGS",
     "RULE",
     "lr_grid",
     "parse_grid",
     "build_grid",
+    "check_grid",
     "grid_fingerprint",
     "grid_settings",
     "setting_flags",
@@ -98,8 +100,11 @@ GRID_KEYS: dict[str, tuple[str, type]] = {
     "protocol": ("--protocol", str),
 }
 _ALIASES = {"wd": "weight_decay"}
-#: Trainer flags the tuning sets itself (a point trains on train800 with the first seed).
-_RESERVED_FLAGS = ("--seed", "--select-on", "--out")
+#: Trainer flags the tuning sets itself (a point trains on train800 with the first seed and is
+#: scored on val200 alone: ``--no-test``; the retrained runs are tested).
+_RESERVED_FLAGS = ("--seed", "--select-on", "--out", "--no-test")
+#: What a grid point adds to its trainer flags (besides its seed, folder and setting).
+POINT_FLAGS = ("--select-on", "val", "--no-test")
 OPT_PREFIX = "opt."
 
 RULE = (
@@ -132,18 +137,29 @@ def _axis(item: str, option: bool) -> tuple[str, list[Any]]:
     if not sep or not key or not values.strip():
         raise ValueError(f"{flag} {item!r} is invalid; valid: KEY=VALUE[,VALUE...], e.g. lr=1e-3,5e-3")
     texts = [v.strip() for v in values.split("|" if "|" in values else ",")]
-    if any(not t for t in texts) or len(set(texts)) != len(texts):
-        raise ValueError(f"{flag} {item!r} has an empty or repeated value")
+    if any(not t for t in texts):
+        raise ValueError(f"{flag} {item!r} has an empty value; valid: KEY=VALUE[,VALUE...]")
     if option:
-        return OPT_PREFIX + key, [_number(t) for t in texts]
-    key = _ALIASES.get(key, key)
-    if key not in GRID_KEYS:
-        raise ValueError(f"--grid key {key!r} is invalid; valid: {', '.join(GRID_KEYS)} (wd = weight_decay)")
-    kind = GRID_KEYS[key][1]
-    try:
-        return key, [kind(t) for t in texts]
-    except ValueError:
-        raise ValueError(f"--grid {item!r}: {key} takes {kind.__name__} values") from None
+        key, parsed = OPT_PREFIX + key, [_number(t) for t in texts]
+    else:
+        key = _ALIASES.get(key, key)
+        if key not in GRID_KEYS:
+            raise ValueError(
+                f"--grid key {key!r} is invalid; valid: {', '.join(GRID_KEYS)} (wd = weight_decay)"
+            )
+        kind = GRID_KEYS[key][1]
+        try:
+            parsed = [kind(t) for t in texts]
+        except ValueError:
+            raise ValueError(f"--grid {item!r}: {key} takes {kind.__name__} values") from None
+    for i, value in enumerate(parsed):  # 4 and 4.0, 1e-3 and 0.001: one grid point twice
+        same = next((j for j in range(i) if parsed[j] == value or texts[j] == texts[i]), None)
+        if same is not None:
+            raise ValueError(
+                f"{flag} {item!r} repeats a value ({texts[same]} and {texts[i]} are the same); "
+                "give distinct values"
+            )
+    return key, parsed
 
 
 def parse_grid(recipe_items: Sequence[str] = (), option_items: Sequence[str] = ()) -> dict[str, list[Any]]:
@@ -178,7 +194,8 @@ def build_grid(method: str, grid: dict[str, list[Any]], extra_args: Sequence[str
     the trainer flags give the lr. A key both in the grid and in the trainer flags is a ValueError."""
     for flag in _RESERVED_FLAGS:
         if _given(flag, extra_args):
-            raise ValueError(f"{flag} in the trainer flags: a tuning sets it itself (--seeds for the seeds)")
+            hint = " (--seeds gives the seeds)" if flag == "--seed" else ""
+            raise ValueError(f"{flag} in the trainer flags after --: a tuning sets it itself{hint}")
     for key in grid:
         flag = GRID_KEYS[key][0] if key in GRID_KEYS else None
         if (flag and _given(flag, extra_args)) or (
@@ -190,6 +207,70 @@ def build_grid(method: str, grid: dict[str, list[Any]], extra_args: Sequence[str
     if "lr" in grid or _given("--lr", extra_args):
         return dict(grid)
     return {"lr": list(lr_grid(method)), **grid}
+
+
+def _grid_value(key: str, value: Any) -> str:
+    """How the command line gives an axis value: ``--grid lr=nan``, ``--grid-opt rank=0``."""
+    if key.startswith(OPT_PREFIX):
+        return f"--grid-opt {key[len(OPT_PREFIX) :]}={_text(value)}"
+    return f"--grid {key}={_text(value)}"
+
+
+def _setting_error(method_cls: Any, parser: Any, argv: list[str]) -> str | None:
+    """Why the trainer would refuse ``argv`` before training (its parser, method options and recipe), or
+    None. The per-task preset values are not applied here (the trainer checks them per task)."""
+    from ..train.args import method_options
+    from ..train.recipe import RECIPE_KEYS, resolve_recipe
+
+    try:
+        args = parser.parse_args(argv)
+        method_options(method_cls, args.opt, args.method_config)
+        flags = {k: getattr(args, k) for k in RECIPE_KEYS if hasattr(args, k)}
+        resolve_recipe(args.recipe, method_cls.recipe, flags, method_cls.name)  # validates the recipe
+    except (ValueError, FileNotFoundError) as err:
+        return " ".join(str(err).split())
+    return None
+
+
+def check_grid(method: str, grid: dict[str, list[Any]], extra_args: Sequence[str]) -> None:
+    """Every grid point as the trainer would take it (method options through the method's config class,
+    recipe values through ``petl_zoo.train.recipe``), before anything runs: a ValueError line naming
+    the first grid value that cannot train (``--grid lr=nan cannot train: lr nan is invalid; ...``), or
+    the grid point when only a combination fails. A method not in the registry is not checked."""
+    from ..registry import get_method
+    from ..train.args import build_train_parser
+
+    try:
+        method_cls = get_method(method)
+    except ValueError:  # --no-method-check: the trainer reports it
+        return
+    parser = build_train_parser(raise_errors=True)
+    base = ["--method", method, "--task", "_", *extra_args]
+    why = _setting_error(method_cls, parser, base)
+    if why is not None:
+        raise ValueError(f"the trainer flags after -- cannot train {method}: {why}")
+    for key, values in grid.items():  # each value on the base flags alone: the message names it
+        for value in values:
+            why = _setting_error(method_cls, parser, [*base, *setting_flags({key: value})])
+            if why is not None and not _fixed_by_grid(method_cls, parser, base, grid, key, value):
+                raise ValueError(f"{_grid_value(key, value)} cannot train {method}: {why}")
+    for setting in grid_settings(grid):
+        why = _setting_error(method_cls, parser, [*base, *setting_flags(setting)])
+        if why is not None:
+            point = ", ".join(f"{k.removeprefix(OPT_PREFIX)}={_text(v)}" for k, v in setting.items())
+            raise ValueError(f"grid point {point} cannot train {method}: {why}")
+
+
+def _fixed_by_grid(
+    method_cls: Any, parser: Any, base: list[str], grid: dict[str, list[Any]], key: str, value: Any
+) -> bool:
+    """Whether some grid point holding ``key=value`` trains (``epochs=5`` fails alone with the recipe's
+    10 warmup epochs, but not with the grid's ``warmup_epochs=0``)."""
+    others = {k: v for k, v in grid.items() if k != key}
+    return any(
+        _setting_error(method_cls, parser, [*base, *setting_flags({key: value, **rest})]) is None
+        for rest in grid_settings(others)
+    )
 
 
 def _execution_dests(parser: Any) -> set[str]:
@@ -215,12 +296,14 @@ def _base_identity(method: str, model: str, extra_args: Sequence[str]) -> dict[s
 
 
 def grid_fingerprint(method: str, model: str, grid: dict[str, list[Any]], extra_args: Sequence[str]) -> str:
-    """16 hex digits naming a tuning: method, model, grid and the base trainer flags."""
+    """16 hex digits naming a tuning: method, model, grid, the base trainer flags and the flags of a
+    grid point (``POINT_FLAGS``: points scored on val200 only, never tested)."""
     data = {
         "version": SELECTION_VERSION,
         "method": method,
         "grid": grid,
         "base": _base_identity(method, model, extra_args),
+        "points": list(POINT_FLAGS),
     }
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -302,8 +385,10 @@ class Tuning:
     points: list[tuple[dict[str, Any], SweepRun]] = field(default_factory=list)
 
     def train_args(self, setting: dict[str, Any], seed: int, out: Path, select_val: bool) -> list[str]:
+        """A run's trainer arguments: a grid point's (``select_val``: train800, scored on val200, test
+        never evaluated: ``POINT_FLAGS``) or a retrained run's (train800val200, tested)."""
         args = [*self.base, "--seed", str(seed), "--out", str(out), *self.extra, *setting_flags(setting)]
-        return args + (["--select-on", "val"] if select_val else [])
+        return args + (list(POINT_FLAGS) if select_val else [])
 
 
 def plan_tuning(
@@ -321,6 +406,7 @@ def plan_tuning(
 ) -> list[Tuning]:
     """One Tuning per task with its points planned (statuses classified now)."""
     method_grid = build_grid(method, grid, extra_args)
+    check_grid(method, method_grid, extra_args)
     settings = grid_settings(method_grid)
     names = [setting_name(s) for s in settings]
     if len(set(names)) != len(names):
