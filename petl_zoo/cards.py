@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import checked_model_kwargs
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text, make_dir
 from .runfolder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -437,7 +437,7 @@ def write_card(
     if run_dir.resolve() == out_dir.resolve():
         raise ValueError(f"--out '{out_dir}' is the run folder itself: give a separate card folder")
     card = build_card(run_dir, template_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)  # a folder under a file, or read-only: one WriteError line naming it
     for src_name, dst_name in COPIED_FILES.items():
         src = run_dir / src_name
         if src_name == CONFIG and src.is_file():  # published without this machine's paths
@@ -565,10 +565,13 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             print(f"wrote {write_card(args.run_dir, args.out, args.template)}")
         if args.index:
             print(f"updated {write_index(args.cards_root, args.allow_short)}")
-    except ValueError as e:
-        p.error(str(e))
-    if args.push_to_hub:
-        print(f"pushed: {push_card(args.out, args.push_to_hub, private=args.private)}")
+        if args.push_to_hub:
+            print(f"pushed: {push_card(args.out, args.push_to_hub, private=args.private)}")
+    except (ValueError, OSError) as e:  # a bad run folder, a card folder that cannot be written, a refused push
+        if os.environ.get("PETL_ZOO_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
+        return 2  # the tool's status for a run or card folder it cannot use
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -213,7 +214,27 @@ def test_unfinished_run_and_cli(tmp_path):
         text=True,
         check=False,
     )
-    assert proc.returncode == 2 and "not a finished" in proc.stderr
+    assert proc.returncode == 2 and "not a finished" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("blocked", ["under_a_file", "read_only"])
+def test_card_out_that_cannot_be_written_is_one_line(tmp_path, capsys, blocked):
+    from petl_zoo.cards import main
+
+    run = tmp_path / "run"
+    make_run(run)
+    if blocked == "under_a_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "card"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o500)
+        if os.access(out, os.W_OK):  # root writes anywhere
+            pytest.skip("this user can write a read-only folder")
+    assert main([str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(tmp_path) in err
 
 
 def test_index_lists_cards_and_repo_index_is_current(tmp_path):
