@@ -114,3 +114,25 @@ def test_the_trainer_refuses_model_kwargs_its_record_could_not_carry(tmp_path, c
     assert capsys.readouterr().err.startswith(
         "error: --model-kwargs: the run's model_kwargs sets 'checkpoint_path', which a saved record may not set"
     )
+
+
+def test_an_offline_first_command_lists_every_missing_input_at_once(tmp_path, capsys, monkeypatch):
+    """No data and no weights: one message names both and how to get each (not one per attempt)."""
+    import petl_zoo.train.backbone as backbone
+
+    monkeypatch.setattr(backbone, "_weights_cached", lambda name: False)
+    monkeypatch.setattr(backbone, "hub_offline_reason", lambda: "offline (test)")
+    assert main(["--method", "lora", "--task", "dtd", "--data-root", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: 2 inputs are missing: (1) VTAB root ")
+    assert (
+        "python -m vtab.prepare --task dtd" in err
+        and "(2) no pretrained weights for vit_base_patch16_224" in err
+    )
+    assert "--pretrained-file PATH" in err
+    root = write_task(tmp_path / "a")  # the data there: only the weights are missing
+    args = [a for a in base_args(root, tmp_path / "run") if a != "--no-pretrained"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.startswith(
+        "error: no pretrained weights for vit_tiny_patch16_224: offline (test)"
+    )

@@ -210,6 +210,43 @@ def _from_hub(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
         ) from None
 
 
+def _weights_cached(model_name: str) -> bool:
+    """Whether timm's pretrained weights of ``model_name`` are in the local Hub or torch cache (True
+    for a name timm does not know: the builder reports that itself)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except Exception:  # noqa: BLE001 - an unknown or malformed name: not this check's to report
+        return True
+    if cfg is None:
+        return True
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = (getattr(cfg, "hf_hub_filename", None), "model.safetensors", "pytorch_model.bin")
+        return any(n and isinstance(try_to_load_from_cache(hub_id, n), str) for n in names)
+    url = getattr(cfg, "url", None)
+    if url:
+        import torch
+
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name).is_file()
+    return False
+
+
+def weights_unavailable(model_name: str) -> str | None:
+    """Why timm's pretrained weights of ``model_name`` cannot be had now (not in the local cache and
+    the Hub offline), with how to give weights instead; None when they can (checked before anything
+    runs, so that a first command lists every missing input at once)."""
+    if _weights_cached(model_name):
+        return None
+    offline = hub_offline_reason()
+    if offline is None:
+        return None
+    return f"no pretrained weights for {model_name}: {offline} and not in the local cache; {_GIVE_WEIGHTS}"
+
+
 def check_weights_file(path: str | os.PathLike) -> Path:
     """``path`` as a weights file that exists and has a known suffix, else one FileNotFoundError or
     ValueError line (a folder is called a folder, and its weight files are named)."""

@@ -22,7 +22,7 @@ from ..runfolder import RunFolder
 from ..version import __version__ as petl_zoo_version
 from . import distributed as D
 from .args import build_train_parser, method_options, parse_key_values
-from .backbone import check_weights_file, resolve_model_name
+from .backbone import check_weights_file, resolve_model_name, weights_unavailable
 from .errors import UserError
 from .recipe import execution_defaults, resolve_recipe
 
@@ -149,7 +149,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     import vtab
 
     method_cls = get_method(args.method)
-    folder = vtab.task_dir(args.task, args.data_root)  # unknown task / missing root: clear errors
+    folder = _check_inputs(args)  # the data and the weights: every missing input in one message
     info = vtab.find_task(args.task)
     task = info.name if info is not None else folder.name
     preset_label, preset_options, preset_recipe = _preset_values(method_cls.name, args.preset, task)
@@ -206,6 +206,31 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         test=not args.no_test,
         data_identity=vtab.data_identity(args.task, args.data_root),
     )
+
+
+def _check_inputs(args: Any) -> Path:
+    """The task's folder, after checking that the data and the pretrained weights can be had: what is
+    missing (the data and how to prepare it, the weights and how to give them) is one message, so an
+    offline first command says everything it needs at once."""
+    import vtab
+
+    problems, folder = [], None
+    try:
+        folder = vtab.task_dir(args.task, args.data_root)  # an unknown task: its own clear error
+        vtab.data_identity(args.task, args.data_root)  # the list files and their images
+    except FileNotFoundError as err:
+        problems.append(" ".join(str(err).split()))
+    if args.pretrained_file is None and not args.no_pretrained:
+        problems.append(weights_unavailable(args.model) or "")
+    problems = [p for p in problems if p]
+    if len(problems) > 1:
+        raise UserError(
+            f"{len(problems)} inputs are missing: "
+            + "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        )
+    if problems:
+        raise UserError(problems[0])
+    return folder
 
 
 def _preset_values(method: str, name: str | None, task: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
