@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..runfolder import SELECTION_VERSION, TUNE_PREFIX
+from ..runfolder import OPT_PREFIX, SELECTION_VERSION, TUNE_PREFIX
 from .plan import (
     ExpectedConfig,
     SweepRun,
@@ -105,7 +105,6 @@ _ALIASES = {"wd": "weight_decay"}
 _RESERVED_FLAGS = ("--seed", "--select-on", "--out", "--no-test")
 #: What a grid point adds to its trainer flags (besides its seed, folder and setting).
 POINT_FLAGS = ("--select-on", "val", "--no-test")
-OPT_PREFIX = "opt."
 
 RULE = (
     "highest val_accuracy (last-epoch accuracy on val200 of the point trained on train800, one seed); "
