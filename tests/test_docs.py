@@ -1,8 +1,9 @@
-"""The docs run as written: README.md and every docs/*.md.
+"""The docs run as written: README.md, demo/README.md and every docs/*.md.
 
-Every ```python block is preceded by ``<!-- runnable -->`` (the test executes it, from a scratch folder,
-with the checkout's ``../shared/proxy`` reachable as in the docs) or by ``<!-- not-runnable: why -->``
-(it needs pretrained weights, a dataset download or a GPU). No doc names a machine path.
+Every ```python block is preceded by ``<!-- runnable -->`` (the test executes it, from a scratch folder
+where ``demo/`` is the checkout's, as from a clone) or by ``<!-- not-runnable: why -->`` (it needs
+pretrained weights, a dataset download or a GPU). No doc names a machine path, or a file outside the
+repository: the demo backbone is ``demo/vit_tiny_fmnist32.safetensors``, shipped with it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+DEMO_README = ROOT / "demo" / "README.md"
+DOCS = [README, DEMO_README, *sorted((ROOT / "docs").glob("*.md"))]
+DEMO_FILE = "demo/vit_tiny_fmnist32.safetensors"
 MARKER = re.compile(r"<!-- (runnable|not-runnable: [^>]+) -->\s*```python\n(.*?)```", flags=re.S)
 MACHINE_PATHS = re.compile(r"(?<![\w.])/(work|root|home|Users|tmp/pytest)[/\w.-]*")
+
+
+def _doc_id(doc: Path) -> str:
+    return doc.relative_to(ROOT).as_posix() if doc == DEMO_README else doc.name
 
 
 def python_blocks(doc: Path) -> tuple[list[str], int]:
@@ -31,7 +38,7 @@ def python_blocks(doc: Path) -> tuple[list[str], int]:
     return runnable, total
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=_doc_id)
 def test_every_python_block_is_marked(doc):
     text = doc.read_text(encoding="utf-8")
     marked = len(MARKER.findall(text))
@@ -41,20 +48,36 @@ def test_every_python_block_is_marked(doc):
     )
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=_doc_id)
 def test_no_machine_paths(doc):
     found = MACHINE_PATHS.findall(doc.read_text(encoding="utf-8"))
-    assert not found, f"{doc.name} names machine paths (refer to ../shared/proxy/ and relative paths)"
+    assert not found, (
+        f"{doc.name} names machine paths (use paths relative to the repository, e.g. {DEMO_FILE})"
+    )
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_doc_id)
+def test_docs_use_the_shipped_demo_backbone(doc):
+    """No file outside the repository (``../shared/...``): the backbone is the one in ``demo/``."""
+    text = doc.read_text(encoding="utf-8")
+    outside = re.findall(r"\.\./shared\b[\w/.-]*", text)
+    assert not outside, f"{doc.name} names files outside the repository: {outside} (use {DEMO_FILE})"
+    elsewhere = re.findall(r"[\w./-]*vit_tiny_fmnist32\.safetensors", text)
+    wrong = [m for m in elsewhere if m not in (DEMO_FILE, "vit_tiny_fmnist32.safetensors")]
+    assert not wrong, f"{doc.name} names the demo backbone as {wrong}; write {DEMO_FILE}"
+
+
+def test_the_demo_backbone_is_in_the_checkout():
+    assert (ROOT / DEMO_FILE).is_file(), f"{DEMO_FILE} is missing; the docs' real-data rows need it"
+    assert DEMO_README.is_file()
 
 
 @pytest.mark.slow  # one Python subprocess per example
-@pytest.mark.parametrize("doc", [d for d in DOCS if python_blocks(d)[0]], ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", [d for d in DOCS if python_blocks(d)[0]], ids=_doc_id)
 def test_runnable_python_blocks_run(doc, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    shared = ROOT.parent / "shared"
-    if shared.is_dir():  # docs refer to the proxy as ../shared/proxy/
-        (tmp_path / "shared").symlink_to(shared)
+    (work / "demo").symlink_to(ROOT / "demo")  # docs name the backbone demo/..., as from a clone
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for i, block in enumerate(python_blocks(doc)[0]):
         script = work / f"{doc.stem}_{i}.py"

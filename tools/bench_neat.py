@@ -1,10 +1,10 @@
 """Train-step time of NEAT against LoRA (same rank and targets) and a naive NEAT that builds delta_W.
 
-    python tools/bench_neat.py --pretrained-file ../shared/proxy/vit_tiny_fmnist32.safetensors
+    python tools/bench_neat.py --pretrained-file demo/vit_tiny_fmnist32.safetensors
     python tools/bench_neat.py --model vit_small_patch16_224 --batch 8
     python tools/bench_neat.py --profile                  # torch.profiler table of one step per variant
 
-``--model proxy`` (the default) is the shared proxy ViT's architecture (``vit_tiny_patch16_224`` at img 32,
+``--model proxy`` (the default) is the demo backbone's architecture (``vit_tiny_patch16_224`` at img 32,
 patch 4, depth 6); ``--model-kwargs KEY=VALUE ...`` adds or overrides architecture options. The backbone
 is built by ``petl_zoo.train.backbone.build_backbone``: with ``--pretrained-file`` its weights come from
 that file, without it they are random (the step time hardly depends on the weights).
@@ -46,7 +46,7 @@ from petl_zoo.layers import AdaptedLinear, adapted_linears
 from petl_zoo.methods.neat import NeatDelta
 from petl_zoo.train.backbone import build_backbone
 
-# The architecture of the shared proxy ViT (its weights: ../shared/proxy/vit_tiny_fmnist32.safetensors).
+# The architecture of the demo backbone (its weights: demo/vit_tiny_fmnist32.safetensors, demo/README.md).
 PROXY_MODEL = "vit_tiny_patch16_224"
 PROXY_KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 4, "depth": 6}
 VARIANTS = ("lora", "neat", "naive", "naive_peft")
