@@ -284,7 +284,7 @@ def test_defaults_and_recipe():
     assert NeatConfig(mlp=True).resolved_targets == ("q", "v", "fc1", "fc2")
     assert NeatConfig(mlp=True, targets=("fc1", "q")).resolved_targets == ("fc1", "q", "fc2")
     method = petl_zoo.registry.get_method("neat")
-    assert method.recipe == {} and method.identity_at_init
+    assert method.recipe == {"lr": 5e-3} and method.identity_at_init  # the authors' lr (run.sh)
     assert petl_zoo.is_mergeable(petl_zoo.create("neat", tiny_vit(), mlp=True, depth=1))
     assert "VTAB-1K" in (method.__doc__ or "") and "no VTAB-1K numbers" in " ".join(method.__doc__.split())
 
