@@ -1,15 +1,21 @@
 """Adapters against their authors' math: AdaptFormer (residual input, drop-path and layer scale on the MLP
-branch only) and Adapter+ (post-block, channel scale, own drop-path); options, counts, old folders.
+branch only), AdaptFormer's sequential variant and Houlsby (on the branch output, after layer scale and
+drop-path) and Adapter+ (post-block, channel scale, own drop-path); options, counts, old folders.
 
 The authors' code, re-hosted in our words on timm blocks with our weights copied in:
 - AdaptFormer (ShoufaChen/AdaptFormer @ 6967d67): ``models/adapter.py: Adapter.forward`` with
   ``adapter_layernorm_option="none"``, ``add_residual=False`` (``up(dropout(ReLU(down(x)))) * scale``),
   and ``models/custom_modules.py: Block.forward`` with ``ffn_option="parallel"``: ``adapt_x`` from the
   residual stream before ``norm2``, added to ``drop_path(mlp(norm2(x)))``. Their block has no layer
-  scale; the re-hosted block keeps timm's ``ls2`` on the MLP branch, like the drop-path.
+  scale; the re-hosted block keeps timm's ``ls2`` on the MLP branch, like the drop-path. With
+  ``ffn_option="sequential"``: ``x = adaptmlp(drop_path(mlp(norm2(x))))`` (``add_residual=True``), then
+  ``residual + x``.
 - Adapter+ (visinf/adapter_plus @ 191c4ab): ``adapter_plus/vit_adapter.py: Adapter.forward``
   (``norm_a`` = Identity, ``drop_path_a(bottleneck(x)) * scaling``, plus ``skip``) and
-  ``AdapterBlock.forward_post`` (``x = adapter(x, skip=x)`` after the block).
+  ``AdapterBlock.forward_post`` (``x = adapter(x, skip=x)`` after the block); Houlsby:
+  ``AdapterBlock.forward_houlsby`` (L294-298: ``y = drop_path1(ls1(attn(norm1(x))))``,
+  ``x = x + adapter_attn(y, skip=y)``, the same on the MLP branch) with ``conf/adapter/houlsby.yaml``
+  (GELU, no norm, ``scaling: 1.0``, Houlsby init, adapter drop-path 0.1 from ``base_adapter.yaml``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ from torch import nn
 from torch.nn import functional as F
 
 import petl_zoo
-from petl_zoo.methods.adapter import AdapterConfig, BottleneckAdapter, PlusAdapter, ResidualTap
+from petl_zoo.methods.adapter import (
+    AdapterConfig,
+    BottleneckAdapter,
+    BranchTap,
+    HoulsbyAdapter,
+    PlusAdapter,
+    ResidualInject,
+    ResidualTap,
+)
 
 
 def fp64_vit(**kwargs) -> nn.Module:
@@ -68,7 +82,7 @@ def adaptformer_block(
 
 def perturb_adapters_(model: nn.Module, std: float = 0.2) -> None:
     """Noise on the adapters only (the head stays what the reference model has)."""
-    kinds = (BottleneckAdapter, PlusAdapter)
+    kinds = (BottleneckAdapter, HoulsbyAdapter)
     perturb_(
         model, std=std, params=[p for m in model.modules() if isinstance(m, kinds) for p in m.parameters()]
     )
@@ -76,7 +90,7 @@ def perturb_adapters_(model: nn.Module, std: float = 0.2) -> None:
 
 def adapter_weights(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
     """Block ``index``'s adapter tensors, by their names inside the adapter module."""
-    found = [m for m in model.blocks[index].modules() if isinstance(m, (BottleneckAdapter, PlusAdapter))]
+    found = [m for m in model.blocks[index].modules() if isinstance(m, (BottleneckAdapter, HoulsbyAdapter))]
     assert len(found) == 1
     return {n: t.detach() for n, t in found[0].named_parameters()}
 
@@ -122,8 +136,9 @@ def test_adaptformer_default_dropout_is_the_authors():
     assert not torch.equal(adapters[0](x, None), adapters[0](x, None))
     adapters[0].eval()
     assert torch.equal(adapters[0](x, None), adapters[0](x, None))
-    for style in ("plus", "sequential"):
+    for style in ("plus", "houlsby"):
         assert AdapterConfig(style=style).dropout == 0.0
+    assert AdapterConfig(style="sequential").dropout == 0.1  # AdaptFormer's sequential: the same module
 
 
 def _block_io(model: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
@@ -218,7 +233,175 @@ def test_adapter_plus_matches_the_authors_module(train):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
 
 
-def test_adapter_plus_init_and_count():
+def houlsby_bottleneck(p: dict, y: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
+    """Their ``Adapter.forward(y, skip=y)`` in the Houlsby config: no norm, GELU, ``scaling`` 1.0."""
+    h = F.linear(F.gelu(F.linear(y, p["down.weight"], p["down.bias"])), p["up.weight"], p["up.bias"])
+    return drop_path(h) * 1.0 + y
+
+
+def houlsby_block(block: nn.Module, attn_p: dict, mlp_p: dict, x: torch.Tensor, drop_path: nn.Module):
+    """Their ``AdapterBlock.forward_houlsby``: each adapter reads its branch after ``ls`` and drop-path."""
+    y = block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    x = x + houlsby_bottleneck(attn_p, y, drop_path)
+    y = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x + houlsby_bottleneck(mlp_p, y, drop_path)
+
+
+def adaptformer_sequential_block(block: nn.Module, p: dict, x: torch.Tensor, training: bool, dropout: float):
+    """Their ``Block.forward`` with ``ffn_option='sequential'``: ``adaptmlp`` (with its residual) on the
+    MLP branch after drop-path (timm's ``ls1``/``ls2`` on the branches), ``s = 0.1``."""
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    residual = x
+    y = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    y = y + adaptformer_adapter(p, y, 0.1, dropout, training)
+    return residual + y
+
+
+def branch_weights(model: nn.Module, index: int, target: str) -> dict[str, torch.Tensor]:
+    """The adapter on ``target`` (``attn`` / ``mlp``) of block ``index``, held by its :class:`BranchTap`."""
+    tap = getattr(model.blocks[index], target)
+    assert isinstance(tap, BranchTap)
+    return {n: t.detach() for n, t in tap.sequential["adapter"].named_parameters()}
+
+
+def host64(host: str, drop_path: float) -> nn.Module:
+    """A tiny fp64 ViT-family host; ``drop_path`` > 0 puts ``DropPath`` on both branches of every block."""
+    model = fp64_vit() if host == "vit" else tiny_host(host).double()
+    for block in model.blocks:
+        if drop_path > 0:
+            block.drop_path1, block.drop_path2 = DropPath(drop_path), DropPath(drop_path)
+    return model
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("host", ["vit", "deit3", "dinov2_reg"])
+def test_houlsby_matches_the_authors_block(host, train):
+    """fp64, 1e-10, plain ViT and layer-scale hosts; train mode: backbone drop-path 0.2 and the adapters'
+    own 0.1, the same seed (their drop-path draws come in the same order as ours)."""
+    torch.manual_seed(0)
+    theirs = host64(host, 0.2 if train else 0.0).train(train)
+    ours = copy.deepcopy(theirs)
+    petl_zoo.create("adapter", ours, style="houlsby")
+    cfg = ours.petl_method.config
+    assert (cfg.targets, cfg.act, cfg.dropout, cfg.drop_path, cfg.adapter_input, cfg.resolved_scale) == (
+        ("attn", "mlp"),
+        "gelu",
+        0.0,
+        0.1,
+        "branch",
+        1.0,
+    )
+    perturb_adapters_(ours)
+    x = images64()
+    torch.manual_seed(1)
+    out = ours(x)
+    torch.manual_seed(1)
+    drop = DropPath(0.1).train(train)
+    ref = vit_forward(
+        theirs,
+        x,
+        lambda i, b, h: houlsby_block(
+            b, branch_weights(ours, i, "attn"), branch_weights(ours, i, "mlp"), h, drop
+        ),
+    )
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    if host != "vit" and not train:  # the old form (inside the layer scale) is another model here
+        old = copy.deepcopy(theirs)
+        petl_zoo.create("adapter", old, style="houlsby", adapter_input="sublayer")
+        old.load_state_dict(ours.state_dict())
+        assert (old(x) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("host", ["vit", "deit3"])
+def test_adaptformer_sequential_matches_the_authors_block(host, train):
+    """fp64, 1e-10: eval with the default dropout 0.1 (inactive); train mode with backbone drop-path 0.5
+    (the adapter dropout off on both sides, as in the parallel test)."""
+    torch.manual_seed(0)
+    theirs = host64(host, 0.5 if train else 0.0).train(train)
+    ours = copy.deepcopy(theirs)
+    petl_zoo.create("adapter", ours, style="sequential", **({"dropout": 0.0} if train else {}))
+    cfg = ours.petl_method.config
+    assert (cfg.targets, cfg.act, cfg.adapter_input, cfg.resolved_scale) == (("mlp",), "relu", "branch", 0.1)
+    assert cfg.dropout == (0.0 if train else 0.1) and cfg.drop_path == 0.0
+    perturb_adapters_(ours)
+    x = images64()
+    torch.manual_seed(1)
+    out = ours(x)
+    torch.manual_seed(1)
+    ref = vit_forward(
+        theirs,
+        x,
+        lambda i, b, h: adaptformer_sequential_block(
+            b, branch_weights(ours, i, "mlp"), h, train, cfg.dropout
+        ),
+    )
+    assert (out - vit_forward(theirs, x, lambda i, b, h: b(h))).abs().max() > 1e-3  # a visible adapter
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("style", ["houlsby", "sequential"])
+@pytest.mark.parametrize("host", ["vit", "deit3", "swinv2"])
+def test_branch_adapters_are_each_called_once_per_forward(host, style):
+    """Every adapter runs once per forward, from the inject on its branch's drop-path, on the branch
+    output (what the drop-path returned)."""
+    torch.manual_seed(0)
+    model = petl_zoo.create("adapter", tiny_host(host), style=style).eval()
+    injects = [m for m in model.modules() if isinstance(m, ResidualInject)]
+    adapters = [m for m in model.modules() if isinstance(m, (BottleneckAdapter, HoulsbyAdapter))]
+    n_blocks = len(_block_io(model, torch.randn(1, 3, 32, 32)))
+    per_block = 2 if style == "houlsby" else 1
+    assert len(adapters) == len(injects) == per_block * n_blocks
+    seen: dict[int, list[torch.Tensor]] = {id(a): [] for a in adapters}
+    branch: dict[int, list[torch.Tensor]] = {id(i.tap.sequential["adapter"]): [] for i in injects}
+    hooks = [a.register_forward_hook(lambda m, args, out: seen[id(m)].append(args[0])) for a in adapters]
+    hooks += [
+        i.base.register_forward_hook(
+            lambda m, args, out, k=id(i.tap.sequential["adapter"]): branch[k].append(out)  # noqa: B008
+        )
+        for i in injects
+    ]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert all(len(v) == 1 for v in seen.values())
+    for key, inputs in seen.items():
+        assert inputs[0] is branch[key][0]
+
+
+def test_houlsby_init():
+    torch.manual_seed(0)
+    pristine = tiny_host("deit3").eval()
+    model = petl_zoo.create("adapter", copy.deepcopy(pristine), style="houlsby").eval()
+    found = [m for m in model.modules() if isinstance(m, HoulsbyAdapter)]
+    assert len(found) == 2 * len(model.blocks) and not any(isinstance(m, PlusAdapter) for m in found)
+    for adapter in found:
+        assert adapter.scale == 1.0 and isinstance(adapter.act, nn.GELU)
+        assert adapter.drop_path.drop_prob == 0.1 and isinstance(adapter.dropout, nn.Identity)
+        for layer in (adapter.down, adapter.up):
+            assert layer.weight.abs().max() <= 0.02 and 0.005 < layer.weight.std() < 0.012
+            assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # Houlsby init: not the identity
+        assert (model(x) - pristine(x)).abs().max() > 0
+
+
+def test_counts_on_vit_base():
+    """ViT-B/16, dim 8, head excluded: one adapter per block for the AdaptFormer styles, two for Houlsby
+    (attention and MLP), one plus the 768 channel scales for Adapter+."""
+    with torch.device("meta"):
+        base = timm.create_model("vit_base_patch16_224", num_classes=47)
+    counts = {}
+    for style in ("parallel", "sequential", "houlsby", "plus"):
+        model = petl_zoo.create("adapter", copy.deepcopy(base), style=style, dim=8)
+        counts[style] = petl_zoo.trainable_parameters(model)["method"]
+    one = 768 * 8 + 8 + 8 * 768 + 768
+    assert counts == {"parallel": 156_768, "sequential": 156_768, "houlsby": 313_536, "plus": 165_984}
+    assert counts["houlsby"] == 2 * 12 * one
+
+
+def test_adapter_plus_init():
     torch.manual_seed(0)
     model = petl_zoo.create("adapter", tiny_host("vit"), style="plus")
     found = [m for m in model.modules() if isinstance(m, PlusAdapter)]
@@ -229,13 +412,6 @@ def test_adapter_plus_init_and_count():
             assert layer.weight.abs().max() <= 0.02 and 0.005 < layer.weight.std() < 0.012
             assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
         assert isinstance(plus.act, nn.GELU) and plus.drop_path.drop_prob == 0.1
-    with torch.device("meta"):
-        base = timm.create_model("vit_base_patch16_224", num_classes=47)
-    counts = {}
-    for style in ("parallel", "plus"):
-        model = petl_zoo.create("adapter", copy.deepcopy(base), style=style, dim=8)
-        counts[style] = petl_zoo.trainable_parameters(model)["method"]
-    assert counts == {"parallel": 156_768, "plus": 165_984}
 
 
 @pytest.mark.parametrize(
@@ -243,9 +419,12 @@ def test_adapter_plus_init_and_count():
     [
         (
             {"style": "sequential", "adapter_input": "norm"},
-            "adapter_input='norm' applies to style='parallel' only",
+            "adapter_input='norm' does not apply to style='sequential', which takes 'branch' or 'sublayer'",
         ),
-        ({"style": "plus", "adapter_input": "residual"}, "applies to style='parallel' only"),
+        ({"style": "houlsby", "adapter_input": "residual"}, "which takes 'branch' or 'sublayer'"),
+        ({"adapter_input": "branch"}, "style='parallel', which takes 'residual' or 'norm'"),
+        ({"style": "plus", "adapter_input": "residual"}, "style='plus', which reads the block output"),
+        ({"style": "plus", "targets": ("attn", "mlp")}, r"style='plus' sits after the MLP only"),
         ({"style": "plus", "targets": ("mlp", "attn")}, r"style='plus' sits after the MLP only"),
         ({"adapter_input": "pre"}, "bad value 'pre' for option 'adapter_input'"),
         ({"drop_path": 1.0}, r"drop_path must be in \[0, 1\)"),
@@ -267,7 +446,48 @@ def test_resolved_values_are_recorded():
         "adapter_input": "residual",
         "drop_path": 0.0,
     }
-    assert AdapterConfig(style="sequential").adapter_input is None
+    assert AdapterConfig(style="houlsby").to_dict() == {
+        "dim": 8,
+        "scale": None,
+        "style": "houlsby",
+        "targets": ["attn", "mlp"],
+        "act": "gelu",
+        "dropout": 0.0,
+        "adapter_input": "branch",
+        "drop_path": 0.1,
+    }
+    sequential = AdapterConfig(style="sequential")
+    assert (sequential.targets, sequential.adapter_input, sequential.dropout) == (("mlp",), "branch", 0.1)
+    assert sequential.resolved_scale == 0.1 and AdapterConfig(style="plus").adapter_input is None
+
+
+def test_old_sequential_folders_load_in_their_form(tmp_path):
+    """A sequential adapter saved before it took ``adapter_input`` (saved as None, scale None = 1.0) ran
+    on the sub-layer output inside layer scale and drop-path: it loads in that form, exactly."""
+    torch.manual_seed(0)
+    pristine = tiny_host("deit3").eval()
+    x = torch.randn(2, 3, 32, 32)
+    old = petl_zoo.create(
+        "adapter",
+        copy.deepcopy(pristine),
+        style="sequential",
+        adapter_input="sublayer",
+        scale=1.0,
+        dropout=0.0,
+    ).eval()
+    assert isinstance(old.blocks[0].mlp.sequential["adapter"], BottleneckAdapter)
+    assert not isinstance(old.blocks[0].drop_path2, ResidualInject)
+    perturb_(old)
+    petl_zoo.save_adapter(old, tmp_path / "old")
+    path = tmp_path / "old" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved["config"].update(adapter_input=None, scale=None)
+    path.write_text(json.dumps(saved))
+    fresh = petl_zoo.load_adapter(copy.deepcopy(pristine), tmp_path / "old").eval()
+    cfg = fresh.petl_method.config
+    assert (cfg.adapter_input, cfg.resolved_scale, cfg.dropout) == ("sublayer", 1.0, 0.0)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), old(x))
 
 
 def test_residual_attn_target_and_windowed_post_norm():
@@ -349,11 +569,20 @@ def test_paper_plus_preset_holds_the_authors_dims():
 
 @pytest.mark.parametrize("host", sorted(HOSTS))
 @pytest.mark.parametrize(
-    "options", [{"style": "plus"}, {"targets": ("mlp", "attn")}, {"adapter_input": "norm"}], ids=str
+    "options",
+    [
+        {"style": "plus"},
+        {"targets": ("mlp", "attn")},
+        {"adapter_input": "norm"},
+        {"style": "houlsby"},  # the branch taps on both branches (AdaptFormer's sequential: the MLP one)
+    ],
+    ids=str,
 )
 def test_non_default_forms_on_every_host(host, options, tmp_path):
     """The contract checks for the forms the contract test (defaults only) does not build."""
     from test_contract import batches, check_gradients, check_sites_called, check_trainable
+
+    from petl_zoo.targets import classifier_modules
 
     torch.manual_seed(0)
     pristine = tiny_host(host).eval()
@@ -378,5 +607,11 @@ def test_non_default_forms_on_every_host(host, options, tmp_path):
         assert torch.equal(fresh(data[0][0]), tuned)
     with pytest.raises(ValueError, match="method 'adapter' cannot be merged: "):
         petl_zoo.merge(model)
+    # on a bf16 host every adapter tensor is placed alike (the adapter dtype rule of petl_zoo.layers) and
+    # the outputs keep the host's dtype
     bf16 = petl_zoo.create("adapter", copy.deepcopy(pristine).to(torch.bfloat16), **options)
-    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+    heads = {id(p) for head in classifier_modules(bf16) for p in head.parameters()}
+    method_dtypes = {p.dtype for p in bf16.parameters() if p.requires_grad and id(p) not in heads}
+    assert len(method_dtypes) == 1 and method_dtypes <= {torch.bfloat16, torch.float32}
+    with torch.no_grad():
+        assert bf16(data[0][0].to(torch.bfloat16)).dtype == torch.bfloat16
