@@ -14,7 +14,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .io import atomic_write, atomic_write_json, sha256_file
-from .layers import PetlModule, adapted_wrappers, merge_blockers, place_like_host, unload_wrappers
+from .layers import (
+    PetlModule,
+    adapted_wrappers,
+    adapter_dtype_for,
+    merge_blockers,
+    place_like_host,
+    unload_wrappers,
+)
 from .registry import Method, get_method
 from .runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .targets import classifier_modules, model_family
@@ -79,28 +86,47 @@ def _require_method(model: nn.Module) -> Method:
     return method
 
 
-def create(method: str, model: nn.Module, *, train_attn_pool: bool = False, **options: Any) -> nn.Module:
+def create(
+    method: str,
+    model: nn.Module,
+    *,
+    train_attn_pool: bool = False,
+    adapter_dtype: torch.dtype | None = None,
+    **options: Any,
+) -> nn.Module:
     """Patch ``model`` in place with PETL ``method`` and return it.
 
     The backbone is frozen; the method's parameters and the classifier head(s) stay trainable (both heads
     of a distilled DeiT). An attention-pool head (SigLIP's ``attn_pool``) is pretrained backbone and stays
     frozen unless ``train_attn_pool``. Options are the fields of the method's config dataclass (unknown
-    names and bad values raise ValueError). The method's tensors are put on the device and in the dtype of
-    the weights they adapt. ``create`` is atomic: when it raises, the model is exactly as it was.
+    names and bad values raise ValueError). ``create`` is atomic: when it raises, the model is exactly as
+    it was.
+
+    The method's tensors are put on the device of the weights they adapt, in ``adapter_dtype``: None
+    (the default) keeps them in float32 on a float16/bfloat16 model (half precision cannot resolve small
+    updates: training would stall) and in the weights' dtype otherwise; ``torch.float32``,
+    ``torch.bfloat16``, ``torch.float16`` or ``torch.float64`` chooses (``torch.bfloat16`` on a bf16
+    model gives the all-bf16 method tensors of earlier versions). Tensors kept in another dtype than the
+    model's are cast to the activations' dtype inside the method's forward, so outputs keep the model's
+    dtype, and :func:`merge` computes the merged weights in float32 and stores them in the model's
+    dtype. Methods that train the model's own tensors (``full``, ``bitfit``, ``linear``: the head) have
+    no tensors of their own and are exempt: what they train keeps the model's dtype.
     """
     cls = get_method(method)
     existing = method_of(model)
     if existing is not None:
         raise ValueError(f"model already carries method '{existing.name}'; create() takes an unpatched model")
     cls.check_family(model_family(model))
+    adapter_dtype_for(torch.float32, adapter_dtype)  # one ValueError line for a bad adapter_dtype
     config = cls.config_class.from_options(cls.name, **options)
     instance = cls(config)
+    instance.adapter_dtype = adapter_dtype
     snapshot = _ModelSnapshot(model)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         instance.apply(model)
-        place_like_host(model)
+        place_like_host(model, adapter_dtype)
         _match_training_mode(model, snapshot)
         for p in classifier_parameters(model, include_attn_pool=train_attn_pool):
             p.requires_grad_(True)
@@ -430,17 +456,25 @@ def check_adapter_fits(model: nn.Module, directory: str | os.PathLike, config: d
         )
 
 
-def attach_saved_method(model: nn.Module, config: dict[str, Any]) -> Method:
-    """Create the method recorded in ``config`` on ``model`` and restore its saved structure state."""
-    create(config["method"], model, **saved_options(config))
+def attach_saved_method(
+    model: nn.Module, config: dict[str, Any], adapter_dtype: torch.dtype | None = None
+) -> Method:
+    """Create the method recorded in ``config`` on ``model`` (its tensors in ``adapter_dtype``, see
+    :func:`create`) and restore its saved structure state."""
+    create(config["method"], model, adapter_dtype=adapter_dtype, **saved_options(config))
     method = _require_method(model)
     method.set_state(model, config.get("state", {}))
-    place_like_host(model)
+    place_like_host(model, adapter_dtype)
     return method
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, strict: bool = True, *, verify: bool = True
+    model: nn.Module,
+    directory: str | os.PathLike,
+    strict: bool = True,
+    *,
+    verify: bool = True,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Rebuild the saved method on an unpatched ``model`` and load its tensors; returns the model.
 
@@ -448,13 +482,15 @@ def load_adapter(
     is refused unless ``verify=False`` (which skips the check). Raises ValueError when the folder was
     saved for another architecture or tensor shapes differ. The folder's base-model record is attached
     to the model (``petl_base_model``), so that :func:`save_adapter` and
-    :func:`petl_zoo.push_to_hub` record the same creation keywords when given none.
+    :func:`petl_zoo.push_to_hub` record the same creation keywords when given none. The method's
+    tensors take ``adapter_dtype`` by :func:`create`'s rule (float32 on a float16/bfloat16 model by
+    default), whatever dtype the folder stored them in.
     """
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = verify_weights(directory, config, verify)
     check_adapter_fits(model, directory, config)
-    attach_saved_method(model, config)
+    attach_saved_method(model, config, adapter_dtype)
     load_adapter_weights(model, load_file(str(weights)), strict=strict, source=str(directory))
     record = config.get("base_model")
     if isinstance(record, dict):

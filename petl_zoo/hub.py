@@ -106,6 +106,7 @@ def from_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     verify: bool = True,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The base model named in the adapter's config with the adapter attached and loaded, in eval mode.
 
@@ -116,7 +117,9 @@ def from_pretrained(
     weight, e.g. ``full``). The recorded creation keywords must be architecture keywords
     (:func:`petl_zoo.api.checked_model_kwargs`). The adapter's SHA-256 is checked before loading; a
     config that records none is refused unless ``verify=False``. The model carries the record, so
-    :func:`push_to_hub` and :func:`petl_zoo.save_adapter` write it again.
+    :func:`push_to_hub` and :func:`petl_zoo.save_adapter` write it again. The model is moved to
+    ``device``/``dtype`` before the adapter is attached; the adapter's tensors then take ``adapter_dtype``
+    as in :func:`petl_zoo.create` (None: float32 on a float16/bfloat16 model, else the model's dtype).
     """
     from .train.backbone import build_backbone
 
@@ -134,7 +137,7 @@ def from_pretrained(
     )
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    load_adapter(model, folder, verify=verify)
+    load_adapter(model, folder, verify=verify, adapter_dtype=adapter_dtype)
     logger.info("loaded %s adapter from %s onto %s", config.get("method"), folder, record["name"])
     return model.eval()
 

@@ -47,12 +47,21 @@ by the method. Forward pre-hooks that a method puts on timm modules are owned by
 
 Every tensor that lives under a :class:`PetlModule` belongs to the method: it is saved by
 ``save_adapter`` and counted as the method's.
+
+Precision. A method's tensors are kept in the *adapter dtype* (:func:`adapter_dtype_for`): float32 on a
+float16/bfloat16 host by default, the host's dtype otherwise, or what ``create(..., adapter_dtype=...)``
+asks for. Where it differs from the host's (:func:`place_like_host` then sets
+``PetlModule.casts_to_input``), a method module computes in the dtype of the activations it is called
+with: its tensors are cast to that dtype for the call (:func:`cast_method_tensors`; small tensors, the
+gradient flows back to the stored ones), never the frozen weights, so outputs keep the host's dtype.
+Merging computes the merged weight in float32 (or wider) and stores it in the host's dtype.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -85,6 +94,10 @@ __all__ = [
     "unmergeable_deltas",
     "unload_wrappers",
     "place_like_host",
+    "adapter_dtype_for",
+    "cast_method_tensors",
+    "HALF_DTYPES",
+    "ADAPTER_DTYPES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,15 +106,83 @@ logger = logging.getLogger(__name__)
 Affine = tuple[Tensor, "Tensor | None"]
 
 
+#: Half-precision floating dtypes: a host in one of them gets float32 method tensors by default.
+HALF_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+#: The dtypes a method's tensors may be kept in (``create(..., adapter_dtype=...)``).
+ADAPTER_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def adapter_dtype_for(host: torch.dtype, adapter_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a method's tensors are kept in on a host whose weights are ``host``: ``adapter_dtype``
+    when given, else float32 for a float16/bfloat16 host (updates below half precision's resolution
+    would be lost: peft's ``autocast_adapter_dtype``) and the host's own dtype otherwise."""
+    if adapter_dtype is not None:
+        if adapter_dtype not in ADAPTER_DTYPES:
+            names = ", ".join(str(d) for d in ADAPTER_DTYPES)
+            raise ValueError(f"adapter_dtype must be None or one of {names}, got {adapter_dtype!r}")
+        return adapter_dtype
+    return torch.float32 if host in HALF_DTYPES else host
+
+
+@contextmanager
+def cast_method_tensors(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, every floating parameter and buffer below ``module`` that is not in ``dtype``
+    reads as its cast to ``dtype`` (differentiable: gradients reach the stored tensor); tied tensors are
+    cast once. Modules with ``keeps_float32`` keep theirs. Restored on exit, also when the block raises.
+    Only the method's small tensors are cast: the frozen weights a delta gets as arguments are not."""
+    swapped: list[tuple[dict[str, Any], str, Tensor]] = []
+    casts: dict[int, Tensor] = {}
+    try:
+        for sub in module.modules():
+            if getattr(sub, "keeps_float32", False):
+                continue
+            for table in (sub._parameters, sub._buffers):
+                for name, tensor in table.items():
+                    if tensor is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+                        continue
+                    cast = casts.get(id(tensor))
+                    if cast is None:
+                        cast = casts[id(tensor)] = tensor.to(dtype)
+                    swapped.append((table, name, tensor))
+                    table[name] = cast
+        yield
+    finally:
+        for table, name, tensor in reversed(swapped):
+            table[name] = tensor
+
+
+def _input_dtype(args: tuple, kwargs: dict[str, Any]) -> torch.dtype | None:
+    """The dtype of the first floating tensor among a call's arguments (None without one)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value.dtype
+    return None
+
+
 class PetlModule(nn.Module):
     """Marker base class: parameters and persistent buffers below it are the method's own.
 
-    :func:`place_like_host` puts every PetlModule on the device and in the floating dtype of the weights
-    it adapts (a bf16 model on the GPU gets bf16 GPU deltas); a module that must keep float32 on purpose
-    (e.g. accumulated statistics) sets ``keeps_float32 = True`` and is only moved to the device.
+    :func:`place_like_host` puts every PetlModule on the device of the weights it adapts, in the adapter
+    dtype (:func:`adapter_dtype_for`: float32 on a float16/bfloat16 host by default, the host's dtype
+    otherwise). When that differs from the host's dtype it sets ``casts_to_input``: a call then runs with
+    the module's tensors cast to the dtype of its first floating argument (:func:`cast_method_tensors`),
+    so a bf16 host computes in bf16 with float32 tensors stored and trained. A module that must keep
+    float32 on purpose (e.g. accumulated statistics) sets ``keeps_float32 = True``: it is only moved to
+    the device and handles its dtype itself.
     """
 
     keeps_float32: bool = False
+    #: Set by :func:`place_like_host`: the module's tensors are kept in another dtype than the host's,
+    #: so calls compute in the dtype of the input (see the class docstring).
+    casts_to_input: bool = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.casts_to_input:
+            dtype = _input_dtype(args, kwargs)
+            if dtype is not None:
+                with cast_method_tensors(self, dtype):
+                    return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
 
 class LowRank(NamedTuple):
@@ -228,9 +309,9 @@ def fold_output(layer: nn.Module, matrix: Tensor, shift: Tensor | None) -> None:
         if bias is None:
             raise ValueError(f"the {type(layer).__name__} has no bias to take the shift")
         db = db + shift.detach().to(work)
-    weight.add_(dw.to(weight.dtype))
+    weight.copy_((w + dw).to(weight.dtype))
     if db is not None:
-        bias.add_(db.to(bias.dtype))
+        bias.copy_((b + db).to(bias.dtype))
 
 
 @torch.no_grad()
@@ -249,9 +330,9 @@ def fold_input(linear: nn.Linear, affines: Iterable[Affine]) -> None:
             if bias is None:
                 raise ValueError("the Linear has no bias to take the shift")
             db = (0 if db is None else db) + w @ shift.detach().to(work)
-    weight.add_(dw.to(weight.dtype))
+    weight.copy_((w + dw).to(weight.dtype))
     if db is not None:
-        bias.add_(db.to(bias.dtype))
+        bias.copy_((bias.detach().to(work) + db).to(bias.dtype))
 
 
 def _has_shift(delta: Delta) -> bool:
@@ -321,7 +402,7 @@ class AdaptedLinear(Wrapper):
         one_pass = torch.is_grad_enabled()  # a training-step form; inference keeps the per-delta FLOPs
         for name, delta in self.deltas.items():
             start, stop = self.slices[name]
-            form = None if not one_pass or _hooked(delta) else delta.low_rank(weight[start:stop])
+            form = None if not one_pass or _hooked(delta) else _low_rank(delta, weight[start:stop], x.dtype)
             if form is None:
                 others.append((start, stop, delta))
             else:
@@ -365,12 +446,23 @@ class AdaptedLinear(Wrapper):
         weight, bias = self.base.weight, self.base.bias
         original = weight.detach().clone()
         original_bias = bias.detach().clone() if len(self.input_deltas) and bias is not None else None
-        for name, delta in self.deltas.items():
-            start, stop = self.slices[name]
-            weight[start:stop] += delta.delta_weight(original[start:stop]).to(weight.dtype)
+        if len(self.deltas):
+            work = _work_dtype(weight)  # float32 for a half-precision weight, stored once at the end
+            merged = weight if work == weight.dtype else original.to(work)
+            for name, delta in self.deltas.items():
+                start, stop = self.slices[name]
+                with cast_method_tensors(delta, work):
+                    merged[start:stop] += delta.delta_weight(original[start:stop].to(work)).to(work)
+            if merged is not weight:
+                weight.copy_(merged.to(weight.dtype))
         if len(self.input_deltas):
             try:
-                fold_input(self.base, [d.affine() for d in self.input_deltas.values()])
+                work = _work_dtype(weight)
+                affines = []
+                for d in self.input_deltas.values():
+                    with cast_method_tensors(d, work):
+                        affines.append(d.affine())
+                fold_input(self.base, affines)
             except BaseException:
                 weight.copy_(original)
                 if original_bias is not None:
@@ -391,6 +483,15 @@ class AdaptedLinear(Wrapper):
         self._original_weight = None
         self._original_bias = None
         self.merged = False
+
+
+def _low_rank(delta: Delta, weight: Tensor, dtype: torch.dtype) -> LowRank | None:
+    """``delta.low_rank(weight)``, computed in ``dtype`` (the input's) when the delta's tensors are kept
+    in another dtype (``casts_to_input``), as its forward would be."""
+    if not delta.casts_to_input:
+        return delta.low_rank(weight)
+    with cast_method_tensors(delta, dtype):
+        return delta.low_rank(weight)
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -496,7 +597,11 @@ class AdaptedModule(Wrapper):
         self._originals = {name: t.detach().clone() for name, t in self.base.named_parameters(recurse=False)}
         try:
             for delta in self.sequential.values():
-                fold_output(self.base, *delta.affine())
+                weight = getattr(self.base, "weight", None)
+                work = _work_dtype(weight) if isinstance(weight, Tensor) else torch.float32
+                with cast_method_tensors(delta, work):
+                    affine = delta.affine()
+                fold_output(self.base, *affine)
         except BaseException:
             self._restore()
             raise
@@ -560,9 +665,14 @@ def _reference_tensor(module: nn.Module) -> Tensor | None:
     return None
 
 
-def _move(module: PetlModule, like: Tensor) -> None:
-    dtype = None if module.keeps_float32 else like.dtype
-    module.to(device=like.device, dtype=dtype)
+def _move(module: PetlModule, like: Tensor, adapter_dtype: torch.dtype | None) -> None:
+    """Put ``module`` on ``like``'s device in the adapter dtype (:func:`adapter_dtype_for`) and mark
+    its method modules that keep another dtype than ``like``'s (``casts_to_input``)."""
+    dtype = adapter_dtype_for(like.dtype, adapter_dtype)
+    module.to(device=like.device, dtype=None if module.keeps_float32 else dtype)
+    for sub in module.modules():
+        if isinstance(sub, PetlModule):
+            sub.casts_to_input = not sub.keeps_float32 and dtype != like.dtype
 
 
 def _wrapper_deltas(module: AdaptedLinear | AdaptedModule) -> tuple[Delta, ...]:
@@ -572,23 +682,28 @@ def _wrapper_deltas(module: AdaptedLinear | AdaptedModule) -> tuple[Delta, ...]:
 
 
 @torch.no_grad()
-def place_like_host(model: nn.Module) -> None:
-    """Move every method module to the device and floating dtype of what it adapts: a Linear's weight for
-    the deltas of an :class:`AdaptedLinear`, the wrapped module's weights for an :class:`AdaptedModule`,
-    the model's own weights for any other PetlModule. Shared tensors stay shared (``Module.to`` swaps
-    their data in place). Idempotent; ``create`` and ``load_adapter`` call it."""
+def place_like_host(model: nn.Module, adapter_dtype: torch.dtype | None = None) -> None:
+    """Move every method module to the device of what it adapts, in the adapter dtype
+    (:func:`adapter_dtype_for`: ``adapter_dtype`` when given, else float32 on a float16/bfloat16 host
+    and the host's dtype otherwise). What it adapts: a Linear's weight for the deltas of an
+    :class:`AdaptedLinear`, the wrapped module's weights for an :class:`AdaptedModule` (the model's
+    when it has none), the model's own weights for any other PetlModule. Modules kept in another dtype
+    than the host's compute in the input's dtype (``PetlModule.casts_to_input``). Shared tensors stay
+    shared (``Module.to`` swaps their data in place). Idempotent; ``create`` and ``load_adapter`` call
+    it."""
     placed: set[int] = set()
     for module in model.modules():
         if isinstance(module, (AdaptedLinear, AdaptedModule)):
             like = _reference_tensor(module.base)
+            if like is None:  # a module without weights (an Identity norm): placed like the model below
+                continue
             for delta in _wrapper_deltas(module):
-                if like is not None:
-                    _move(delta, like)
+                _move(delta, like, adapter_dtype)
                 placed.update(id(m) for m in delta.modules())
     like = next((t for t in model.parameters() if t.is_floating_point()), None)
     for module in model.modules():
         if isinstance(module, PetlModule) and id(module) not in placed and like is not None:
-            _move(module, like)
+            _move(module, like, adapter_dtype)
             placed.update(id(m) for m in module.modules())
 
 

@@ -76,6 +76,9 @@ class Method:
     #: others in ``unsupported_reason`` (``create`` names both in its error).
     families: ClassVar[tuple[str, ...] | None] = None
     unsupported_reason: ClassVar[str] = ""
+    #: The ``adapter_dtype`` the method was created with (``petl_zoo.create``; None: the default rule of
+    #: :func:`petl_zoo.layers.adapter_dtype_for`): what later placements of new modules use.
+    adapter_dtype: torch.dtype | None = None
 
     @classmethod
     def check_family(cls, family: str) -> None:

@@ -100,6 +100,7 @@ class FrozenCheckpoint(Delta):
         module.requires_grad_(False)
         self.module = module
         self.scale = scale
+        self.casts_to_input = module.casts_to_input  # created after placement: compute as it does
 
     @property
     def mergeable(self) -> bool:
@@ -120,6 +121,7 @@ class GatedShare(Delta):
         ref = next(shared.parameters())
         self.shared = shared
         self.gate = nn.Parameter(torch.zeros((), device=ref.device, dtype=ref.dtype))
+        self.casts_to_input = shared.casts_to_input  # created after placement: compute as it does
 
     @property
     def mergeable(self) -> bool:
@@ -140,6 +142,7 @@ class OffsetShare(Delta):
         snapshot.requires_grad_(False)
         self.shared = shared
         self.snapshot = snapshot
+        self.casts_to_input = shared.casts_to_input  # created after placement: compute as it does
 
     @property
     def mergeable(self) -> bool:
