@@ -14,7 +14,7 @@ from torch import nn
 
 import petl_zoo
 from petl_zoo.layers import AdaptedModule, Delta, adapt_child, fold_input, fold_output
-from petl_zoo.methods.ssf import SsfDelta, ssf_sites
+from petl_zoo.methods.ssf import SsfConfig, SsfDelta, ssf_sites
 
 
 def ssf_deltas(model: nn.Module) -> dict[str, SsfDelta]:
@@ -48,13 +48,17 @@ def ssf_ada(x, scale, shift):
 
 
 def authors_vit_forward(vit: nn.Module, p: dict[str, tuple], x: torch.Tensor) -> torch.Tensor:
-    """The authors' SSF ViT forward (PatchEmbed.forward L358-374, forward_features L520-534, Block.forward
-    L252-255, Attention.forward L196-213, Mlp.forward L157-170, forward_head L537-541) on the frozen
-    layers of a pristine timm ViT; ``p[path] = (gamma, beta)`` of the site after the module at ``path``."""
+    """The authors' SSF ViT forward (PatchEmbed.forward L358-374, Block.forward L252-255 with LayerScale,
+    Attention.forward L196-213, Mlp.forward L157-170, forward_features L520-534, forward_head L537-541)
+    on the frozen layers of a pristine timm ViT; ``p[path] = (gamma, beta)`` of the site after the module
+    at ``path``. Their last site follows ``self.norm`` on every token, an Identity on ``fc_norm`` hosts
+    (L436, L468, L471), and ``fc_norm`` after pooling has none."""
     pe = vit.patch_embed
     t = pe.proj(x).flatten(2).transpose(1, 2)
     t = pe.norm(ssf_ada(t, *p["patch_embed.proj"]))
-    t = torch.cat((vit.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
+    num_tokens = 0 if vit.cls_token is None else 1
+    if num_tokens:
+        t = torch.cat((vit.cls_token.expand(t.shape[0], -1, -1), t), dim=1)
     t = vit.pos_drop(t + vit.pos_embed)
     for i, blk in enumerate(vit.blocks):
         at, mlp, path = blk.attn, blk.mlp, f"blocks.{i}"
@@ -64,36 +68,72 @@ def authors_vit_forward(vit: nn.Module, p: dict[str, tuple], x: torch.Tensor) ->
         q, k, v = qkv.reshape(B, N, 3, at.num_heads, C // at.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         a = ((q @ k.transpose(-2, -1)) * at.scale).softmax(dim=-1)
         o = (a @ v).transpose(1, 2).reshape(B, N, C)
-        t = t + ssf_ada(at.proj(o), *p[f"{path}.attn.proj"])
+        t = t + blk.ls1(ssf_ada(at.proj(o), *p[f"{path}.attn.proj"]))
         h = ssf_ada(blk.norm2(t), *p[f"{path}.norm2"])
         g = mlp.act(ssf_ada(mlp.fc1(h), *p[f"{path}.mlp.fc1"]))
-        t = t + ssf_ada(mlp.fc2(g), *p[f"{path}.mlp.fc2"])
+        t = t + blk.ls2(ssf_ada(mlp.fc2(g), *p[f"{path}.mlp.fc2"]))
     t = ssf_ada(vit.norm(t), *p["norm"])
-    return vit.head(t[:, 0])
+    pooled = t[:, num_tokens:].mean(dim=1) if vit.global_pool == "avg" else t[:, 0]
+    return vit.head(vit.fc_norm(pooled))
 
 
 def authors_params(model: nn.Module) -> dict[str, tuple]:
     return {path: (d.gamma.detach(), d.beta.detach()) for path, d in ssf_deltas(model).items()}
 
 
-def test_parity_with_the_authors_vit_forward_fp64():
+#: Tiny ViTs for the parity test: token-pooled (the VTAB-1K setting); average-pooled with ``fc_norm``
+#: after pooling and an Identity ``norm``; average-pooled with ``norm`` (timm's ``gap`` ViT: no class
+#: token, no fc_norm, layer scale, no qkv bias).
+PARITY_VITS = {
+    "token": lambda: tiny_vit(),
+    "avg_fc_norm": lambda: tiny_vit(global_pool="avg"),
+    "gap": lambda: tiny_host("gap"),
+}
+
+
+@pytest.mark.parametrize("host", sorted(PARITY_VITS))
+def test_parity_with_the_authors_vit_forward_fp64(host):
     torch.manual_seed(0)
-    pristine = tiny_vit().double().eval()
+    pristine = PARITY_VITS[host]().double().eval()
+    assert pristine.global_pool == ("token" if host == "token" else "avg")
+    assert isinstance(pristine.norm, nn.Identity) == (host == "avg_fc_norm")
     model = petl_zoo.create("ssf", copy.deepcopy(pristine)).eval()
     spread_(model)
+    p = authors_params(model)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         ours = model(x)
-        theirs = authors_vit_forward(pristine, authors_params(model), x)
+        theirs = authors_vit_forward(pristine, p, x)
         plain = pristine(x)
     assert (ours - plain).abs().max() > 1e-2  # the SSF sites really change the function
     assert (ours - theirs).abs().max() < 1e-10
+    if host == "avg_fc_norm":  # the option moves the last site after fc_norm: not the authors' function
+        moved = petl_zoo.create("ssf", copy.deepcopy(pristine), after_fc_norm=True).eval()
+        with torch.no_grad():
+            ssf_deltas(moved)["fc_norm"].load_state_dict(ssf_deltas(model)["norm"].state_dict())
+            for path, delta in ssf_deltas(moved).items():
+                if path != "fc_norm":
+                    delta.load_state_dict(ssf_deltas(model)[path].state_dict())
+            assert (moved(x) - theirs).abs().max() > 1e-2
 
 
 #: dongzelian/SSF models/swin_transformer.py: PatchEmbed L528-531 (after the conv, after its norm),
 #: SwinTransformerBlock L342-344 / L374-375 (norm1, norm2), WindowAttention L225-227 / L254-255 (qkv,
-#: proj), Mlp L119-126 (fc1, fc2), PatchMerging L420-422 (after its norm), forward_features L683-684.
-AUTHORS_SWIN_SITES = ("proj", "norm", "norm1", "norm2", "qkv", "fc1", "fc2")
+#: proj), Mlp L119-126 (fc1, fc2), forward_features L683-684. PatchMerging L420-422 would scale and shift
+#: after its norm, but only when ``tuning_mode == 'ssf'`` (L397, L421), and BasicLayer passes it the
+#: per-block list (L477): off in their models, ``patch_merging=True`` here.
+SWIN_BLOCK_SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+
+
+def authors_swin_site_paths(swin: nn.Module, patch_merging: bool) -> list[str]:
+    """The authors' Swin sites in forward order, as paths of a timm Swin (whose patch merging opens a
+    stage where theirs closes the one before: the same point of the forward)."""
+    paths = ["patch_embed.proj", "patch_embed.norm"]
+    for i, layer in enumerate(swin.layers):
+        if patch_merging and not isinstance(layer.downsample, nn.Identity):
+            paths.append(f"layers.{i}.downsample.norm")
+        paths += [f"layers.{i}.blocks.{j}.{s}" for j in range(len(layer.blocks)) for s in SWIN_BLOCK_SITES]
+    return [*paths, "norm"]
 
 
 def authors_swin_hooks(swin: nn.Module, p: dict[str, tuple]) -> list:
@@ -118,14 +158,15 @@ def authors_swin_hooks(swin: nn.Module, p: dict[str, tuple]) -> list:
     return handles
 
 
-def test_parity_with_the_authors_swin_sites_fp64():
+@pytest.mark.parametrize("patch_merging", [False, True])
+def test_parity_with_the_authors_swin_sites_fp64(patch_merging):
     torch.manual_seed(0)
     pristine = tiny_host("swin").double().eval()
-    model = petl_zoo.create("ssf", copy.deepcopy(pristine)).eval()
+    model = petl_zoo.create("ssf", copy.deepcopy(pristine), patch_merging=patch_merging).eval()
     spread_(model)
     p = authors_params(model)
-    assert {name.rpartition(".")[2] for name in p} == set(AUTHORS_SWIN_SITES)
-    assert "layers.1.downsample.norm" in p and "norm" in p and "patch_embed.norm" in p
+    assert list(p) == authors_swin_site_paths(pristine, patch_merging)
+    assert ("layers.1.downsample.norm" in p) == patch_merging
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     handles = authors_swin_hooks(pristine, p)
     try:
@@ -141,24 +182,28 @@ def test_parity_with_the_authors_swin_sites_fp64():
 
 
 # ------------------------------------------------------------------------------------ counts, sites
-def test_vit_base_count_is_the_papers():
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_vit_base_count_is_the_papers(global_pool):
     with torch.device("meta"):
-        model = timm.create_model("vit_base_patch16_224", num_classes=100)
+        model = timm.create_model("vit_base_patch16_224", num_classes=100, global_pool=global_pool)
+    assert isinstance(model.norm, nn.Identity) == (global_pool == "avg")  # avg: the final norm is fc_norm
     petl_zoo.create("ssf", model)
     counts = petl_zoo.trainable_parameters(model)
     assert counts["method"] == 2 * 768 + 12 * 16_896 + 2 * 768 == 205_824
     assert counts["head"] == 768 * 100 + 100
 
 
-def test_swin_base_count():
+@pytest.mark.parametrize(("patch_merging", "count"), [(False, 267_264), (True, 274_432)])
+def test_swin_base_count(patch_merging, count):
+    """The authors' Swin-B has 267,264 (no SSF in patch merging); the option adds 8 C for three stages."""
     with torch.device("meta"):
         model = timm.create_model("swin_base_patch4_window7_224", num_classes=100)
-    petl_zoo.create("ssf", model)
+    petl_zoo.create("ssf", model, patch_merging=patch_merging)
     dims, depths = (128, 256, 512, 1024), (2, 2, 18, 2)
     blocks = sum(22 * c * n for c, n in zip(dims, depths))  # per block 2 * (C + 3C + C + C + 4C + C)
-    merging = sum(2 * 4 * c for c in dims[:3])  # PatchMerging's norm on 4C channels
+    merging = sum(2 * 4 * c for c in dims[:3]) if patch_merging else 0  # PatchMerging's norm on 4C
     expected = 2 * 128 + 2 * 128 + blocks + merging + 2 * 1024  # patch conv + its norm, final norm
-    assert petl_zoo.trainable_parameters(model)["method"] == expected == 274_432
+    assert petl_zoo.trainable_parameters(model)["method"] == expected == count
 
 
 def test_sites_in_forward_order_on_vit():
@@ -169,18 +214,39 @@ def test_sites_in_forward_order_on_vit():
 
 
 @pytest.mark.parametrize(
-    ("host", "present", "absent"),
+    ("host", "options", "present", "absent"),
     [
-        ("gap", ["norm"], ["fc_norm"]),  # the final LayerNorm, wherever the host keeps it
-        ("eva02", ["fc_norm"], ["norm_pre", "blocks.0.mlp.norm"]),
-        ("eva_sep", ["blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.attn.v_proj"], ["norm"]),
-        ("clip", ["norm"], ["norm_pre"]),  # CLIP's pre-norm has no SSF in the authors' ViT
-        ("swinv2_cr", ["stages.1.downsample.norm", "patch_embed.norm"], ["stages.0.blocks.1.norm3"]),
+        ("gap", {}, ["norm"], ["fc_norm"]),  # timm's gap ViT keeps its final LayerNorm in norm
+        ("eva02", {}, ["norm"], ["fc_norm", "norm_pre", "blocks.0.mlp.norm"]),  # before pooling
+        ("eva02", {"after_fc_norm": True}, ["fc_norm"], ["norm"]),
+        ("beit", {}, ["norm"], ["fc_norm"]),
+        ("eva_sep", {}, ["blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.attn.v_proj"], []),
+        ("clip", {}, ["norm"], ["norm_pre"]),  # CLIP's pre-norm has no SSF in the authors' ViT
+        ("swin", {}, ["norm", "patch_embed.norm"], ["layers.1.downsample.norm"]),
+        ("swin", {"patch_merging": True}, ["layers.1.downsample.norm"], []),
+        ("swinv2_cr", {}, ["patch_embed.norm"], ["stages.1.downsample.norm", "stages.0.blocks.1.norm3"]),
+        ("swinv2_cr", {"patch_merging": True}, ["stages.1.downsample.norm"], ["stages.0.blocks.1.norm3"]),
     ],
 )
-def test_sites_per_host(host, present, absent):
-    paths = {s.path for s in ssf_sites(tiny_host(host))}
+def test_sites_per_host(host, options, present, absent):
+    paths = {s.path for s in ssf_sites(tiny_host(host), SsfConfig(**options))}
     assert set(present) <= paths and not set(absent) & paths
+
+
+def test_the_site_before_pooling_is_called_and_placed_like_the_others():
+    """On an fc_norm host the last site wraps the Identity ``norm``: it runs on every token, and its
+    tensors are placed as the other sites' although the Identity has no weight to copy."""
+    model = petl_zoo.create("ssf", tiny_vit(global_pool="avg").to(torch.bfloat16))
+    wrapper = model.norm
+    assert isinstance(wrapper, AdaptedModule) and isinstance(wrapper.base, nn.Identity)
+    others = {(p.dtype, p.device) for d in ssf_deltas(model).values() for p in d.parameters()}
+    assert {(p.dtype, p.device) for p in wrapper.sequential["ssf"].parameters()} == others
+    assert len(others) == 1
+    seen = []
+    wrapper.register_forward_hook(lambda mod, args, out: seen.append((out.shape, out.dtype)))
+    model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)).float().sum().backward()
+    assert seen == [((2, 1 + 16, 48), torch.bfloat16)]  # the class token and 16 patches, before pooling
+    assert wrapper.sequential["ssf"].shift.grad is not None
 
 
 def test_not_the_identity_at_init_unless_init_std_0(images):
@@ -207,8 +273,13 @@ def test_init_distribution():
 def test_options_are_validated():
     with pytest.raises(ValueError, match=r"init_std must be a finite number >= 0, got -0.1"):
         petl_zoo.create("ssf", tiny_vit(), init_std=-0.1)
-    with pytest.raises(ValueError, match=r"unknown option 'rank' for method 'ssf'; valid options: init_std"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown option 'rank' for method 'ssf'; valid options: after_fc_norm, init_std, patch_merging",
+    ):
         petl_zoo.create("ssf", tiny_vit(), rank=4)
+    with pytest.raises(ValueError, match=r"patch_merging"):
+        petl_zoo.create("ssf", tiny_host("swin"), patch_merging=1)
 
 
 # ---------------------------------------------------------------------------------------- merging
@@ -245,10 +316,19 @@ def test_merge_folds_into_linear_layernorm_and_conv_exactly(images):
         torch.testing.assert_close(plain(images), tuned, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("host", ["vit", "swin", "swinv2", "beit"])
-def test_merge_is_exact_in_fp64(host):
+@pytest.mark.parametrize(
+    ("host", "options"),
+    [
+        ("vit", {}),
+        ("swin", {}),
+        ("swin", {"patch_merging": True}),
+        ("swinv2", {}),
+        ("beit", {"after_fc_norm": True}),
+    ],
+)
+def test_merge_is_exact_in_fp64(host, options):
     torch.manual_seed(0)
-    model = petl_zoo.create("ssf", tiny_host(host).double()).eval()
+    model = petl_zoo.create("ssf", tiny_host(host).double(), **options).eval()
     spread_(model)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
@@ -269,8 +349,26 @@ def test_a_layer_without_bias_blocks_the_merge_with_its_name():
     assert not petl_zoo.is_merged(model)
 
 
+def test_the_site_before_pooling_blocks_the_merge_unless_after_fc_norm():
+    """The authors' last site on an fc_norm host scales and shifts the tokens before pooling and
+    ``fc_norm``: no layer of the plain model can take it. ``after_fc_norm`` folds it into ``fc_norm``."""
+    pristine = tiny_vit(global_pool="avg").eval()  # qkv bias: the last site is the only blocker
+    model = petl_zoo.create("ssf", copy.deepcopy(pristine))
+    assert not petl_zoo.is_mergeable(model)
+    with pytest.raises(ValueError, match=r"\(norm\.sequential\.ssf \(SsfDelta: a Identity is not a layer"):
+        petl_zoo.merge(model)
+    moved = petl_zoo.create("ssf", copy.deepcopy(pristine), after_fc_norm=True).eval()
+    assert petl_zoo.is_mergeable(moved)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tuned = moved(x)
+        plain = petl_zoo.merge(moved, unload=True)
+        torch.testing.assert_close(plain(x), tuned, atol=1e-5, rtol=1e-5)
+
+
 def test_unload_warns_when_a_key_bias_lives_in_a_non_persistent_buffer(caplog):
-    model = petl_zoo.create("ssf", tiny_host("eva02"))  # Eva keeps k_bias as a non-persistent buffer
+    # Eva keeps k_bias as a non-persistent buffer; after_fc_norm: the site before pooling has no fold
+    model = petl_zoo.create("ssf", tiny_host("eva02"), after_fc_norm=True)
     with caplog.at_level(logging.WARNING, logger="petl_zoo.layers"):
         plain = petl_zoo.merge(model, unload=True)
     assert "non-persistent k_bias" in caplog.text and "blocks.0.attn.k_bias" in caplog.text

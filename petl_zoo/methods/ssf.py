@@ -8,8 +8,12 @@ Sites, in forward order (the authors' ``tuning_mode='ssf'`` models): the patch-e
 (before the class token and position embedding) and the patch embedding's own norm when it has one
 (Swin); in every block the outputs of ``norm1``, the fused ``qkv`` (``q_proj``/``k_proj``/``v_proj``
 when separate), ``proj``, ``norm2``, ``fc1`` (before the activation; SwiGLU's ``fc1_g`` and ``fc1_x``)
-and ``fc2``; the norm of Swin's patch merging (before its reduction); the final norm (``norm``, or
-``fc_norm`` where ``norm`` is an Identity). Other norms (CLIP's ``norm_pre``, EVA's sub-LNs inside
+and ``fc2``; the output of the model's ``norm``, on every token before pooling. Where ``norm`` is an
+Identity and the final LayerNorm is ``fc_norm`` after pooling (``global_pool='avg'`` ViTs, EVA, BEiT),
+that last site still sits after the Identity ``norm``, before pooling and ``fc_norm``, as in the
+authors' ``forward_features`` (``after_fc_norm=True`` moves it after ``fc_norm``: mergeable, but not
+their function). Swin's patch merging gets no SSF in the authors' code (``patch_merging=True`` adds one
+after its norm, see :class:`SsfConfig`). Other norms (CLIP's ``norm_pre``, EVA's sub-LNs inside
 attention and the MLP, SwinV2-Cr's stage-end ``norm3``) have no SSF in the authors' models and get
 none here. Res-post-norm blocks (SwinV2, SwinV2-Cr) get the same sites: SSF follows each operation
 wherever the host puts it.
@@ -29,16 +33,24 @@ Mergeable: ``gamma * (W x + b) + beta = (gamma W) x + (gamma b + beta)`` for the
 conv (rows / output channels of ``W``), ``gamma * (a * x_hat + c) + beta`` into a LayerNorm's affine
 ``(a, c)``; the wrapper keeps the original weights while merged, so unmerging is exact. A site whose
 layer has no bias blocks the merge (the shift would need a tensor the plain timm model lacks): CLIP's
-patch conv, EVA's ``k_proj`` with ``qkv_fused=False``.
+patch conv, EVA's ``k_proj`` with ``qkv_fused=False``; so does the authors' last site on ``fc_norm``
+hosts (an Identity has nothing to fold into, and ``fc_norm`` normalises what the site feeds it).
 
 Trainable parameters on ViT-B/16 (head excluded): ``2 * 768`` (patch) + ``12 * 16,896`` (blocks: two
-norms 2 * 1,536, qkv 4,608, proj 1,536, fc1 6,144, fc2 1,536) + ``2 * 768`` (final norm) = 205,824.
+norms 2 * 1,536, qkv 4,608, proj 1,536, fc1 6,144, fc2 1,536) + ``2 * 768`` (final site) = 205,824,
+token- or average-pooled. Swin-B: 267,264 (274,432 with ``patch_merging=True``).
 
-Compared with the authors' code (``dongzelian/SSF`` @ e94e0e7, ``models/vision_transformer.py``:
-``init_ssf_scale_shift`` L378-385, ``ssf_ada`` L388-395, the sites in ``PatchEmbed.forward``,
-``Attention.forward``, ``Mlp.forward``, ``Block.forward`` and ``forward_features``): their forward,
-re-hosted on a tiny timm ViT with our gamma and beta copied in, gives the same logits in fp64
-(``tests/test_ssf.py``).
+Compared with the authors' code (``dongzelian/SSF`` @ e94e0e7). ``models/vision_transformer.py``:
+``init_ssf_scale_shift`` L378-385, ``ssf_ada`` L388-395, the sites in ``PatchEmbed.forward`` L358-374,
+``Attention.forward`` L196-213, ``Mlp.forward`` L157-170, ``Block.forward`` L252-255; the last one in
+``forward_features`` L531-533, after ``self.norm``, which is an Identity when ``use_fc_norm`` (L436,
+L468), while ``fc_norm`` (L471, applied after pooling in ``forward_head`` L537-541) gets none.
+``models/swin_transformer.py``: ``PatchMerging`` creates and applies its SSF only when
+``tuning_mode == 'ssf'`` (L397, L421), but ``BasicLayer`` passes it the per-block list
+(``tuning_mode=tuning_mode``, L477; the list is ``tuning_mode_list[i_layer]``, L619 and L640), so the
+check is false and patch merging has no SSF in the models they trained. Their forward, re-hosted on
+tiny timm ViTs (token-pooled; average-pooled with ``fc_norm``; average-pooled with ``norm``) and a tiny
+Swin with our gamma and beta copied in, gives the same logits in fp64 (``tests/test_ssf.py``).
 """
 
 from __future__ import annotations
@@ -60,10 +72,22 @@ __all__ = ["SsfConfig", "SsfDelta", "SsfSite", "Ssf", "ssf_sites"]
 
 @dataclass
 class SsfConfig(MethodConfig):
-    """SSF options: ``init_std`` is the std of the N(1, std) scale and N(0, std) shift draws (the
-    authors' 0.02; 0 starts at the identity). SSF has no other option in the paper."""
+    """SSF options. ``init_std``: the std of the N(1, std) scale and N(0, std) shift draws (the authors'
+    0.02; 0 starts at the identity).
+
+    ``patch_merging``: also scale and shift after the norm of Swin's patch merging (before its
+    reduction). The paper scales and shifts after every operation and the authors' ``PatchMerging`` has
+    the code for it, but their ``BasicLayer`` disables it (it passes the per-block ``tuning_mode`` list,
+    so ``tuning_mode == 'ssf'`` is false): off, as in the released code.
+
+    ``after_fc_norm``: on hosts whose final LayerNorm is ``fc_norm`` after pooling (``norm`` an
+    Identity), put the last scale/shift after ``fc_norm`` instead of before pooling (after the Identity
+    ``norm``, the authors' place). Off by default; on, the model merges into a plain timm model, which
+    the authors' place cannot (an Identity has no weights, and ``fc_norm`` normalises the shift away)."""
 
     init_std: float = non_negative(0.02)
+    patch_merging: bool = False
+    after_fc_norm: bool = False
 
 
 class SsfDelta(Delta):
@@ -150,11 +174,16 @@ def _patch_sites(model: nn.Module) -> list[SsfSite]:
     return [conv, *_norm_site(patch, "norm", "patch_embed.norm")]
 
 
-def _final_norm_sites(model: nn.Module) -> list[SsfSite]:
-    for attr in ("norm", "fc_norm"):
-        if _is_present(getattr(model, attr, None)):
-            return _norm_site(model, attr, attr)
-    return []
+def _final_norm_sites(model: nn.Module, after_fc_norm: bool) -> list[SsfSite]:
+    """The site after the model's ``norm``. Where ``norm`` is an Identity and ``fc_norm`` (after pooling)
+    is the final LayerNorm, the site stays on the Identity's output, every token before pooling (the
+    authors' place), or moves after ``fc_norm`` with ``after_fc_norm``."""
+    if _is_present(getattr(model, "norm", None)):
+        return _norm_site(model, "norm", "norm")
+    fc_norm = _norm_site(model, "fc_norm", "fc_norm")
+    if not fc_norm or after_fc_norm or not isinstance(getattr(model, "norm", None), nn.Identity):
+        return fc_norm
+    return [SsfSite("norm", model, "norm", fc_norm[0].channels)]
 
 
 def _downsample_sites(model: nn.Module, blocks_path: str) -> list[SsfSite]:
@@ -174,8 +203,10 @@ def _attention_targets(model: nn.Module) -> tuple[str, ...]:
     return ("qkv",) if getattr(attn, "qkv", None) is not None else ("q", "k", "v")
 
 
-def ssf_sites(model: nn.Module) -> list[SsfSite]:
-    """Every SSF site of ``model`` in forward order (see the module docstring)."""
+def ssf_sites(model: nn.Module, config: SsfConfig | None = None) -> list[SsfSite]:
+    """Every SSF site of ``model`` in forward order (see the module docstring), for ``config`` (the
+    defaults when None: the authors' sites)."""
+    config = SsfConfig() if config is None else config
     family = family_of(model)
     stage_paths = family.stages(model)
     norm1, norm2 = family.norms
@@ -186,7 +217,7 @@ def ssf_sites(model: nn.Module) -> list[SsfSite]:
             by_block.setdefault(site.block.index, []).append(site)
     sites = _patch_sites(model)
     for info in iter_blocks(model):
-        if info.index_in_stage == 0:
+        if config.patch_merging and info.index_in_stage == 0:
             sites += _downsample_sites(model, stage_paths[info.stage])
         sites += _norm_site(info.module, norm1, f"{info.path}.{norm1}")
         for target in linears:
@@ -196,13 +227,13 @@ def ssf_sites(model: nn.Module) -> list[SsfSite]:
                 SsfSite(s.path, s.parent, s.attr, s.linear.out_features, before_adapt=s.before_adapt)
                 for s in linears[target][info.index]
             ]
-    return sites + _final_norm_sites(model)
+    return sites + _final_norm_sites(model, config.after_fc_norm)
 
 
 @register_method(
     "ssf",
     "SSF: per-channel scale and shift after the patch embedding, every block's norms and Linears and the "
-    "final norm; mergeable",
+    "final norm; mergeable (not on fc_norm hosts unless after_fc_norm)",
 )
 class Ssf(Method):
     """SSF (see the module docstring); gamma/beta start near, not at, the identity."""
@@ -215,6 +246,6 @@ class Ssf(Method):
 
     def apply(self, model: nn.Module) -> None:
         cfg: SsfConfig = self.config
-        for site in ssf_sites(model):
+        for site in ssf_sites(model, cfg):
             wrapper = adapt_child(site.parent, site.attr, site.before_adapt)
             wrapper.sequential["ssf"] = SsfDelta(site.channels, site.channel_dim, cfg.init_std)
