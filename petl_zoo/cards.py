@@ -567,7 +567,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
             print(f"updated {write_index(args.cards_root, args.allow_short)}")
         if args.push_to_hub:
             print(f"pushed: {push_card(args.out, args.push_to_hub, private=args.private)}")
-    except (ValueError, OSError) as e:  # a bad run folder, a card folder that cannot be written, a refused push
+    except (
+        ValueError,
+        OSError,
+    ) as e:  # a bad run folder, a card folder that cannot be written, a refused push
         if os.environ.get("PETL_ZOO_DEBUG"):
             raise
         sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
