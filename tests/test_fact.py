@@ -459,7 +459,7 @@ def test_mlp_ratio_two_has_two_chunks_and_odd_ratios_are_refused():
 
 def test_defaults_and_recipe():
     cfg = FactConfig()
-    assert (cfg.kind, cfg.rank, cfg.scale, cfg.dropout) == ("tk", 8, 1.0, 0.1)
+    assert (cfg.kind, cfg.rank, cfg.scale, cfg.dropout) == ("tk", 8, 10.0, 0.1)  # s: the authors' mode
     method = petl_zoo.get_method("fact")
     assert method.recipe == {} and method.identity_at_init
     assert "eva" not in method.families and {"vit", "swin"} <= set(method.families)
