@@ -85,7 +85,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from timm.layers import DropPath
@@ -96,6 +96,8 @@ from ..layers import AdaptedModule, Delta, Wrapper, adapt_module
 from ..registry import Method, register_method
 from ..targets import BlockInfo, check_targets, family_of, module_sites
 from .repadapter import POST_NORM_BLOCKS
+
+_Tap = TypeVar("_Tap", bound=nn.Module)
 
 __all__ = [
     "AdapterConfig",
@@ -357,10 +359,7 @@ def attach_residual_tap(model: nn.Module, info: BlockInfo, target: str) -> Resid
             f"adapter_input='residual' needs '{attr}' and '{drop_name}' in the {type(block).__name__} of "
             f"{info.path}; use adapter_input='norm'"
         )
-    tap = ResidualTap(current, f"{info.path}.{attr}")
-    setattr(block, attr, tap)
-    setattr(block, drop_name, ResidualInject(getattr(block, drop_name), tap))
-    return tap
+    return _install_tap(block, attr, drop_name, ResidualTap(current, f"{info.path}.{attr}"))
 
 
 def attach_branch_tap(model: nn.Module, info: BlockInfo, target: str) -> BranchTap:
@@ -378,7 +377,12 @@ def attach_branch_tap(model: nn.Module, info: BlockInfo, target: str) -> BranchT
             f"adapter_input='branch' needs '{attr}' and '{drop_name}' in the {type(block).__name__} of "
             f"{info.path}; use adapter_input='sublayer'"
         )
-    tap = BranchTap(current)
+    return _install_tap(block, attr, drop_name, BranchTap(current))
+
+
+def _install_tap(block: nn.Module, attr: str, drop_name: str, tap: _Tap) -> _Tap:
+    """Put ``tap`` in place of the block's ``attr`` and its inject on the branch's drop-path ``drop_name``
+    (the inject adds what the tap's adapters computed to the drop-path's output)."""
     setattr(block, attr, tap)
     setattr(block, drop_name, ResidualInject(getattr(block, drop_name), tap))
     return tap
