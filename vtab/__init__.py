@@ -1,4 +1,5 @@
-"""vtab: training-loop-ready DataLoaders for the 19 VTAB-1K tasks in the field's shared folder layout.
+"""vtab: training-loop-ready DataLoaders for the 19 VTAB-1K tasks in the field's shared folder layout
+(and the FGVC-5 tasks prepared so far, ``fgvc_tasks()``, in the same layout).
 
     import vtab
     tf = vtab.build_transform(model)                        # model's input size, interpolation, mean/std
@@ -32,7 +33,7 @@ from .layout import (
     split_file,
     task_dir,
 )
-from .tasks import GROUPS, TaskInfo, find_task, get_task, tasks
+from .tasks import FGVC_GROUP, GROUPS, TaskInfo, fgvc_tasks, find_task, get_task, tasks
 
 if TYPE_CHECKING:
     from .data import VtabDataset, make_loader, make_loaders, seed_worker
@@ -65,6 +66,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEFAULT_ROOT",
     "ENV_VAR",
+    "FGVC_GROUP",
     "GROUPS",
     "LIST_FILES",
     "PROTOCOLS",
@@ -74,6 +76,7 @@ __all__ = [
     "available_tasks",
     "build_transform",
     "data_identity",
+    "fgvc_tasks",
     "find_task",
     "get_task",
     "infer_num_classes",

@@ -11,7 +11,7 @@ from pathlib import Path, PureWindowsPath
 from PIL import Image
 
 from .images import to_rgb
-from .tasks import find_task, normalize_name, tasks, unknown_task_message
+from .tasks import all_tasks, find_task, normalize_name, unknown_task_message
 
 ENV_VAR = "VTAB_ROOT"
 DEFAULT_ROOT = Path("data") / "vtab-1k"
@@ -84,7 +84,7 @@ def available_tasks(data_root: PathLike | None = None) -> list[str]:
     for name in _custom_folders(root):
         info = find_task(name)
         found.append(info.name if info else name)
-    registry = [t.name for t in tasks(include_extra=True) if t.name in found]
+    registry = [t.name for t in all_tasks() if t.name in found]
     return registry + [n for n in found if find_task(n) is None]
 
 

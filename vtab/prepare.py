@@ -4,8 +4,10 @@
     python -m vtab.prepare --task dtd --source torchvision --download-root ./data/downloads
     python -m vtab.prepare --task all --source tfds            # VTAB's own source (extra 'tfds')
     python -m vtab.prepare --list-sources
+    python -m vtab.prepare --task cub --source CUB_200_2011.tgz --splits vpt_splits/cub   # FGVC-5
 
-Each task folder gets ``images/{train,val,test}/<key>.png`` and the four list files. The folder is
+Each task folder gets ``images/{train,val,test}/<key>.png`` and the four list files (an FGVC task:
+its original image files under ``images/`` and the same four list file names, see ``write_fgvc_task``). The folder is
 written under a hidden temporary name and renamed at the end; an existing complete folder is kept
 (re-running is safe) unless ``--overwrite``.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .fgvc import FgvcSplits, fgvc_splits
 from .images import to_8bit
 from .layout import LIST_FILES, SPLITS, resolve_root, umask_mode
 from .sources import (
@@ -38,7 +41,7 @@ from .sources import (
     sklearn_digits,
     sources_for,
 )
-from .tasks import find_task, get_task, tasks
+from .tasks import FGVC_GROUP, fgvc_tasks, find_task, get_task, tasks
 
 FORMATS = ("png", "jpg")
 JPEG_QUALITY = 75  # Pillow's default quality
@@ -229,6 +232,68 @@ def _write_lists(tmp: Path, lines: dict[str, list[tuple[str, int]]], meta: dict)
     return counts
 
 
+def write_fgvc_task(
+    name: str,
+    splits: FgvcSplits,
+    out_root: str | Path,
+    *,
+    overwrite: bool = False,
+    source: str = "",
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write an FGVC task folder ``<out_root>/<name>`` atomically and return it.
+
+    The images are the dataset's own files, copied (moved out of a temporary extraction) to
+    ``images/<path relative to the dataset's image folder>``. The splits use the layout's four list
+    file names: train -> train800.txt, val -> val200.txt, train + val -> train800val200.txt, test ->
+    test.txt, whatever their true sizes (``prepare.json`` records them). Existing folders as in
+    ``write_task``."""
+    log = log or logger.info
+    info = get_task(name)
+    out_root = Path(out_root).expanduser().absolute()
+    final = out_root / info.name
+    if final.exists() and not overwrite:
+        if _is_complete(final):
+            log(f"{info.name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
+            return final
+        raise FileExistsError(
+            f"{final} exists but lacks some of {', '.join(LIST_FILES)}; pass --overwrite to replace it."
+        )
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}.", suffix=".partial", dir=out_root))
+    start = time.time()
+    try:
+        lines: dict[str, list[tuple[str, int]]] = {}
+        for split, entries in splits.lines.items():
+            lines[split] = []
+            for rel, label in entries:
+                if not 0 <= label < info.num_classes:
+                    raise ValueError(f"Image {rel} has label {label}, outside 0..{info.num_classes - 1}.")
+                target = tmp / "images" / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if splits.move:
+                    (splits.image_root / rel).replace(target)
+                else:
+                    shutil.copyfile(splits.image_root / rel, target)
+                lines[split].append((f"images/{rel}", label))
+        meta = {
+            "task": info.name,
+            "source": source,
+            **splits.record,
+            "split_files": {split: SPLITS[split] for split in ("train", "val", "trainval", "test")},
+            "format": "original files, not re-encoded",
+            "num_classes": info.num_classes,
+        }
+        counts = _write_lists(tmp, lines, meta)
+        _swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
+    log(f"{info.name}: wrote {final} ({sizes}) in {time.time() - start:.1f} s")
+    return final
+
+
 def _swap_in(tmp: Path, final: Path) -> None:
     """Rename the finished ``tmp`` folder to ``final``, replacing an old one only once ``tmp`` is whole.
 
@@ -297,13 +362,21 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--task",
         action="append",
         default=[],
-        help="task name or alias (repeatable); 'all' = the 19 VTAB tasks",
+        help="task name or alias (repeatable); 'all' = the 19 VTAB tasks; FGVC: cub",
     )
     parser.add_argument(
         "--source",
         default="auto",
-        choices=("auto", *SOURCE_NAMES),
-        help="where images come from; auto = torchvision where it has the task, else tfds (sklearn for digits)",
+        help=f"where images come from: auto|{'|'.join(SOURCE_NAMES)} for VTAB tasks (auto = torchvision "
+        "where it has the task, else tfds; sklearn for digits); for an FGVC task (cub) the path of its "
+        "official archive or extracted folder",
+    )
+    parser.add_argument(
+        "--splits",
+        default=None,
+        metavar="VPT_SPLIT_DIR",
+        help="FGVC tasks: the folder of VPT's train.json/val.json/test.json (without it: official "
+        "train/test, val carved from train with --seed; not comparable with published rows)",
     )
     parser.add_argument(
         "--download-root",
@@ -315,13 +388,36 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--format", default="png", choices=FORMATS, help="png (lossless, default) or jpg")
     parser.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="quality for --format jpg")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train800/val200 draw (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the train800/val200 draw (FGVC without --splits: of val)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="rewrite task folders that already exist")
     parser.add_argument(
         "--no-download", action="store_true", help="use only files already in --download-root"
     )
     parser.add_argument("--list-sources", action="store_true", help="print which source can make which task")
     return parser
+
+
+def _prepare_fgvc(name: str, args: argparse.Namespace, out_root: Path) -> Path:
+    """One FGVC task from ``--source PATH`` (official archive or folder) and ``--splits``."""
+    if args.source == "auto" or args.source in SOURCE_NAMES:
+        raise ValueError(
+            f"Task {name!r} is made from its official files: pass --source PATH (the archive or its "
+            f"extracted folder; see docs/vtab.md, FGVC-5), not {args.source!r}."
+        )
+    source = Path(args.source).expanduser().absolute()
+    splits_dir = None if args.splits is None else Path(args.splits).expanduser().absolute()
+    with fgvc_splits(name, source, out_root, splits_dir, args.seed) as splits:
+        print(splits.message, flush=True)
+        return write_fgvc_task(
+            name,
+            splits,
+            out_root,
+            overwrite=args.overwrite,
+            source=str(source),
+            log=lambda text: print(text, flush=True),
+        )
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -342,13 +438,27 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     out_root = resolve_root(args.out)
     download_root = Path(args.download_root).expanduser().absolute()
     try:
-        for task in names:
-            info = get_task(task)
+        infos = [get_task(task) for task in names]
+        vtab_names = [i.name for i in infos if i.group != FGVC_GROUP]
+        if args.splits is not None and vtab_names:
+            raise ValueError(
+                f"--splits applies to FGVC tasks ({', '.join(t.name for t in fgvc_tasks())}); "
+                f"{vtab_names[0]!r} is a VTAB-1K task."
+            )
+        if vtab_names and args.source not in ("auto", *SOURCE_NAMES):
+            raise ValueError(
+                f"Unknown source {args.source!r} for task {vtab_names[0]!r}; valid: auto, "
+                f"{', '.join(SOURCE_NAMES)} (a path is the --source of an FGVC task)."
+            )
+        for info in infos:
             existing = out_root / info.name
             if not args.overwrite and _is_complete(existing):
                 print(
                     f"{info.name}: {existing} already holds the list files; kept (pass --overwrite to rewrite)."
                 )
+                continue
+            if info.group == FGVC_GROUP:
+                _prepare_fgvc(info.name, args, out_root)
                 continue
             source = default_source(info.name) if args.source == "auto" else args.source
             print(f"{info.name}: source {source}", flush=True)

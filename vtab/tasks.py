@@ -1,4 +1,6 @@
-"""The VTAB-1K task registry: canonical folder names, class counts, groups and aliases."""
+"""The task registry: canonical folder names, class counts, groups and aliases of the 19 VTAB-1K
+tasks (``tasks()``), the offline demo task, and the FGVC-5 tasks (``fgvc_tasks()``, kept apart so the
+VTAB-1K benchmark's task list does not change)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import difflib
 from dataclasses import dataclass
 
 GROUPS = ("natural", "specialized", "structured")
+FGVC_GROUP = "fgvc"
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,14 @@ _VTAB: tuple[TaskInfo, ...] = (
 # Extra tasks known to the registry but not part of VTAB-1K (listed with include_extra=True).
 _EXTRA: tuple[TaskInfo, ...] = (TaskInfo("digits", 10, "demo", ("sklearn_digits",)),)
 
+# FGVC-5 (VPT's fine-grained benchmark): prepared from the official files by ``vtab.fgvc``; not part
+# of ``tasks()`` (the VTAB-1K results table and sweep iterate that), listed by ``fgvc_tasks()``.
+_FGVC: tuple[TaskInfo, ...] = (
+    TaskInfo("cub", 200, FGVC_GROUP, ("cub200", "cub_200", "cub_200_2011", "cub2011", "cub_2011")),
+)
+
 _LOOKUP: dict[str, TaskInfo] = {}
-for _info in _VTAB + _EXTRA:
+for _info in _VTAB + _EXTRA + _FGVC:
     for _key in (_info.name, *_info.aliases):
         _LOOKUP[_key] = _info
 
@@ -63,6 +72,16 @@ def tasks(include_extra: bool = False) -> list[TaskInfo]:
     """The 19 VTAB-1K tasks in canonical order (natural, specialized, structured); extras such as
     the offline demo task ``digits`` are appended when ``include_extra`` is true."""
     return list(_VTAB + _EXTRA) if include_extra else list(_VTAB)
+
+
+def fgvc_tasks() -> list[TaskInfo]:
+    """The FGVC-5 tasks prepared so far (group ``fgvc``), in VPT's order; not part of ``tasks()``."""
+    return list(_FGVC)
+
+
+def all_tasks() -> list[TaskInfo]:
+    """Every registry task: the 19 VTAB-1K tasks, the extras, then the FGVC-5 tasks."""
+    return list(_VTAB + _EXTRA + _FGVC)
 
 
 def find_task(name: str) -> TaskInfo | None:
@@ -80,7 +99,7 @@ def unknown_task_message(name: str, extra_candidates: list[str] | None = None) -
     """The message for an unknown task name: close matches and the valid names."""
     close = suggest(name, list(_LOOKUP) + list(extra_candidates or []))
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    valid = ", ".join(t.name for t in tasks(include_extra=True))
+    valid = ", ".join(t.name for t in all_tasks())
     return f"Unknown task {name!r}.{hint} Known tasks: {valid}."
 
 
