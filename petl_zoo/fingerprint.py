@@ -9,6 +9,8 @@ another. A finished run folder whose run fingerprint matches a new command is th
 skipped. Neither covers the seed (a row averages over seeds, a folder is per seed anyway) nor where
 the run writes (``--out``), nor how it ran (workers, device count, compile, progress bars). Runs
 recorded before the data identity existed are compared by their data root's path, as they were then.
+A recipe key added later (``NEUTRAL_RECIPE_VALUES``) is left out of the identity at the value that
+reproduces the behaviour before it existed, so runs recorded without it keep their fingerprints.
 
 Base weights are identified by the file's SHA-256 when a local file was used (its path may differ
 between machines), else by the timm model name with ``pretrained`` on or off.
@@ -23,6 +25,7 @@ from typing import Any
 
 __all__ = [
     "FINGERPRINT_VERSION",
+    "NEUTRAL_RECIPE_VALUES",
     "recipe_identity",
     "recipe_fingerprint",
     "run_fingerprint",
@@ -35,6 +38,11 @@ __all__ = [
 FINGERPRINT_VERSION = 1
 #: Recipe keys that do not change what a run is (the seed varies within a row).
 _NOT_IN_RECIPE = ("seed",)
+#: Recipe keys added after runs were recorded -> the value that reproduces the behaviour before the key
+#: existed (no gradient accumulation, the head at the lr, the cosine schedule). A run at that value is
+#: the run recorded without the key, so the key is left out of its identity. The one home of these
+#: values: the ``vtab`` recipe (``petl_zoo.train.recipe``) takes its defaults from here.
+NEUTRAL_RECIPE_VALUES: dict[str, Any] = {"accumulate": 1, "head_lr": None, "schedule": "cosine"}
 
 
 def _weights_identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -49,9 +57,21 @@ def _weights_identity(config: dict[str, Any]) -> dict[str, Any]:
     return {"pretrained": bool(config.get("pretrained", True))}
 
 
+def _is_neutral(key: str, value: Any) -> bool:
+    """``value`` of recipe ``key`` is the behaviour before the key existed (``NEUTRAL_RECIPE_VALUES``)."""
+    if key not in NEUTRAL_RECIPE_VALUES or isinstance(value, bool):
+        return False
+    neutral = NEUTRAL_RECIPE_VALUES[key]
+    return value is None if neutral is None else value == neutral
+
+
 def recipe_identity(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a run's ``config.json`` that define how it was made (see the module docstring)."""
-    recipe = {k: v for k, v in (config.get("recipe") or {}).items() if k not in _NOT_IN_RECIPE}
+    recipe = {
+        k: v
+        for k, v in (config.get("recipe") or {}).items()
+        if k not in _NOT_IN_RECIPE and not _is_neutral(k, v)
+    }
     return {
         "version": FINGERPRINT_VERSION,
         "method": config.get("method"),

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 from ..config import MethodConfig, coerce_value, parse_cli_value, parse_key_values, split_key_value
 from ..io import read_json
 from .errors import TrainingError, UserError
-from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SELECT_ON
+from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SCHEDULES, SELECT_ON
 
 __all__ = [
     "UserError",
@@ -114,6 +114,29 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--weight-decay", type=float, default=None, help=_recipe_default("weight_decay"))
     r.add_argument("--warmup-epochs", type=int, default=None, help=_recipe_default("warmup_epochs"))
     r.add_argument(
+        "--schedule",
+        default=None,
+        choices=SCHEDULES,
+        help="after the warmup: cosine to the recipe's min_lr, or linear to 0; "
+        + _recipe_default("schedule"),
+    )
+    r.add_argument(
+        "--accumulate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="micro-batches of --batch-size per optimizer step (effective batch: batch size x N); "
+        + _recipe_default("accumulate"),
+    )
+    r.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="peak lr of the classifier head's own AdamW group (the schedule scaled by head-lr/lr; none: "
+        "the head at --lr); " + _recipe_default("head_lr"),
+    )
+    r.add_argument(
         "--eval-every",
         type=int,
         default=None,
@@ -156,7 +179,7 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 def _recipe_default(key: str) -> str:
     """``default: <the vtab recipe's value> (a method's or preset's own value first)`` for a recipe flag."""
     value = RECIPES["vtab"][key]
-    shown = "off" if value is False else ("on" if value is True else value)
+    shown = "off" if value is False else "on" if value is True else "none" if value is None else value
     return f"default: the recipe's {shown} (a method's or preset's own value first)"
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from .data import RunData, build_data
 from .engine import evaluate_counts, make_autocast, seed_everything
 from .errors import TrainingError, UserError
 from .lock import RunLock
-from .recipe import WarmupCosine
+from .recipe import Schedule, build_schedule
 from .report import build_result, done_line, start_line
 from .spec import RunSpec, check_resume_config
 from .state import TrainState, adapter_snapshot, restore_adapter, trainable_signature
@@ -48,6 +48,7 @@ __all__ = [
     "hold_run_folder",
     "build_patched_model",
     "build_run",
+    "optimizer_steps",
     "train_one_epoch",
     "end_of_epoch",
     "evaluate_and_select",
@@ -67,8 +68,8 @@ class SimulatedKill(Exception):
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The training loss (in float32 also under autocast)."""
-    return nn.functional.cross_entropy(logits.float(), labels)
+    """The training loss (in float32 also under autocast; float64 logits stay float64)."""
+    return nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
 
 
 def _log(info: D.DistInfo, text: str) -> None:
@@ -100,7 +101,7 @@ class Run:
     info: D.DistInfo
     state: TrainState
     data: RunData
-    schedule: WarmupCosine
+    schedule: Schedule
     autocast: Callable[[], AbstractContextManager]
     ctx: TrainContext
     wall_start: float
@@ -155,10 +156,8 @@ def build_run(spec: RunSpec, info: D.DistInfo, lock: RunLock | None = None) -> R
         torch.use_deterministic_algorithms(True, warn_only=True)
     model = build_patched_model(config, recipe["drop_path"])  # identical on every rank and on resume
     data = build_data(spec, info, model)
-    steps, epochs = data.steps_per_epoch, recipe["epochs"]
-    schedule = WarmupCosine(
-        recipe["lr"], epochs * steps, recipe["warmup_epochs"] * steps, recipe["warmup_lr"], recipe["min_lr"]
-    )
+    steps, epochs = optimizer_steps(data.steps_per_epoch, recipe["accumulate"]), recipe["epochs"]
+    schedule = build_schedule(recipe, steps)
     autocast = make_autocast(device, recipe["precision"])
     ctx = TrainContext(
         device=device, loss_fn=cross_entropy, autocast=autocast, epochs=epochs, steps_per_epoch=steps,
@@ -223,45 +222,87 @@ def _check_state_agrees(run: Run, when: str) -> None:
         raise TrainingError(f"method '{method.name}' built different structures on the ranks {when}")
 
 
+def optimizer_steps(micro_batches: int, accumulate: int) -> int:
+    """Optimizer steps of an epoch of ``micro_batches`` loader batches, ``accumulate`` a step (the last
+    step of an epoch takes what is left)."""
+    return -(-micro_batches // accumulate)
+
+
+def _step_groups(batches: Iterable[Any], accumulate: int) -> Iterator[list[Any]]:
+    """The loader's batches in groups of ``accumulate`` (the last group of an epoch may be shorter)."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accumulate:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _sync_unless(run: Run, last: bool) -> AbstractContextManager:
+    """DDP's ``no_sync`` for a micro-batch before the step's last one (gradients are all-reduced once,
+    in the last backward); nothing without DDP."""
+    ddp = getattr(run.forward, "_orig_mod", run.forward)  # under torch.compile: the wrapped module
+    if last or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return ddp.no_sync()
+
+
+def _check_finite(run: Run, loss: torch.Tensor, epoch: int, i: int) -> None:
+    """A non-finite loss on any rank stops the run (every rank, with one line)."""
+    state, device = run.state, run.spec.device
+    if D.all_true(bool(torch.isfinite(loss).item()), device, run.info):
+        return
+    where = f"epoch {epoch + 1} step {i + 1}/{run.ctx.steps_per_epoch} (global step {state.global_step + 1})"
+    kept = (
+        f"the last good checkpoint {run.spec.folder.checkpoint_path} (after epoch {epoch}) is kept"
+        if epoch > 0
+        else "no checkpoint was written yet"
+    )
+    raise TrainingError(f"loss is {loss.item()} at {where}; {kept}; try a lower --lr")
+
+
 def _train_step(
-    run: Run, images: torch.Tensor, labels: torch.Tensor, lr: float, epoch: int, i: int
+    run: Run, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, epoch: int, i: int
 ) -> torch.Tensor:
-    """One optimizer step at ``lr`` (AMP by hand so that ``on_after_backward`` sees unscaled gradients);
-    a non-finite loss on any rank stops the run."""
+    """One optimizer step at ``lr`` (a head group at its ``lr_scale`` times it) over ``micro_batches``
+    (``(images, labels)``, one unless ``--accumulate``): each micro-batch's loss is weighted by its share
+    of the step's samples, so the gradient is the one of their concatenation; AMP by hand so that
+    ``on_after_backward`` sees unscaled gradients, once, after the last backward. A non-finite loss on
+    any rank stops the run. Returns the step's loss (the mean over its samples, float64, detached)."""
     state, device = run.state, run.spec.device
     optimizer, scaler = state.optimizer, state.scaler
     run.ctx.step = state.global_step
     for group in optimizer.param_groups:
-        group["lr"] = lr
-    images = images.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
-    with run.autocast():
-        logits = run.forward(images)
-    loss = cross_entropy(logits, labels)
-    if not D.all_true(bool(torch.isfinite(loss).item()), device, run.info):
-        where = (
-            f"epoch {epoch + 1} step {i + 1}/{run.data.steps_per_epoch} (global step {state.global_step + 1})"
-        )
-        kept = (
-            f"the last good checkpoint {run.spec.folder.checkpoint_path} (after epoch {epoch}) is kept"
-            if epoch > 0
-            else "no checkpoint was written yet"
-        )
-        raise TrainingError(f"loss is {loss.item()} at {where}; {kept}; try a lower --lr")
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+    samples = sum(labels.numel() for _, labels in micro_batches)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    for k, (images, labels) in enumerate(micro_batches):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        share = labels.numel() / samples
+        with _sync_unless(run, last=k == len(micro_batches) - 1):
+            with run.autocast():
+                logits = run.forward(images)
+            loss = cross_entropy(logits, labels)
+            _check_finite(run, loss, epoch, i)
+            scaler.scale(loss if len(micro_batches) == 1 else loss * share).backward()
+        step_loss += loss.detach().double() * share
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     state.method.on_after_backward(state.model, run.ctx)
     scaler.step(optimizer)
     scaler.update()
     state.global_step += 1
-    return loss
+    return step_loss
 
 
 def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
-    """One pass over the training set (0-based ``epoch``); returns its metrics record (1-based
-    ``epoch``, ``split``, ``train_loss`` averaged over every rank's images, last ``lr``, speed)."""
+    """One pass over the training set (0-based ``epoch``) in optimizer steps of ``accumulate``
+    micro-batches; returns its metrics record (1-based ``epoch``, ``split``, ``train_loss`` averaged
+    over every rank's images, last ``lr``, speed)."""
     from tqdm import tqdm
 
     spec, info, state, data = run.spec, run.info, run.state, run.data
@@ -280,12 +321,13 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     lr = run.schedule(state.global_step)
-    for i, (images, labels) in enumerate(bar):
+    for i, micro_batches in enumerate(_step_groups(bar, spec.recipe["accumulate"])):
         lr = run.schedule(state.global_step)
-        loss = _train_step(run, images, labels, lr, epoch, i)
-        loss_sum += loss.detach().double() * labels.numel()
-        count += labels.numel()
-        if bar.disable is False and (i % 5 == 0 or i == data.steps_per_epoch - 1):
+        loss = _train_step(run, micro_batches, lr, epoch, i)
+        samples = sum(labels.numel() for _, labels in micro_batches)
+        loss_sum += loss * samples
+        count += samples
+        if bar.disable is False and (i % 5 == 0 or i == run.ctx.steps_per_epoch - 1):
             rate = count * info.world_size / max(time.time() - start, 1e-9)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
     bar.close()

@@ -2,7 +2,8 @@
 
 The ``vtab`` recipe (NOAH / VPT / LoRA-ViT codebases): train on ``train800val200``, AdamW lr 1e-3,
 weight decay 1e-4, global batch 64, 100 epochs, per-step linear warmup over 10 epochs from 1e-6, then
-cosine to 1e-5, drop_path 0.1, the unnormalised ``vtab`` transform, test evaluation every 10 epochs.
+cosine to 1e-5, drop_path 0.1, the unnormalised ``vtab`` transform, test evaluation every 10 epochs;
+one micro-batch per optimizer step (``accumulate``), the head at the same lr (``head_lr``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from vtab.transforms import PROTOCOLS
 
+from ..fingerprint import NEUTRAL_RECIPE_VALUES
+
 if TYPE_CHECKING:
     import torch
 
@@ -22,16 +25,21 @@ __all__ = [
     "PRECISIONS",
     "PROTOCOLS",
     "SELECT_ON",
+    "SCHEDULES",
     "resolve_recipe",
     "validate_recipe",
     "execution_defaults",
     "WarmupCosine",
+    "WarmupLinear",
+    "Schedule",
+    "build_schedule",
 ]
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SELECT_ON = ("test", "val")
+SCHEDULES = ("cosine", "linear")
 
 RECIPES: dict[str, dict[str, Any]] = {
     "vtab": {
@@ -53,6 +61,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "seed": 0,
         "select_on": "test",
         "precision": None,  # resolved at run time by execution_defaults: bf16 on GPU, fp32 on CPU
+        # accumulate 1, head_lr None (the head at lr), schedule cosine: the behaviour before these keys
+        # existed, so they are left out of the recipe fingerprint (petl_zoo.fingerprint).
+        **NEUTRAL_RECIPE_VALUES,
     }
 }
 
@@ -73,6 +84,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "select_on": (str,),
     "precision": (str, type(None)),
+    "accumulate": (int,),
+    "head_lr": (int, float, type(None)),
+    "schedule": (str,),
 }
 
 
@@ -167,6 +181,10 @@ def validate_recipe(recipe: dict[str, Any]) -> None:
     need(recipe["seed"] >= 0, "seed", "an integer >= 0")
     need(recipe["select_on"] in SELECT_ON, "select_on", ", ".join(SELECT_ON))
     need(recipe["precision"] in (None, *PRECISIONS), "precision", ", ".join(PRECISIONS))
+    need(recipe["accumulate"] >= 1, "accumulate", "an integer >= 1")
+    head_lr = recipe["head_lr"]
+    need(head_lr is None or (math.isfinite(head_lr) and head_lr > 0), "head_lr", "a number > 0")
+    need(recipe["schedule"] in SCHEDULES, "schedule", ", ".join(SCHEDULES))
 
 
 def execution_defaults(device: torch.device, precision: str | None, workers: int | None) -> tuple[str, int]:
@@ -228,3 +246,33 @@ class WarmupCosine:
             "warmup_lr": self.warmup_lr,
             "min_lr": self.min_lr,
         }
+
+
+class WarmupLinear:
+    """Per-optimizer-step learning rate: the same linear warmup as :class:`WarmupCosine`, then a linear
+    decay from ``lr`` to 0 at the end of the run (``min_lr`` is not used):
+    ``lr(s) = lr * (T - s) / (T - W)`` for ``W <= s <= T``. Stateless, like ``WarmupCosine``."""
+
+    def __init__(self, lr: float, total_steps: int, warmup_steps: int, warmup_lr: float) -> None:
+        self.lr, self.total, self.warmup = float(lr), int(total_steps), int(warmup_steps)
+        self.warmup_lr = float(warmup_lr)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup
+        span = max(1, self.total - self.warmup)
+        return self.lr * max(0.0, 1.0 - (step - self.warmup) / span)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"lr": self.lr, "total": self.total, "warmup": self.warmup, "warmup_lr": self.warmup_lr}
+
+
+Schedule = WarmupCosine | WarmupLinear
+
+
+def build_schedule(recipe: dict[str, Any], steps_per_epoch: int) -> Schedule:
+    """The recipe's schedule (``recipe["schedule"]``) over ``epochs * steps_per_epoch`` optimizer steps."""
+    total, warmup = recipe["epochs"] * steps_per_epoch, recipe["warmup_epochs"] * steps_per_epoch
+    if recipe["schedule"] == "linear":
+        return WarmupLinear(recipe["lr"], total, warmup, recipe["warmup_lr"])
+    return WarmupCosine(recipe["lr"], total, warmup, recipe["warmup_lr"], recipe["min_lr"])

@@ -131,6 +131,9 @@ def _recipe_flags(args: Any) -> dict[str, Any]:
         "augment": args.augment,
         "precision": args.precision,
         "select_on": args.select_on,
+        "accumulate": args.accumulate,
+        "head_lr": args.head_lr,
+        "schedule": args.schedule,
     }
 
 

@@ -17,10 +17,10 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from ..api import adapter_state_dict, load_adapter_weights
+from ..api import adapter_state_dict, classifier_parameters, load_adapter_weights
 from ..registry import Method
 from .checkpoint import capture_rng, restore_rng
-from .errors import TrainingError
+from .errors import TrainingError, UserError
 
 __all__ = [
     "Best",
@@ -65,15 +65,32 @@ def _set_trainable(model: nn.Module, names: list[str]) -> None:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, previous: torch.optim.Optimizer | None = None
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    previous: torch.optim.Optimizer | None = None,
+    head_scale: float | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (``timm.optim.create_optimizer_v2``) over the trainable parameters: one group, weight decay
     on all of them, as the VTAB codebases do; AdamW state of parameters that were already trained
-    (in ``previous``) carries over, a new tensor starts fresh."""
+    (in ``previous``) carries over, a new tensor starts fresh.
+
+    ``head_scale`` (``--head-lr``: head_lr / lr): the trainable classifier head
+    (``petl_zoo.api.classifier_parameters``) in a group of its own at ``lr * head_scale``; the group
+    keeps ``lr_scale`` so that each step sets its rate from the schedule's."""
     params = [p for _, p in _trainable(model)]
     if not params:
         raise TrainingError("the model has no trainable parameters")
-    opt = create_optimizer_v2(params, "adamw", lr=lr, weight_decay=weight_decay)
+    groups: list[nn.Parameter] | list[dict[str, Any]] = params
+    if head_scale is not None:
+        head_ids = {id(p) for p in classifier_parameters(model)}
+        head = [p for p in params if id(p) in head_ids]
+        body = [p for p in params if id(p) not in head_ids]
+        if not head:
+            raise UserError("--head-lr is set but the classifier head is not trained; leave --head-lr out")
+        head_group = {"params": head, "lr": lr * head_scale, "lr_scale": head_scale}
+        groups = [{"params": body}, head_group] if body else [head_group]
+    opt = create_optimizer_v2(groups, "adamw", lr=lr, weight_decay=weight_decay)
     if previous is not None:
         for p in params:
             if p in previous.state:
@@ -107,6 +124,8 @@ class TrainState:
         recipe = config["recipe"]
         self.config, self.model, self.device = config, model, device
         self.weight_decay = recipe["weight_decay"]
+        head_lr = recipe["head_lr"]
+        self.head_scale = None if head_lr is None else head_lr / recipe["lr"]
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=recipe["precision"] == "fp16")
         self.epoch, self.global_step = 0, 0
@@ -121,7 +140,9 @@ class TrainState:
 
     def rebuild_optimizer(self, lr: float) -> None:
         """A new AdamW over the current trainable set, carrying over the state of surviving tensors."""
-        self.optimizer = build_optimizer(self.model, lr, self.weight_decay, previous=self.optimizer)
+        self.optimizer = build_optimizer(
+            self.model, lr, self.weight_decay, previous=self.optimizer, head_scale=self.head_scale
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """What ``last.pt`` holds (tensors and plain values)."""
