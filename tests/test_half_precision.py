@@ -130,7 +130,10 @@ def test_bf16_forward_computes_in_bf16_and_matches_the_float32_reference(name):
 
 @pytest.mark.parametrize("name", BUILTIN)
 def test_merge_on_a_bf16_host_keeps_bf16_weights_and_the_function(name):
-    model = petl_zoo.create(name, host())
+    # perturb_ sizes the method tensors for a unit scale; FacT's default s = 10 would make the merged
+    # update ten times the weights' scale, where bf16 rounding alone moves single logits past 3 %
+    options = {"scale": 1.0} if name == "fact" else {}
+    model = petl_zoo.create(name, host(), **options)
     perturb_(model, params=trainable_method_tensors(model).values())
     x = images().to(BF16)
     before = {n: t.detach().clone() for n, t in model.state_dict().items()}
