@@ -43,6 +43,7 @@ __all__ = [
     "SELECTION",
     "CARD_CONFIG",
     "RUN_FILES",
+    "BUSY_EXIT_STATUS",
     "TUNE_PREFIX",
     "OPT_PREFIX",
     "SELECTION_VERSION",
@@ -77,6 +78,9 @@ SELECTION = "selection.json"
 CARD_CONFIG = "train_config.json"
 #: What ``--overwrite`` deletes: the files one training run writes (the lock is its holder's to remove).
 RUN_FILES = (CONFIG, METRICS, RESULT, ADAPTER_WEIGHTS, ADAPTER_CONFIG, CHECKPOINT)
+#: The trainer's exit status when another live process holds the folder's lock (EX_TEMPFAIL: busy, try
+#: again later); the sweep counts such a run as busy, not failed.
+BUSY_EXIT_STATUS = 75
 #: The folder name prefix of a tuning record (``tune-<grid fingerprint>``).
 TUNE_PREFIX = "tune-"
 SELECTION_VERSION = 1

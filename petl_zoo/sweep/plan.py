@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..results.benchmarks import VTAB_1K, canonical_task
-from ..runfolder import CONFIG, RunFolder
+from ..runfolder import BUSY_EXIT_STATUS, CONFIG, RunFolder
 
 __all__ = [
     "TRAIN_MODULE",
@@ -105,7 +105,6 @@ def task_dirname(task: str) -> str:
 
 #: What a status adds to the trainer's command line.
 _STATUS_FLAGS = {"resume": ["--resume"], "overwrite": ["--overwrite"]}
-BUSY_EXIT_STATUS = 75  # petl_zoo.train.lock.BUSY_EXIT_STATUS
 
 
 @dataclass

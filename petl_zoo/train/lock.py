@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .. import io as pio
 from ..io import WriteError, make_dir
-from ..runfolder import RunFolder
+from ..runfolder import BUSY_EXIT_STATUS, RunFolder
 from .errors import TrainingError, UserError
 
 try:
@@ -55,7 +55,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 60.0
-BUSY_EXIT_STATUS = 75  # EX_TEMPFAIL: the folder is busy, try again later (the sweep counts it as busy)
 _DEFAULT_STALE_S = 900.0
 _YOUNG_S = 10.0  # a lock file this young may still be being written (no content, no flock yet)
 
