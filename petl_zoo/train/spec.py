@@ -152,7 +152,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     import vtab
 
     method_cls = get_method(args.method)
-    folder = _check_inputs(args)  # the data and the weights: every missing input in one message
+    folder, identity = _check_inputs(args)  # the data and the weights: every missing input in one message
     info = vtab.find_task(args.task)
     task = info.name if info is not None else folder.name
     preset_label, preset_options, preset_recipe = _preset_values(method_cls.name, args.preset, task)
@@ -207,20 +207,21 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         pretrained_file_sha256=sha256_file(pretrained_file) if pretrained_file else None,
         preset=preset_label or None,
         test=not args.no_test,
-        data_identity=vtab.data_identity(args.task, args.data_root),
+        data_identity=identity,
     )
 
 
-def _check_inputs(args: Any) -> Path:
-    """The task's folder, after checking that the data and the pretrained weights can be had: what is
+def _check_inputs(args: Any) -> tuple[Path, dict[str, Any]]:
+    """The task's folder and its data identity (``vtab.data_identity``), after checking that the data
+    and the pretrained weights can be had: what is
     missing (the data and how to prepare it, the weights and how to give them) is one message, so an
     offline first command says everything it needs at once."""
     import vtab
 
-    problems, folder = [], None
+    problems, folder, identity = [], None, {}
     try:
         folder = vtab.task_dir(args.task, args.data_root)  # an unknown task: its own clear error
-        vtab.data_identity(args.task, args.data_root)  # the list files and their images
+        identity = vtab.data_identity(args.task, args.data_root)  # the list files and their images
     except FileNotFoundError as err:
         problems.append(" ".join(str(err).split()))
     if args.pretrained_file is None and not args.no_pretrained:
@@ -233,7 +234,7 @@ def _check_inputs(args: Any) -> Path:
         )
     if problems:
         raise UserError(problems[0])
-    return folder
+    return folder, identity
 
 
 def _preset_values(method: str, name: str | None, task: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
