@@ -19,7 +19,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import vtab
-from vtab import prepare, sources
+from vtab import prepare, sources, taskfolder
 from vtab.sources import IndexedPool, TaskSplits
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_writer_draws_train_and_val_from_their_pools(tmp_path):
         assert (
             label == first_pixels(folder, rel)[1] % 10 and rel.startswith("images/") and rel.endswith(".png")
         )
-    meta = json.loads((folder / prepare.METADATA).read_text())
+    meta = json.loads((folder / taskfolder.METADATA).read_text())
     assert meta["seed"] == 3 and meta["counts"]["train800val200.txt"] == 12 and meta["format"] == "png"
     assert max(label for _, label in trainval + test) < 10  # a small draw can miss a class: declare 10
     assert vtab.num_classes("my_task", folder.parent, declared=10) == 10
@@ -99,7 +99,7 @@ def test_writer_formats_and_modes(tmp_path):
     for rel in rels:
         with Image.open(folder / rel) as im:
             assert im.format == "JPEG" and im.mode == "RGB"
-    assert json.loads((folder / prepare.METADATA).read_text())["jpeg_quality"] == 90
+    assert json.loads((folder / taskfolder.METADATA).read_text())["jpeg_quality"] == 90
 
     def odd(mode: str) -> IndexedPool:
         return IndexedPool(lambda i: (Image.new(mode, (3, 3)), 0), 12)
@@ -156,7 +156,7 @@ def test_registry_task_uses_its_class_count_and_canonical_folder(tmp_path):
     two = TaskSplits(pool(30, 10, num_classes=2), pool(12, 20, num_classes=2), pool(5, 30, num_classes=2))
     folder = write(tmp_path, two, name="camelyon", num_classes=None)
     assert folder == tmp_path / "out" / "patch_camelyon"
-    assert json.loads((folder / prepare.METADATA).read_text())["num_classes"] == 2
+    assert json.loads((folder / taskfolder.METADATA).read_text())["num_classes"] == 2
     assert len(vtab.VtabDataset("pcam", "trainval", data_root=folder.parent)) == 12
 
 
@@ -499,7 +499,7 @@ def test_tfds_missing_is_a_clear_error(monkeypatch, tmp_path, capsys):
 
 
 def test_list_sources(capsys):
-    assert prepare.main(["--list-sources"]) == 0
+    assert prepare.main(["--list-sources", "--benchmark", "vtab"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     assert list(rows) == [t.name for t in vtab.tasks(include_extra=True)]
     assert rows["dtd"].endswith("torchvision, tfds") and rows["resisc45"].endswith("  tfds")

@@ -1,5 +1,6 @@
 """vtab: training-loop-ready DataLoaders for the 19 VTAB-1K tasks in the field's shared folder layout
-(and the FGVC-5 tasks prepared so far, ``fgvc_tasks()``, in the same layout).
+(and, in the same layout, the FGVC-5 tasks, ``fgvc_tasks()``, and the full-dataset suite of NEAT and
+FourierFT, ``suite_tasks()``).
 
     import vtab
     tf = vtab.build_transform(model)                        # model's input size, interpolation, mean/std
@@ -33,17 +34,35 @@ from .layout import (
     split_file,
     task_dir,
 )
-from .tasks import FGVC_GROUP, GROUPS, TaskInfo, fgvc_tasks, find_task, get_task, tasks
+from .tasks import (
+    BENCHMARK_NAMES,
+    FGVC_GROUP,
+    GROUPS,
+    SUITE_EXTRA_GROUP,
+    SUITE_GROUP,
+    TaskInfo,
+    all_tasks,
+    benchmark_name,
+    benchmark_tasks,
+    fgvc_tasks,
+    find_task,
+    get_task,
+    resolve_task,
+    suite_tasks,
+    task_folder_name,
+    tasks,
+)
 
 if TYPE_CHECKING:
     from .data import VtabDataset, make_loader, make_loaders, seed_worker
-    from .transforms import PROTOCOLS, build_transform, input_size, transform_config
+    from .transforms import CROPS, PROTOCOLS, build_transform, input_size, transform_config
 
 _LAZY = {
     "VtabDataset": "data",
     "make_loader": "data",
     "make_loaders": "data",
     "seed_worker": "data",
+    "CROPS": "transforms",
     "PROTOCOLS": "transforms",
     "build_transform": "transforms",
     "input_size": "transforms",
@@ -64,6 +83,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BENCHMARK_NAMES",
+    "CROPS",
     "DEFAULT_ROOT",
     "ENV_VAR",
     "FGVC_GROUP",
@@ -71,9 +92,14 @@ __all__ = [
     "LIST_FILES",
     "PROTOCOLS",
     "SPLITS",
+    "SUITE_EXTRA_GROUP",
+    "SUITE_GROUP",
     "TaskInfo",
     "VtabDataset",
+    "all_tasks",
     "available_tasks",
+    "benchmark_name",
+    "benchmark_tasks",
     "build_transform",
     "data_identity",
     "fgvc_tasks",
@@ -87,10 +113,13 @@ __all__ = [
     "num_classes",
     "read_list",
     "resolve_root",
+    "resolve_task",
     "seed_worker",
     "split_file",
     "split_identity",
+    "suite_tasks",
     "task_dir",
+    "task_folder_name",
     "tasks",
     "transform_config",
 ]

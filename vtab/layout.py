@@ -11,7 +11,7 @@ from pathlib import Path, PureWindowsPath
 from PIL import Image
 
 from .images import to_rgb
-from .tasks import all_tasks, find_task, normalize_name, unknown_task_message
+from .tasks import TaskInfo, all_tasks, find_task, normalize_name, unknown_task_message
 
 ENV_VAR = "VTAB_ROOT"
 DEFAULT_ROOT = Path("data") / "vtab-1k"
@@ -82,16 +82,31 @@ def available_tasks(data_root: PathLike | None = None) -> list[str]:
     root = resolve_root(data_root)
     found: list[str] = []
     for name in _custom_folders(root):
-        info = find_task(name)
+        info = _folder_task(name)
         found.append(info.name if info else name)
     registry = [t.name for t in all_tasks() if t.name in found]
-    return registry + [n for n in found if find_task(n) is None]
+    return registry + [n for n in found if _folder_task(n) is None]
+
+
+def _folder_names(info: TaskInfo) -> tuple[str, ...]:
+    """The folder names a registry task is found under: VTAB-1K's canonical name or any alias (the
+    field's folders are spelled many ways); another benchmark's only its canonical name, so that the
+    suite's DTD never reads VTAB-1K's ``dtd`` folder."""
+    return (info.name, *info.aliases) if info.benchmark == "vtab" else (info.name,)
+
+
+def _folder_task(folder: str) -> TaskInfo | None:
+    """The registry task a folder under the root holds (by :func:`_folder_names`), or None (custom)."""
+    info = find_task(folder)
+    wanted = {normalize_name(n) for n in _folder_names(info)} if info is not None else set()
+    return info if normalize_name(folder) in wanted else None
 
 
 def task_dir(task: str, data_root: PathLike | None = None) -> Path:
-    """The folder of ``task`` under the root. Registry tasks are found under their canonical name or
-    any alias (``cifar100`` for ``cifar``, ``oxford_pet`` for ``oxford_iiit_pet``, case-insensitive);
-    any other folder under the root is a custom task."""
+    """The folder of ``task`` under the root. VTAB-1K's tasks are found under their canonical name or
+    any alias (``cifar100`` for ``cifar``, ``oxford_pet`` for ``oxford_iiit_pet``, case-insensitive), the
+    other benchmarks' under their canonical name (``fgvc_cub``, ``suite_dtd``); any other folder under
+    the root is a custom task."""
     if not isinstance(task, str) or not task.strip():
         raise ValueError(f"Task name must be a non-empty string, got {task!r}.")
     root = resolve_root(data_root)
@@ -109,7 +124,7 @@ def task_dir(task: str, data_root: PathLike | None = None) -> Path:
             f"VTAB root {root} does not exist (from {_root_origin(data_root)}). "
             f"Prepare the task with: {prepare_command(info.name, root)}"
         )
-    names = (info.name, *info.aliases)
+    names = _folder_names(info)
     for name in names:
         if (root / name).is_dir():
             return root / name

@@ -5,9 +5,15 @@
     python -m vtab.prepare --task all --source tfds            # VTAB's own source (extra 'tfds')
     python -m vtab.prepare --list-sources
     python -m vtab.prepare --task cub --source CUB_200_2011.tgz --splits vpt_splits/cub   # FGVC-5
+    python -m vtab.prepare --benchmark suite --task all       # NEAT's/FourierFT's full-dataset suite (extra 'suite')
+    python -m vtab.prepare --task suite_digits                 # the suite's offline demo task
+
+A task name is resolved inside ``--benchmark`` (vtab, fgvc, suite) when given, else as ``vtab.resolve_task``
+infers it (``dtd`` is VTAB-1K's, ``cifar10`` the suite's, ``cars`` asks for ``--benchmark``).
 
 Each task folder gets ``images/{train,val,test}/<key>.png`` and the four list files (an FGVC task:
-its original image files under ``images/`` and the same four list file names, see ``write_fgvc_task``). The folder is
+its original image files under ``images/`` and the same four list file names, see ``write_fgvc_task``; a suite
+task: ``vtab.suite``). The folder is
 written under a hidden temporary name and renamed at the end; an existing complete folder is kept
 (re-running is safe) unless ``--overwrite``.
 """
@@ -15,23 +21,18 @@ written under a hidden temporary name and renamed at the end; an existing comple
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .fgvc import FgvcSplits, fgvc_splits
-from .images import to_8bit
-from .layout import LIST_FILES, SPLITS, resolve_root, umask_mode
+from .layout import LIST_FILES, SPLITS, resolve_root
 from .sources import (
     SOURCE_NAMES,
     SOURCES,
@@ -41,26 +42,27 @@ from .sources import (
     sklearn_digits,
     sources_for,
 )
-from .tasks import FGVC_GROUP, fgvc_tasks, find_task, get_task, tasks
+from .taskfolder import is_complete, removed_on_failure, savable, swap_in, write_lists
+from .tasks import (
+    BENCHMARK_NAMES,
+    FGVC_GROUP,
+    SUITE_GROUP,
+    TaskInfo,
+    benchmark_name,
+    fgvc_tasks,
+    find_task,
+    get_task,
+    resolve_task,
+    suite_tasks,
+    tasks,
+)
 
 FORMATS = ("png", "jpg")
 JPEG_QUALITY = 75  # Pillow's default quality
 N_TRAIN, N_VAL = 800, 200
-METADATA = "prepare.json"
 DEFAULT_DOWNLOAD_ROOT = Path("data") / "downloads"
 
 logger = logging.getLogger(__name__)
-
-
-def _savable(image: Image.Image) -> Image.Image:
-    """Gray stays gray ('L', 16-bit gray scaled to 8 bits); everything else becomes RGB (the loader
-    converts gray to RGB)."""
-    image = to_8bit(image)
-    if image.mode == "L" or image.mode == "RGB":
-        return image
-    if image.mode == "1":
-        return image.convert("L")
-    return image.convert("RGB")
 
 
 def _draw(splits: TaskSplits, seed: int, n_train: int, n_val: int) -> tuple[list[int], list[int]]:
@@ -111,7 +113,7 @@ def _write_pool(
             raise ValueError(f"Source item {key} has label {label}, outside 0..{(num_classes or 1) - 1}.")
         sub = route[index]
         rel = f"images/{sub}/{key}.{fmt}"
-        image = _savable(image)
+        image = savable(image)
         if fmt == "jpg":
             image.save(folder / rel, format="JPEG", quality=jpeg_quality)
         else:
@@ -123,10 +125,6 @@ def _write_pool(
     if count != len(order):
         raise ValueError(f"The source yielded {count} of the {len(order)} requested items.")
     return lines
-
-
-def _is_complete(folder: Path) -> bool:
-    return all((folder / f).is_file() for f in LIST_FILES)
 
 
 def write_task(
@@ -164,7 +162,7 @@ def write_task(
     out_root = Path(out_root).expanduser().absolute()
     final = out_root / folder_name
     if final.exists() and not overwrite:
-        if _is_complete(final):
+        if is_complete(final):
             log(f"{folder_name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
             return final
         raise FileExistsError(
@@ -185,8 +183,8 @@ def write_task(
             "jpeg_quality": jpeg_quality if fmt == "jpg" else None,
             "num_classes": num_classes,
         }
-        meta["counts"] = _write_lists(tmp, lines, meta)
-        _swap_in(tmp, final)
+        meta["counts"] = write_lists(tmp, lines, meta)
+        swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -216,22 +214,6 @@ def _write_images(
     return lines
 
 
-def _write_lists(tmp: Path, lines: dict[str, list[tuple[str, int]]], meta: dict) -> dict[str, int]:
-    """The four list files (train800val200 = train800 then val200) and the metadata file; the counts."""
-    content = {
-        "train": lines["train"],
-        "val": lines["val"],
-        "trainval": lines["train"] + lines["val"],
-        "test": lines["test"],
-    }
-    for split, entries in content.items():
-        text = "".join(f"{rel} {label}\n" for rel, label in entries)
-        (tmp / SPLITS[split]).write_text(text, encoding="utf-8")
-    counts = {SPLITS[s]: len(e) for s, e in content.items()}
-    (tmp / METADATA).write_text(json.dumps({**meta, "counts": counts}, indent=2) + "\n", encoding="utf-8")
-    return counts
-
-
 def write_fgvc_task(
     name: str,
     splits: FgvcSplits,
@@ -253,7 +235,7 @@ def write_fgvc_task(
     out_root = Path(out_root).expanduser().absolute()
     final = out_root / info.name
     if final.exists() and not overwrite:
-        if _is_complete(final):
+        if is_complete(final):
             log(f"{info.name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
             return final
         raise FileExistsError(
@@ -284,29 +266,14 @@ def write_fgvc_task(
             "format": "original files, not re-encoded",
             "num_classes": info.num_classes,
         }
-        counts = _write_lists(tmp, lines, meta)
-        _swap_in(tmp, final)
+        counts = write_lists(tmp, lines, meta)
+        swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     log(f"{info.name}: wrote {final} ({sizes}) in {time.time() - start:.1f} s")
     return final
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename the finished ``tmp`` folder to ``final``, replacing an old one only once ``tmp`` is whole.
-
-    ``mkdtemp`` made ``tmp`` private (0700); the task folder gets the umask's mode like any ``mkdir``.
-    """
-    tmp.chmod(umask_mode(0o777))
-    if final.exists():
-        old = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}.old"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def build_splits(task: str, source: str, download_root: Path, download: bool, seed: int) -> TaskSplits:
@@ -321,32 +288,33 @@ def build_splits(task: str, source: str, download_root: Path, download: bool, se
         )
     if name == "digits":
         return sklearn_digits(seed)
-    with _removed_on_failure(download_root):
+    with removed_on_failure(download_root):
         return SOURCES[source][name](download_root, download)
 
 
-@contextmanager
-def _removed_on_failure(download_root: Path) -> Iterator[None]:
-    """On an exception, delete what the failed download created under ``download_root`` (the root too,
-    when it did not exist before): an unreachable source leaves nothing half-made behind."""
-    existed = download_root.exists()
-    before = set(download_root.iterdir()) if existed else set()
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            shutil.rmtree(download_root, ignore_errors=True)
-        elif download_root.is_dir():
-            for entry in set(download_root.iterdir()) - before:
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        raise
+def sources_table(benchmark: str | None = None) -> str:
+    """A text table: each task, its group and class count, and the sources that can make it: VTAB-1K's
+    tasks and the demo task, then (no ``benchmark``, or ``suite``) the full-dataset suite's with the hub
+    splits its authors load, or (``fgvc``) FGVC-5's."""
+    from .suite import source_summary
+    from .suite import sources_for as suite_sources_for
 
-
-def sources_table() -> str:
-    """A text table: each task, its group and class count, and the sources that can make it."""
-    rows = [("task", "group", "classes", "sources (first = default)")]
-    for info in tasks(include_extra=True):
-        rows.append((info.name, info.group, str(info.num_classes), ", ".join(sources_for(info.name))))
+    rows: list[tuple[str, str, str, str]] = []
+    if benchmark in (None, "vtab"):
+        rows.append(("task", "group", "classes", "sources (first = default)"))
+        for info in tasks(include_extra=True):
+            rows.append((info.name, info.group, str(info.num_classes), ", ".join(sources_for(info.name))))
+    if benchmark == "fgvc":
+        rows.append(("task", "group", "classes", "sources"))
+        for info in fgvc_tasks():
+            rows.append((info.name, info.group, str(info.num_classes), "PATH of its official files"))
+    if benchmark in (None, "suite"):
+        if rows:
+            rows.append(("", "", "", ""))
+        rows.append(("suite task", "group", "classes", "sources (first = default): what the default loads"))
+        for info in suite_tasks(include_extra=True):
+            line = f"{', '.join(suite_sources_for(info.name))}: {source_summary(info.name)}"
+            rows.append((info.name, info.group, str(info.num_classes), line))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(
         f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip() for r in rows
@@ -362,14 +330,24 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--task",
         action="append",
         default=[],
-        help="task name or alias (repeatable); 'all' = the 19 VTAB tasks; FGVC: cub",
+        help="task name or alias (repeatable); 'all' = the 19 VTAB tasks, or the suite's ten with "
+        "--benchmark suite; FGVC-5: fgvc_cub, fgvc_nabirds, fgvc_flowers, fgvc_dogs, fgvc_cars; the suite: "
+        "suite_pets, suite_cifar10 ... and suite_digits (offline demo)",
+    )
+    parser.add_argument(
+        "--benchmark",
+        default=None,
+        help=f"resolve task names inside one benchmark: {'|'.join(BENCHMARK_NAMES)} (default: inferred "
+        "from the name; dtd is VTAB-1K's, cifar10 the suite's, cars needs it)",
     )
     parser.add_argument(
         "--source",
         default="auto",
         help=f"where images come from: auto|{'|'.join(SOURCE_NAMES)} for VTAB tasks (auto = torchvision "
-        "where it has the task, else tfds; sklearn for digits); for an FGVC task (cub) the path of its "
-        "official archive or extracted folder",
+        "where it has the task, else tfds; sklearn for digits); for an FGVC task the path of its official "
+        "archive (CUB, NABirds) or of the folder its official files were extracted into; for a suite task "
+        "auto|hf (the Hugging Face datasets its authors load), torchvision (some tasks, see --list-sources), "
+        "sklearn (suite_digits) or the PATH of a save_to_disk folder",
     )
     parser.add_argument(
         "--splits",
@@ -381,21 +359,35 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--download-root",
         default=str(DEFAULT_DOWNLOAD_ROOT),
-        help="where sources download/keep their files (tfds data_dir; manual downloads in <it>/manual)",
+        help="where sources download/keep their files (tfds data_dir; manual downloads in <it>/manual; "
+        "the Hugging Face cache_dir of the suite)",
     )
     parser.add_argument(
         "--out", default=None, help="VTAB root to write into (default: $VTAB_ROOT or ./data/vtab-1k)"
     )
-    parser.add_argument("--format", default="png", choices=FORMATS, help="png (lossless, default) or jpg")
+    parser.add_argument(
+        "--format",
+        default="png",
+        choices=FORMATS,
+        help="png (lossless, default) or jpg; VTAB-1K tasks only (FGVC and suite tasks keep the source's bytes)",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="quality for --format jpg")
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the train800/val200 draw (FGVC without --splits: of val)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the train800/val200 draw (FGVC without --splits: of val; the suite: of its "
+        "train_test_split)",
     )
     parser.add_argument("--overwrite", action="store_true", help="rewrite task folders that already exist")
     parser.add_argument(
         "--no-download", action="store_true", help="use only files already in --download-root"
     )
-    parser.add_argument("--list-sources", action="store_true", help="print which source can make which task")
+    parser.add_argument(
+        "--list-sources",
+        action="store_true",
+        help="print which source can make which task (VTAB-1K's and the suite's; one benchmark with --benchmark)",
+    )
     return parser
 
 
@@ -403,8 +395,8 @@ def _prepare_fgvc(name: str, args: argparse.Namespace, out_root: Path) -> Path:
     """One FGVC task from ``--source PATH`` (official archive or folder) and ``--splits``."""
     if args.source == "auto" or args.source in SOURCE_NAMES:
         raise ValueError(
-            f"Task {name!r} is made from its official files: pass --source PATH (the archive or its "
-            f"extracted folder; see docs/vtab.md, FGVC-5), not {args.source!r}."
+            f"Task {name!r} is made from its official files: pass --source PATH (the archive or the folder "
+            f"of its extracted files; see docs/vtab.md, FGVC-5), not {args.source!r}."
         )
     source = Path(args.source).expanduser().absolute()
     splits_dir = None if args.splits is None else Path(args.splits).expanduser().absolute()
@@ -420,45 +412,84 @@ def _prepare_fgvc(name: str, args: argparse.Namespace, out_root: Path) -> Path:
         )
 
 
+def _task_names(task_args: Sequence[str], benchmark: str | None) -> list[TaskInfo]:
+    """The registry tasks the ``--task`` values name; ``all`` = VTAB-1K's 19, or the suite's ten with
+    ``--benchmark suite`` (FGVC-5's each need their own --source: refused)."""
+    infos: list[TaskInfo] = []
+    for task in task_args:
+        if task == "all":
+            if benchmark == "fgvc":
+                raise ValueError(
+                    "--task all is not offered for FGVC-5: each of its tasks needs its own --source "
+                    f"(name them: {', '.join(t.name for t in fgvc_tasks())})."
+                )
+            infos.extend(suite_tasks() if benchmark == SUITE_GROUP else tasks())
+        else:
+            infos.append(resolve_task(task, benchmark))
+    return infos
+
+
+def _prepare_suite(info: TaskInfo, args: argparse.Namespace, out_root: Path, download_root: Path) -> Path:
+    """One task of the full-dataset suite (``vtab.suite``)."""
+    from .suite import prepare_suite_task, source_summary
+
+    source = args.source
+    where = source_summary(info.name) if source in ("auto", "hf", "sklearn") else source
+    print(f"{info.name}: source {source} ({where})", flush=True)
+    return prepare_suite_task(
+        info.name,
+        source,
+        out_root,
+        download_root,
+        download=not args.no_download,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        log=lambda text: print(text, flush=True),
+    )
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Command-line entry point (``python -m vtab.prepare``, ``petl-zoo prepare``); returns the exit status."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.list_sources:
-        print(sources_table())
+        try:
+            print(sources_table(None if args.benchmark is None else benchmark_name(args.benchmark)))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         return 0
     if not args.task:
         parser.error("give --task NAME (repeatable, or 'all'), or --list-sources")
-    names: list[str] = []
-    for task in args.task:
-        if task == "all":
-            names.extend(t.name for t in tasks())
-        else:
-            names.append(task)
     out_root = resolve_root(args.out)
     download_root = Path(args.download_root).expanduser().absolute()
     try:
-        infos = [get_task(task) for task in names]
-        vtab_names = [i.name for i in infos if i.group != FGVC_GROUP]
-        if args.splits is not None and vtab_names:
+        benchmark = None if args.benchmark is None else benchmark_name(args.benchmark)
+        infos = _task_names(args.task, benchmark)
+        others = [i.name for i in infos if i.group != FGVC_GROUP]
+        if args.splits is not None and others:
             raise ValueError(
                 f"--splits applies to FGVC tasks ({', '.join(t.name for t in fgvc_tasks())}); "
-                f"{vtab_names[0]!r} is a VTAB-1K task."
+                f"{others[0]!r} is not one."
             )
+        vtab_names = [i.name for i in infos if i.benchmark == "vtab"]
         if vtab_names and args.source not in ("auto", *SOURCE_NAMES):
             raise ValueError(
                 f"Unknown source {args.source!r} for task {vtab_names[0]!r}; valid: auto, "
-                f"{', '.join(SOURCE_NAMES)} (a path is the --source of an FGVC task)."
+                f"{', '.join(SOURCE_NAMES)} (a path is the --source of an FGVC or suite task)."
             )
         for info in infos:
             existing = out_root / info.name
-            if not args.overwrite and _is_complete(existing):
+            if not args.overwrite and is_complete(existing):
                 print(
                     f"{info.name}: {existing} already holds the list files; kept (pass --overwrite to rewrite)."
                 )
                 continue
             if info.group == FGVC_GROUP:
                 _prepare_fgvc(info.name, args, out_root)
+                continue
+            if info.benchmark == SUITE_GROUP:
+                _prepare_suite(info, args, out_root, download_root)
                 continue
             source = default_source(info.name) if args.source == "auto" else args.source
             print(f"{info.name}: source {source}", flush=True)
