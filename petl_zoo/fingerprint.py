@@ -39,10 +39,18 @@ FINGERPRINT_VERSION = 1
 #: Recipe keys that do not change what a run is (the seed varies within a row).
 _NOT_IN_RECIPE = ("seed",)
 #: Recipe keys added after runs were recorded -> the value that reproduces the behaviour before the key
-#: existed (no gradient accumulation, the head at the lr, the cosine schedule). A run at that value is
+#: existed (no gradient accumulation, the head at the lr, the cosine schedule, the exact resize, the
+#: training split implied by ``select_on``, no gradient clipping). A run at that value is
 #: the run recorded without the key, so the key is left out of its identity. The one home of these
 #: values: the ``vtab`` recipe (``petl_zoo.train.recipe``) takes its defaults from here.
-NEUTRAL_RECIPE_VALUES: dict[str, Any] = {"accumulate": 1, "head_lr": None, "schedule": "cosine"}
+NEUTRAL_RECIPE_VALUES: dict[str, Any] = {
+    "accumulate": 1,
+    "head_lr": None,
+    "schedule": "cosine",
+    "crop": "none",
+    "train_split": None,
+    "clip_grad": None,
+}
 
 
 def _weights_identity(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The trainer's accumulate, head_lr and schedule options (issue 26), and their recipe fingerprints."""
+"""The trainer's accumulate, head_lr, schedule, clip_grad and train_split options (issue 26), the
+benchmark recipes built from them, and their recipe fingerprints."""
 
 from __future__ import annotations
 
@@ -184,6 +185,9 @@ def test_schedules_pinned():
         ({"accumulate": 0}, "accumulate 0 is invalid; valid: an integer >= 1"),
         ({"head_lr": -1.0}, "head-lr -1.0 is invalid; valid: a number > 0"),
         ({"schedule": "step"}, "schedule 'step' is invalid; valid: cosine, linear"),
+        ({"clip_grad": 0.0}, "clip-grad 0.0 is invalid; valid: a number > 0"),
+        ({"crop": "square"}, "crop 'square' is invalid; valid: none, center, random_resized"),
+        ({"train_split": "test"}, "train-split 'test' is invalid; valid: train, trainval"),
     ],
 )
 def test_bad_option_values_are_one_line(flags, needle):
@@ -198,8 +202,79 @@ def test_neutral_values_keep_the_recipe_fingerprint():
     neutral = dict(old, recipe={**old_recipe, "accumulate": 1, "head_lr": None, "schedule": "cosine"})
     assert recipe_fingerprint(old) == recipe_fingerprint(neutral)
     assert recipe_fingerprint(dict(old, recipe=RECIPES["vtab"])) == recipe_fingerprint(old)
-    changed = [
-        recipe_fingerprint(dict(old, recipe={**neutral["recipe"], **change}))
-        for change in ({"accumulate": 2}, {"head_lr": 1e-2}, {"schedule": "linear"})
-    ]
-    assert len({recipe_fingerprint(old), *changed}) == 4
+    changes = ({"accumulate": 2}, {"head_lr": 1e-2}, {"schedule": "linear"}, {"crop": "center"})
+    changes += ({"train_split": "train"}, {"clip_grad": 1.0})
+    changed = [recipe_fingerprint(dict(old, recipe={**neutral["recipe"], **change})) for change in changes]
+    assert len({recipe_fingerprint(old), *changed}) == 1 + len(changes)
+    # the split select_on implies, given explicitly, is the run without the key
+    assert resolve_recipe("vtab", None, {"train_split": "trainval"})[0]["train_split"] is None
+
+
+# -------------------------------------------------------------------------------- benchmark recipes
+def test_benchmark_recipes_pinned():
+    """fgvc: VTAB's optimizer with VPT's schedule and transform; suite: NEAT's / FourierFT's Trainer
+    setup (10 epochs, 64 x 4 accumulation, head group, linear decay to 0 from step 0, clip 1)."""
+    vtab_recipe, fgvc, suite = RECIPES["vtab"], RECIPES["fgvc"], RECIPES["suite"]
+    assert {k: v for k, v in fgvc.items() if vtab_recipe[k] != v} == {
+        "protocol": "imagenet",
+        "crop": "center",
+        "augment": True,
+    }
+    assert {k: v for k, v in suite.items() if vtab_recipe[k] != v} == {
+        "epochs": 10,
+        "lr": 5e-3,
+        "head_lr": 5e-3,
+        "accumulate": 4,
+        "warmup_epochs": 0,
+        "schedule": "linear",
+        "clip_grad": 1.0,
+        "drop_path": 0.0,
+        "crop": "random_resized",
+        "augment": True,
+        "train_split": "train",
+    }
+    # suite on 45,000 images (CIFAR's 90 %): 704 micro-batches of 64 -> 176 steps per epoch
+    schedule = build_schedule(suite, 176)
+    assert (schedule.total, schedule.warmup) == (1760, 0)
+    assert [schedule(s) for s in (0, 880, 1759, 1760)] == pytest.approx([5e-3, 2.5e-3, 5e-3 / 1760, 0.0])
+    fgvc_schedule = build_schedule(fgvc, 10)
+    assert type(fgvc_schedule) is WarmupCosine and (fgvc_schedule.total, fgvc_schedule.warmup) == (1000, 100)
+
+
+@pytest.mark.parametrize(
+    "task, bench, recipe",
+    [("synth", None, "vtab"), ("fgvc_cub", None, "fgvc"), ("cub", None, "fgvc"), ("dtd", "suite", "suite")],
+)
+def test_the_task_benchmark_picks_the_default_recipe(tmp_path, task, bench, recipe):
+    """A task's benchmark gives the recipe (a custom task: vtab); --benchmark scopes the name; the
+    missing folder is named by its canonical name."""
+    extra = ["--benchmark", bench] if bench else []
+    argv = [a if a != "synth" else task for a in run_args(tmp_path, tmp_path / "out", *extra)]
+    args = build_train_parser(raise_errors=True).parse_args(argv)
+    if task == "synth":
+        write_task(tmp_path)
+        spec = resolve_spec(args, torch.device("cpu"), [])
+        assert spec.recipe_sources["crop"] == "recipe:vtab"
+        return
+    import vtab
+    from petl_zoo.train.recipe import default_recipe
+
+    name = vtab.task_folder_name(task, bench)
+    assert default_recipe(name) == recipe
+    (tmp_path / "dtd").mkdir()  # VTAB-1K's folder is never the suite's
+    with pytest.raises(UserError, match=f"No folder for task '{name}' under .* \\(looked for {name}\\)"):
+        resolve_spec(args, torch.device("cpu"), [])
+
+
+# ------------------------------------------------------------------------------------ clip_grad
+def test_clip_grad_bounds_the_step_gradient_norm(data_root, tmp_path):
+    """--clip-grad N: after the step, the trainable gradients' total norm is N (it was larger), the
+    direction unchanged, as the Hugging Face Trainer's max_grad_norm."""
+    clipped = built_run(data_root, tmp_path / "clip", "--clip-grad", "0.01")
+    free = built_run(data_root, tmp_path / "free")
+    images = batch(free, range(8), torch.float32)
+    for run in (clipped, free):
+        _train_step(run, [images], 1e-3, 0, 0)
+    grads = [torch.cat([p.grad.flatten() for p in trainable(r).values()]) for r in (clipped, free)]
+    assert grads[1].norm() > 0.01 and grads[0].norm() == pytest.approx(0.01, rel=1e-4)
+    assert torch.allclose(grads[0] / grads[0].norm(), grads[1] / grads[1].norm(), atol=1e-6)

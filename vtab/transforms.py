@@ -18,6 +18,18 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Train-time augmentation behind augment=True (off by default, as in the papers).
 AUGMENT_SCALE = (0.8, 1.0)
 
+#: How an image becomes the model's input size, per benchmark recipe:
+#: ``none``: resize to exactly (H, W) (VTAB-1K's images, the field's practice); with ``augment`` a
+#: RandomResizedCrop(scale 0.8-1) + flip instead.
+#: ``center``: VPT's FGVC transform (``src/data/transforms.py``): the shorter side to 256/224 of the input
+#: (256 for 224), then a random crop of (H, W) + flip for training, the center crop for evaluation.
+#: ``random_resized``: the NEAT / FourierFT suite's (their ``main.py``/``exec.py``): RandomResizedCrop
+#: (torchvision's default scale 0.08-1) + flip for training, the shorter side to the input size then its
+#: center crop for evaluation.
+#: The two crop forms interpolate bilinearly, torchvision's default that both codebases use.
+CROPS = ("none", "center", "random_resized")
+CROP_RESIZE = 256 / 224  # VPT: Resize(256) before a 224 crop (438 for 384, 512 for 448)
+
 _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
@@ -82,7 +94,9 @@ def transform_config(model: torch.nn.Module, protocol: str = "default") -> dict[
     }
 
 
-def build_transform(model: torch.nn.Module, protocol: str = "default", augment: bool = False) -> Callable:
+def build_transform(
+    model: torch.nn.Module, protocol: str = "default", augment: bool = False, crop: str = "none"
+) -> Callable:
     """PIL RGB image -> float tensor (3, H, W) at the model's real input size.
 
     ``default``: resize to exactly (H, W) with the model config's interpolation, ToTensor,
@@ -90,20 +104,37 @@ def build_transform(model: torch.nn.Module, protocol: str = "default", augment: 
     ``imagenet``: as ``default`` with ImageNet's mean/std instead of the model config's.
     ``vtab``: unnormalised inputs, the Lily / Binary-Adapter convention: bicubic resize to (H, W),
     ToTensor, no normalisation (VPT, SSF, FacT, Convpass, RepAdapter and NOAH normalise).
-    ``augment=True`` replaces the resize with RandomResizedCrop(scale 0.8-1.0) plus a random
-    horizontal flip (train time only; it changes the meaning of position/orientation labels).
+    ``augment=True`` (train time only; it changes the meaning of position/orientation labels) makes the
+    ``crop`` form's random version: with ``crop="none"`` a RandomResizedCrop(scale 0.8-1.0) plus a
+    random horizontal flip replaces the resize; ``center`` and ``random_resized`` see :data:`CROPS`.
     """
+    if crop not in CROPS:
+        raise ValueError(f"Unknown crop {crop!r}; valid: {', '.join(map(repr, CROPS))}.")
     cfg = transform_config(model, protocol)
     size = cfg["input_size"]
-    interpolation = _INTERPOLATIONS[cfg["interpolation"]]
-    if augment:
-        ops: list[Callable] = [
-            T.RandomResizedCrop(size, scale=AUGMENT_SCALE, interpolation=interpolation),
-            T.RandomHorizontalFlip(),
-        ]
-    else:
-        ops = [T.Resize(size, interpolation=interpolation)]
+    ops = _geometry(size, _INTERPOLATIONS[cfg["interpolation"]], augment, crop)
     ops.append(T.ToTensor())
     if cfg["mean"] is not None:
         ops.append(T.Normalize(cfg["mean"], cfg["std"]))
     return T.Compose(ops)
+
+
+def _geometry(size: tuple[int, int], interpolation: InterpolationMode, augment: bool, crop: str) -> list:
+    """The resize / crop / flip steps of :func:`build_transform`."""
+    bilinear = InterpolationMode.BILINEAR
+    if crop == "center":
+        shorter = int(min(size) * CROP_RESIZE)
+        picked = T.RandomCrop(size) if augment else T.CenterCrop(size)
+        return [T.Resize(shorter, interpolation=bilinear), picked] + (
+            [T.RandomHorizontalFlip()] if augment else []
+        )
+    if crop == "random_resized":
+        if augment:
+            return [T.RandomResizedCrop(size, interpolation=bilinear), T.RandomHorizontalFlip()]
+        return [T.Resize(min(size), interpolation=bilinear), T.CenterCrop(size)]
+    if augment:
+        return [
+            T.RandomResizedCrop(size, scale=AUGMENT_SCALE, interpolation=interpolation),
+            T.RandomHorizontalFlip(),
+        ]
+    return [T.Resize(size, interpolation=interpolation)]

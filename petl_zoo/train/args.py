@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from vtab.tasks import BENCHMARK_NAMES
+from vtab.transforms import CROPS
+
 from ..config import MethodConfig, coerce_value, parse_cli_value, parse_key_values, split_key_value
 from ..io import read_json
 from .errors import TrainingError, UserError
-from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SCHEDULES, SELECT_ON
+from .recipe import PRECISIONS, PROTOCOLS, RECIPES, SCHEDULES, SELECT_ON, TRAIN_SPLITS
 
 __all__ = [
     "UserError",
@@ -42,7 +45,8 @@ def build_train_parser(prog: str = "tools/train.py", raise_errors: bool = False)
     ``raise_errors``: a bad command line raises UserError rather than exiting."""
     p = _Parser(
         prog=prog,
-        description="Train a PETL method on a VTAB-1K task (single process, or under torchrun with DDP).",
+        description="Train a PETL method on a task of VTAB-1K, FGVC-5 or the full-dataset suite (single "
+        "process, or under torchrun with DDP).",
     )
     _add_what_arguments(p)
     _add_recipe_arguments(p)
@@ -57,7 +61,14 @@ def _add_what_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", required=True, help="registered method name (petl_zoo.list_methods())")
     g.add_argument("--model", default="vit_base_patch16_224", help="timm model name (default %(default)s)")
     g.add_argument(
-        "--task", required=True, help="VTAB-1K task name, alias, or a custom folder under the root"
+        "--task", required=True, help="task name or alias (in --benchmark), or a custom folder under the root"
+    )
+    g.add_argument(
+        "--benchmark",
+        default=None,
+        choices=BENCHMARK_NAMES,
+        help="the benchmark --task is in (default: inferred from the name; a VTAB-1K name means VTAB-1K's, "
+        "e.g. dtd; cars needs fgvc or suite); it also picks the default --recipe",
     )
     g.add_argument("--data-root", default=None, help="VTAB-1K root (default $VTAB_ROOT, else ./data/vtab-1k)")
     g.add_argument(
@@ -101,7 +112,10 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """How it is trained: the recipe's values (each flag's help names the recipe's default)."""
     r = p.add_argument_group("recipe (defaults: the recipe, then the method's own values, then these flags)")
     r.add_argument(
-        "--recipe", default="vtab", choices=sorted(RECIPES), help="base recipe (default %(default)s)"
+        "--recipe",
+        default=None,
+        choices=sorted(RECIPES),
+        help="base recipe (default: the task's benchmark's: vtab, fgvc or suite; vtab for custom tasks)",
     )
     r.add_argument("--epochs", type=int, default=None, help=_recipe_default("epochs"))
     r.add_argument("--lr", type=float, default=None, help=_recipe_default("lr"))
@@ -149,6 +163,12 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="stochastic depth rate of the backbone; " + _recipe_default("drop_path"),
     )
+    _add_input_arguments(r)
+
+
+def _add_input_arguments(r: argparse._ArgumentGroup) -> None:
+    """The rest of the recipe: the inputs (protocol, crop, augmentation, the split trained on), the
+    precision and what is evaluated and selected."""
     r.add_argument(
         "--protocol",
         default=None,
@@ -157,9 +177,30 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument(
         "--augment",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="random resized crop + flip; " + _recipe_default("augment"),
+        help="train-time random crop + flip (the --crop form's); " + _recipe_default("augment"),
+    )
+    r.add_argument(
+        "--crop",
+        default=None,
+        choices=CROPS,
+        help="none: resize to the input size; center: VPT's resize to 256/224 + crop; random_resized: "
+        "RandomResizedCrop (eval: resize + center crop); " + _recipe_default("crop"),
+    )
+    r.add_argument(
+        "--train-split",
+        default=None,
+        choices=TRAIN_SPLITS,
+        help="the split trained on (none: trainval, or train with --select-on val); "
+        + _recipe_default("train_split"),
+    )
+    r.add_argument(
+        "--clip-grad",
+        type=float,
+        default=None,
+        metavar="NORM",
+        help="clip the trainable gradients' total norm; " + _recipe_default("clip_grad"),
     )
     r.add_argument("--precision", default=None, choices=PRECISIONS, help="default bf16 on GPU, fp32 on CPU")
     r.add_argument(
@@ -177,10 +218,16 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _recipe_default(key: str) -> str:
-    """``default: <the vtab recipe's value> (a method's or preset's own value first)`` for a recipe flag."""
-    value = RECIPES["vtab"][key]
-    shown = "off" if value is False else "on" if value is True else "none" if value is None else value
-    return f"default: the recipe's {shown} (a method's or preset's own value first)"
+    """``default: the recipe's <value> ...`` for a recipe flag: the ``vtab`` recipe's value, and each
+    other recipe's where it differs."""
+
+    def shown(value: object) -> str:
+        return "off" if value is False else "on" if value is True else "none" if value is None else str(value)
+
+    base = RECIPES["vtab"][key]
+    others = [f"{name} {shown(r[key])}" for name, r in RECIPES.items() if name != "vtab" and r[key] != base]
+    differ = f" ({', '.join(others)})" if others else ""
+    return f"default: the recipe's {shown(base)}{differ} (a method's or preset's own value first)"
 
 
 def _add_execution_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as D
+from .recipe import train_split
 from .spec import RunSpec
 
 __all__ = ["RunData", "build_data"]
@@ -72,10 +73,10 @@ def build_data(spec: RunSpec, info: D.DistInfo, model: nn.Module) -> RunData:
     import vtab
 
     recipe, root, seed = spec.recipe, spec.data_root, spec.recipe["seed"]
-    train_split = "trainval" if recipe["select_on"] == "test" else "train"
-    train_tf = vtab.build_transform(model, recipe["protocol"], augment=recipe["augment"])
-    eval_tf = vtab.build_transform(model, recipe["protocol"])
-    train_set = vtab.VtabDataset(spec.task, train_split, train_tf, root, spec.num_classes)
+    split = train_split(recipe)
+    train_tf = vtab.build_transform(model, recipe["protocol"], augment=recipe["augment"], crop=recipe["crop"])
+    eval_tf = vtab.build_transform(model, recipe["protocol"], crop=recipe["crop"])
+    train_set = vtab.VtabDataset(spec.task, split, train_tf, root, spec.num_classes)
     eval_sets = {}
     if spec.test:  # --no-test (tuning grid points): the test split is never read
         eval_sets["test"] = vtab.VtabDataset(spec.task, "test", eval_tf, root, spec.num_classes)
@@ -91,7 +92,7 @@ def build_data(spec: RunSpec, info: D.DistInfo, model: nn.Module) -> RunData:
         for name, ds in eval_sets.items()
     }
     return RunData(
-        train_split=train_split,
+        train_split=split,
         train_set=train_set,
         sampler=sampler,
         loader=loader,

@@ -192,7 +192,11 @@ def evaluate_run(args: argparse.Namespace) -> EvalResult:
     if args.merge:
         merge(model)
     dataset = vtab.VtabDataset(
-        b["task"], args.split, vtab.build_transform(model, protocol), data_root, num_classes
+        b["task"],
+        args.split,
+        vtab.build_transform(model, protocol, crop=recipe.get("crop", "none")),
+        data_root,
+        num_classes,
     )
     loader = vtab.make_loader(dataset, batch_size, shuffle=False, workers=workers, seed=0)
     correct, total = evaluate_counts(

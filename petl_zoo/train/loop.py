@@ -269,7 +269,8 @@ def _train_step(
     """One optimizer step at ``lr`` (a head group at its ``lr_scale`` times it) over ``micro_batches``
     (``(images, labels)``, one unless ``--accumulate``): each micro-batch's loss is weighted by its share
     of the step's samples, so the gradient is the one of their concatenation; AMP by hand so that
-    ``on_after_backward`` sees unscaled gradients, once, after the last backward. A non-finite loss on
+    ``on_after_backward`` sees unscaled gradients, once, after the last backward; then the recipe's
+    ``clip_grad`` (the total norm over the trainable tensors, as ``max_grad_norm``). A non-finite loss on
     any rank stops the run. Returns the step's loss (the mean over its samples, float64, detached)."""
     state, device = run.state, run.spec.device
     optimizer, scaler = state.optimizer, state.scaler
@@ -293,6 +294,9 @@ def _train_step(
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     state.method.on_after_backward(state.model, run.ctx)
+    if run.spec.recipe["clip_grad"] is not None:  # the suite's Trainer clips to norm 1
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, run.spec.recipe["clip_grad"])
     scaler.step(optimizer)
     scaler.update()
     state.global_step += 1

@@ -24,7 +24,7 @@ from . import distributed as D
 from .args import build_train_parser, method_options, parse_key_values
 from .backbone import check_weights_file, resolve_model_name, weights_unavailable
 from .errors import UserError
-from .recipe import execution_defaults, resolve_recipe
+from .recipe import default_recipe, execution_defaults, resolve_recipe
 
 __all__ = [
     "RunSpec",
@@ -134,6 +134,9 @@ def _recipe_flags(args: Any) -> dict[str, Any]:
         "accumulate": args.accumulate,
         "head_lr": args.head_lr,
         "schedule": args.schedule,
+        "crop": args.crop,
+        "train_split": args.train_split,
+        "clip_grad": args.clip_grad,
     }
 
 
@@ -152,6 +155,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
     import vtab
 
     method_cls = get_method(args.method)
+    args.task = vtab.task_folder_name(args.task, args.benchmark)
     folder, identity = _check_inputs(args)  # the data and the weights: every missing input in one message
     info = vtab.find_task(args.task)
     task = info.name if info is not None else folder.name
@@ -162,7 +166,7 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         parse_key_values(args.model_kwargs, "--model-kwargs"), "--model-kwargs", "the run's model_kwargs"
     )
     recipe, sources = resolve_recipe(
-        args.recipe,
+        args.recipe or default_recipe(task),
         method_cls.recipe,
         _recipe_flags(args),
         method_cls.name,
