@@ -1,4 +1,5 @@
-"""The published VTAB-1K rows: every row has a source, and its averages recompute from its tasks."""
+"""The published rows of VTAB-1K, FGVC-5 and the full-dataset suite: every row has a source, and its
+averages recompute from its tasks."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import re
 import pytest
 import yaml
 
+from petl_zoo.results.benchmarks import FGVC_5, SUITE, VTAB_1K
 from petl_zoo.results.published import (
     CONVENTIONS,
+    MODELS,
+    SELECTIONS,
     _data_path,
     check_row,
     load_published,
     recompute,
     tolerance,
 )
+from petl_zoo.results.published_table import published_csv, render_published
 
 ROWS = load_published()
+BENCHMARKS = (VTAB_1K, FGVC_5, SUITE)
+ALL_ROWS = [(b, r) for b in BENCHMARKS for r in load_published(benchmark=b)]
 REQUIRED = {  # the comparison set: (method, options that must match)
     "Full": ("full", {}),
     "Linear": ("linear", {}),
@@ -104,3 +111,116 @@ def test_a_malformed_file_is_one_error_naming_the_row(tmp_path):
     bad.write_text(yaml.safe_dump(data, allow_unicode=True))
     with pytest.raises(ValueError, match=r"row 3 \(VPT-Deep\): accuracy must name the 19 tasks"):
         load_published(bad)
+
+
+# --- every benchmark's file: FGVC-5 (V-PETL Bench) and the suite (FourierFT, ViT-B and ViT-L) beside VTAB-1K
+
+
+@pytest.mark.parametrize("bench", BENCHMARKS, ids=lambda b: b.name)
+def test_every_benchmark_ships_a_file_that_loads(bench):
+    assert bench.published is not None and _data_path(bench).name == bench.published.file
+    rows = load_published(benchmark=bench)
+    assert rows and all(set(r.accuracy) == set(bench.task_names) for r in rows)
+    assert {r.source.average for r in rows} <= set(bench.conventions)
+    assert all(r.model in MODELS and r.selection in SELECTIONS and r.selection_detail for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("bench", "row"),
+    ALL_ROWS,
+    ids=[f"{b.name}-{r.name}-{r.model}-{r.params_m}" for b, r in ALL_ROWS],
+)
+def test_every_printed_average_recomputes_or_states_why(bench, row):
+    problems = check_row(row, benchmark=bench)
+    assert bool(problems) == bool(row.discrepancy), problems or row.discrepancy
+
+
+@pytest.mark.parametrize(
+    ("bench", "row"),
+    ALL_ROWS,
+    ids=[f"{b.name}-{r.name}-{r.model}-{r.params_m}" for b, r in ALL_ROWS],
+)
+def test_every_row_cites_its_source(bench, row):
+    src = row.source
+    assert src.title and src.where and src.cite
+    assert src.repository or src.url
+    if src.repository:
+        assert re.fullmatch(r"[0-9a-f]{40}", src.commit) and "/" in src.repository and src.file
+        assert f"{src.repository} {src.file} @ {src.commit[:7]}" in src.cite
+    if src.url:
+        assert src.url.startswith("https://") and src.version and f"{src.url} ({src.version})" in src.cite
+
+
+def test_one_group_benchmarks_average_as_the_plain_mean():
+    for bench, n in ((FGVC_5, 5), (SUITE, 8)):
+        assert bench.conventions == (f"mean_of_{n}", "mean_of_group_means")
+        for row in load_published(benchmark=bench):
+            means = recompute(row.accuracy, bench)
+            assert means[f"mean_of_{n}"] == pytest.approx(means["mean_of_group_means"])
+            assert row.source.average == f"mean_of_{n}"
+
+
+def test_fgvc_rows_are_v_petl_benchs_table():
+    rows = load_published(benchmark=FGVC_5)
+    names = [r.name for r in rows]
+    for name in ("Full fine-tuning", "Linear probing", "Adapter", "AdaptFormer", "BitFit", "VPT-Shallow"):
+        assert name in names
+    assert {"VPT-Deep", "SSF", "LoRA", "Prefix Tuning", "U-Tuning", "GPS", "HST", "LAST", "SNF"} <= set(names)
+    ssf = next(r for r in rows if r.name == "SSF")
+    assert ssf.accuracy["fgvc_cub"] == 89.5 and ssf.average == 90.72 and ssf.params_m == 0.39
+    mean = (89.5 + 85.7 + 99.6 + 89.6 + 89.2) / 5
+    assert recompute(ssf.accuracy, FGVC_5)["mean_of_5"] == pytest.approx(mean)
+    assert {r.weights for r in rows} == {"orig_in21k"} and {r.input_norm for r in rows} == {"imagenet"}
+
+
+def test_suite_rows_name_their_backbone():
+    rows = load_published(benchmark=SUITE)
+    by_model = {m: [r for r in rows if r.model == m] for m in MODELS}
+    table_rows = ["LP", "FF", "LoRA", "FourierFT", "FourierFT"]
+    assert [r.name for r in by_model["vit_base_patch16_224"]] == table_rows
+    assert [r.name for r in by_model["vit_large_patch16_224"]] == table_rows
+    ff_large = next(r for r in by_model["vit_large_patch16_224"] if r.name == "FF")
+    assert (
+        ff_large.params_m == 303.3 and ff_large.average == 90.20 and "vit_large_patch16_224" in ff_large.label
+    )
+    assert all(r.seeds == 5 and r.selection == "best_val" for r in rows)
+    assert all(r.model == "vit_base_patch16_224" for r in ROWS)  # VTAB-1K's rows: the default, ViT-B
+
+
+def test_the_suite_table_shows_the_model_and_the_vtab_table_does_not():
+    suite = render_published(load_published(benchmark=SUITE), "markdown", SUITE)
+    assert "| Method | Model | Source |" in suite and "vit_large_patch16_224" in suite
+    assert "https://arxiv.org/abs/2405.03003 (v1)" in suite
+    assert "| Method | Source |" in render_published(ROWS, "markdown", VTAB_1K)
+    cols = [("suite_pets", "")]
+    lines = published_csv(load_published(benchmark=SUITE), cols, SUITE).splitlines()
+    assert (
+        lines[0].split(",")[3] == "vit_base_patch16_224"
+        and lines[-1].split(",")[3] == "vit_large_patch16_224"
+    )
+
+
+def test_a_source_needs_a_repository_at_a_commit_or_a_url_and_version(tmp_path):
+    data = yaml.safe_load(_data_path(SUITE).read_text(encoding="utf-8"))
+    src = data["sources"]["fourierft-icml24"]
+    for key in ("url", "version", "repository"):
+        src.pop(key)
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(data, allow_unicode=True))
+        with pytest.raises(ValueError, match="lacks|needs"):
+            load_published(bad, SUITE)
+        src[key] = "x"
+    data = yaml.safe_load(_data_path(SUITE).read_text(encoding="utf-8"))
+    for key in ("url", "version"):
+        del data["sources"]["fourierft-icml24"][key]
+    bad.write_text(yaml.safe_dump(data, allow_unicode=True))
+    rows = load_published(bad, SUITE)  # the repository copy alone is a valid source too
+    assert rows[0].source.cite.startswith(
+        "wassname/adapters_as_hypotheses docs/fourierft_spectral.md @ 3800481"
+    )
+    data["rows"][5]["model"] = "vit_huge_patch14_224"
+    bad.write_text(yaml.safe_dump(data, allow_unicode=True))
+    with pytest.raises(
+        ValueError, match=r"published row 5 \(LP\): model 'vit_huge_patch14_224' is not one of"
+    ):
+        load_published(bad, SUITE)

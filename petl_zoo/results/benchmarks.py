@@ -21,6 +21,9 @@ __all__ = [
     "VTAB_1K",
     "BENCHMARKS",
     "get_benchmark",
+    "benchmark_of",
+    "FGVC_5",
+    "SUITE",
     "canonical_task",
     "task_group",
 ]
@@ -128,16 +131,91 @@ VTAB_1K = Benchmark(
     ),
 )
 
-#: Every benchmark by name.
-BENCHMARKS: dict[str, Benchmark] = {VTAB_1K.name: VTAB_1K}
+#: FGVC-5's column headers (VPT's Table names).
+FGVC_HEADERS: dict[str, str] = {
+    "fgvc_cub": "CUB-200-2011",
+    "fgvc_nabirds": "NABirds",
+    "fgvc_flowers": "Oxford Flowers",
+    "fgvc_dogs": "Stanford Dogs",
+    "fgvc_cars": "Stanford Cars",
+}
+
+FGVC_5 = Benchmark(
+    name="fgvc",
+    title="FGVC-5",
+    tasks=tuple(TaskEntry(t.name, t.group, FGVC_HEADERS[t.name], t.aliases) for t in vtab.fgvc_tasks()),
+    groups=(vtab.FGVC_GROUP,),
+    task_noun="FGVC",
+    groups_remark="one group: the same as the plain mean",
+    published=PublishedReference(
+        file="published_fgvc.yaml",
+        model="vit_base_patch16_224",
+        about="As printed by V-PETL Bench (ViT-B/16, ImageNet-21k; one group, so both means are the plain mean).",
+        legend=(
+            "Selection: best = the highest test accuracy over the run's test evaluations (best-of-test, what "
+            "V-PETL Bench's training scripts keep), unstated = no script and no statement for that row. "
+            "Weights: orig_in21k (ViT-B_16.npz). Input norm: imagenet (ImageNet mean/std)."
+        ),
+    ),
+)
+
+#: The suite's column headers (FourierFT's table names).
+SUITE_HEADERS: dict[str, str] = {
+    "suite_pets": "OxfordPets",
+    "suite_cars": "StanfordCars",
+    "suite_cifar10": "CIFAR10",
+    "suite_dtd": "DTD",
+    "suite_eurosat": "EuroSAT",
+    "suite_aircraft": "FGVC",
+    "suite_resisc45": "RESISC45",
+    "suite_cifar100": "CIFAR100",
+}
+
+#: The full-dataset suite: the eight datasets of FourierFT's (and NEAT's) image-classification table.
+#: Flowers102 and Food-101, which the authors' code can also load, are tasks of the registry (prepared
+#: and trained the same way) but not of this definition: their columns come after the eight, outside the
+#: suite's group, so a row's suite mean is comparable with the published ones.
+SUITE = Benchmark(
+    name="suite",
+    title="Full-dataset suite (NEAT / FourierFT)",
+    tasks=tuple(
+        TaskEntry(t.name, t.group, SUITE_HEADERS[t.name], t.aliases)
+        for t in vtab.suite_tasks()
+        if t.group == vtab.SUITE_GROUP
+    ),
+    groups=(vtab.SUITE_GROUP,),
+    task_noun="suite",
+    groups_remark="one group: the same as the plain mean",
+    published=PublishedReference(
+        file="published_suite.yaml",
+        model="vit_base_patch16_224",
+        about=(
+            "As printed by FourierFT (ViT-B/16 and ViT-L/16, ImageNet-21k, mean of 5 seeds; one group, so both "
+            "means are the plain mean)."
+        ),
+        legend=(
+            "Model: vit_base_patch16_224 or vit_large_patch16_224. Selection: best_val = the test accuracy of "
+            "the epoch with the highest validation accuracy (validation held out of the training data). "
+            "Weights: orig_in21k (google/vit-*-patch16-224-in21k). Input norm: inception (0.5/0.5)."
+        ),
+    ),
+)
+
+#: Every benchmark by its registry name (``vtab.BENCHMARK_NAMES``).
+BENCHMARKS: dict[str, Benchmark] = {"vtab": VTAB_1K, "fgvc": FGVC_5, "suite": SUITE}
 
 
 def get_benchmark(name: str) -> Benchmark:
-    """The benchmark called ``name`` (case-insensitive); ValueError naming the known ones otherwise."""
-    key = name.strip().lower()
-    if key not in BENCHMARKS:
-        raise ValueError(f"benchmark '{name}' is not one of {sorted(BENCHMARKS)}")
-    return BENCHMARKS[key]
+    """The benchmark called ``name`` or an alias of it (``vtab``, ``VTAB-1K``, ``fgvc``, ``suite``, ...);
+    ValueError naming the known ones otherwise."""
+    return BENCHMARKS[vtab.benchmark_name(name)]
+
+
+def benchmark_of(task: str) -> Benchmark:
+    """The benchmark a task's results belong to: its registry benchmark (``fgvc_cub``: FGVC-5), VTAB-1K
+    for VTAB-1K's tasks, the demo task and custom tasks."""
+    info = vtab.find_task(task)
+    return BENCHMARKS[info.benchmark] if info is not None else VTAB_1K
 
 
 def _normalize(name: str) -> str:

@@ -13,13 +13,16 @@ import io
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, NoReturn
+
+from vtab.tasks import BENCHMARK_NAMES
 
 from ..io import atomic_write_text
 from ..runfolder import RESULT, SELECTION, Selection
 from .aggregate import METRIC_KEY, Table, columns, compute_table
-from .benchmarks import VTAB_1K, Benchmark
+from .benchmarks import BENCHMARKS, VTAB_1K, Benchmark, benchmark_of, get_benchmark
 from .collect import Row, collect_rows
 from .plot import PLOT_MEANS, write_plot
 from .published import PublishedRow
@@ -35,19 +38,75 @@ def results_table(
     fmt: Literal["markdown", "csv", "latex"] = "markdown",
     published: str | None = None,
     selection: bool = False,
-    benchmark: Benchmark = VTAB_1K,
+    benchmark: Benchmark | None = None,
 ) -> str:
-    """Our last-epoch table, then our best-of-test table, for every run below ``root``; with
-    ``published`` (``same``, ``all`` or methods) the published rows; with ``selection`` the tuning records."""
-    rows, selections = _rows_below(root, benchmark)
-    lit = select_published(rows, published, benchmark) if published is not None else None
-    return _render_all(rows, selections, fmt, lit, selection, benchmark)
+    """Our last-epoch table, then our best-of-test table, for every run below ``root``, one section per
+    benchmark its runs belong to (``benchmark``: that one only); with ``published`` (``same``, ``all`` or
+    methods) the published rows; with ``selection`` the tuning records."""
+    return "".join(text for _, text, _, _ in _sections(root, fmt, published, selection, benchmark))
 
 
-def _rows_below(root: str | os.PathLike | None, benchmark: Benchmark) -> tuple[list[Row], list[Selection]]:
+def _sections(
+    root: str | os.PathLike | None,
+    fmt: str,
+    published: str | None,
+    selection: bool,
+    benchmark: Benchmark | None,
+) -> list[tuple[Benchmark, str, list[Row], list[PublishedRow]]]:
+    """``(benchmark, its text, its rows, its published rows)`` per section. One benchmark present: its
+    table alone, as before benchmarks had sections; several: each under a heading, in registry order."""
+    rows, selections = _rows_below(root)
+    parts = split_by_benchmark(rows)
+    if benchmark is not None:
+        key = _key(benchmark)
+        parts = {key: parts.get(key, [])}
+        if rows and not parts[key]:
+            raise ValueError(f"no {benchmark.title} runs below '{root}' (found: {_found(rows)})")
+    elif not parts:
+        parts = {"vtab": []}  # the published rows alone: VTAB-1K's unless --benchmark says
+    if fmt == "csv" and len(parts) > 1:
+        raise ValueError(
+            f"runs of several benchmarks below '{root}' ({_found(rows)}); a CSV holds one: pass --benchmark"
+        )
+    out = []
+    for name, part in parts.items():
+        bench = BENCHMARKS[name]
+        lit = select_published(part, published, bench) if published is not None else None
+        text = _render_all(part, selections if name == "vtab" else [], fmt, lit, selection, bench)
+        out.append((bench, _heading(bench, fmt) + text if len(parts) > 1 else text, part, lit or []))
+    return out
+
+
+def _found(rows: list[Row]) -> str:
+    return ", ".join(BENCHMARKS[n].title for n in split_by_benchmark(rows))
+
+
+def _heading(bench: Benchmark, fmt: str) -> str:
+    return f"% {bench.title}\n" if fmt == "latex" else f"## {bench.title}\n\n"
+
+
+def _key(benchmark: Benchmark) -> str:
+    """A benchmark's registry name (``BENCHMARKS``' key: vtab, fgvc, suite)."""
+    return next(k for k, b in BENCHMARKS.items() if b is benchmark)
+
+
+def split_by_benchmark(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows per benchmark (its registry name, in registry order): each row restricted to the runs of
+    that benchmark's tasks (``benchmark_of``; custom tasks and the demo task are VTAB-1K's), empty ones
+    left out."""
+    out: dict[str, list[Row]] = {}
+    for key, bench in BENCHMARKS.items():
+        for row in rows:
+            runs = {t: seeds for t, seeds in row.runs.items() if benchmark_of(t) is bench}
+            if runs:
+                out.setdefault(key, []).append(replace(row, runs=runs))
+    return out
+
+
+def _rows_below(root: str | os.PathLike | None) -> tuple[list[Row], list[Selection]]:
     if root is None:
         return [], []
-    rows, selections = collect_rows(root, benchmark)
+    rows, selections = collect_rows(root)
     if not rows:
         raise ValueError(f"no {RESULT} found below '{root}'")
     return rows, selections
@@ -137,6 +196,13 @@ def _parser(prog: str, benchmark: Benchmark = VTAB_1K) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("root", nargs="?", help="folder searched recursively for result.json")
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        choices=BENCHMARK_NAMES,
+        help="only this benchmark's section (default: one section per benchmark found; the published rows "
+        "alone: vtab)",
+    )
     p.add_argument("--format", choices=list(FORMATS), default="markdown")
     p.add_argument("--out", default=None, help="write here (atomically) instead of stdout")
     p.add_argument(
@@ -171,17 +237,18 @@ def _parse(argv: list[str] | None, prog: str) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    """The table's command line: print (or ``--out``: write atomically) the tables; ``--plot``: the plot."""
+    """The table's command line: print (or ``--out``: write atomically) the tables; ``--plot``: the plot
+    (one per benchmark section: ``PATH_<benchmark>`` when there are several)."""
     args = _parse(argv, prog or os.path.basename(sys.argv[0]))
-    bench = VTAB_1K
 
     def body() -> int:
-        rows, selections = _rows_below(args.root, bench)
-        lit = select_published(rows, args.published, bench) if args.published is not None else None
-        text = _render_all(rows, selections, args.format, lit, args.selection, bench)
-        if args.plot:
-            for path in write_plot(rows, lit or [], args.plot, args.plot_metric, args.plot_mean, bench):
-                sys.stderr.write(f"wrote {path}\n")
+        bench = get_benchmark(args.benchmark) if args.benchmark else None
+        sections = _sections(args.root, args.format, args.published, args.selection, bench)
+        for benchmark, _, rows, lit in sections if args.plot else []:
+            path = args.plot if len(sections) == 1 else f"{args.plot}_{_key(benchmark)}"
+            for written in write_plot(rows, lit, path, args.plot_metric, args.plot_mean, benchmark):
+                sys.stderr.write(f"wrote {written}\n")
+        text = "".join(text for _, text, _, _ in sections)
         if args.out:
             _write_out(args.out, text)
             print(f"wrote {args.out}")

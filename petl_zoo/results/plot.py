@@ -31,6 +31,7 @@ STYLES: dict[str, tuple[str, str, str]] = {
     "ours_partial": ("x", "tab:cyan", "ours, over part of the tasks (k/N in the label)"),
     "last": ("s", "tab:orange", "published, last epoch"),
     "best": ("^", "tab:red", "published, best-of-test"),
+    "best_val": ("v", "tab:green", "published, best-val epoch"),
     "unstated": ("D", "tab:gray", "published, selection unstated"),
 }
 
@@ -166,11 +167,11 @@ def plot_points(
                 label, style = f"{row.name} ({coverage})", "ours_partial"
             if acc is not None and cells["params_m"].mean is not None:
                 points.append(PlotPoint(label, cells["params_m"].mean, acc, style))
+    default_model = benchmark.published.model if benchmark.published else None
     for r in published:
         if r.params_m is not None:
-            points.append(
-                PlotPoint(r.name, r.params_m, recompute(r.accuracy, benchmark)[lit_key], r.selection)
-            )
+            name = r.name if r.model == default_model else f"{r.name} ({r.model})"  # the suite's ViT-L rows
+            points.append(PlotPoint(name, r.params_m, recompute(r.accuracy, benchmark)[lit_key], r.selection))
     return points
 
 

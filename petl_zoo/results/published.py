@@ -1,12 +1,16 @@
-"""Published rows shipped with the package, with their sources (VTAB-1K: ViT-B/16 in21k).
+"""Published rows shipped with the package, with their sources (VTAB-1K, FGVC-5, the full-dataset suite).
 
 A benchmark names its data file (:attr:`Benchmark.published`); VTAB-1K's,
 ``petl_zoo/reference/published_vtab1k.yaml``, holds, per row, the 19 per-task accuracies as printed, the
 printed average and the convention it follows, the source (repository file and commit), the selection
 rule of the source's protocol (last epoch or best-of-test), the backbone weights and the input
-normalisation (format: docs/table.md). :func:`load_published` reads and validates it;
-:func:`recompute` gives both averages from the per-task values and :func:`check_row` compares them with
-what the source prints, within the source's rounding.
+normalisation (format: docs/table.md). FGVC-5's (``published_fgvc.yaml``) and the suite's
+(``published_suite.yaml``) have the same format; their averages are plain means of their tasks
+(``mean_of_5``, ``mean_of_8``), and a suite row names its backbone (``model``: ViT-B or ViT-L). A source
+is a repository file at a commit, or a web page (``url`` and its ``version``, e.g. an arXiv version),
+optionally with the repository copy the numbers were read from. :func:`load_published` reads and
+validates a file; :func:`recompute` gives both averages from the per-task values and :func:`check_row`
+compares them with what the source prints, within the source's rounding.
 
 The two averaging conventions: ``mean_of_19`` is the plain mean of the 19 tasks; ``mean_of_group_means``
 is the mean of the Natural, Specialized and Structured means (what most papers print). The second weighs
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +35,7 @@ from .benchmarks import VTAB_1K, Benchmark
 __all__ = [
     "CONVENTIONS",
     "SELECTIONS",
+    "MODELS",
     "WEIGHTS",
     "INPUT_NORMS",
     "Source",
@@ -44,30 +50,49 @@ log = logging.getLogger(__name__)
 
 #: The names of VTAB-1K's two averages in its published data (:attr:`Benchmark.conventions`).
 CONVENTIONS = VTAB_1K.conventions
-SELECTIONS = ("last", "best", "unstated")
+#: last: the final epoch's test accuracy; best: the highest test accuracy over the run (best-of-test);
+#: best_val: the test accuracy of the epoch with the highest validation accuracy; unstated: not said.
+SELECTIONS = ("last", "best", "best_val", "unstated")
 WEIGHTS = ("orig_in21k", "augreg_in21k")
 INPUT_NORMS = ("imagenet", "inception", "none")
-_SOURCE_KEYS = ("title", "repository", "file", "commit", "where", "average", "decimals", "average_decimals")
+#: The backbones published rows may name (timm names; the weights are the row's ``weights``).
+MODELS = ("vit_base_patch16_224", "vit_large_patch16_224")
+_SOURCE_KEYS = ("title", "where", "average", "decimals", "average_decimals")
+#: Where a source is: a repository file at a commit, or a web page and its version (or both: the page,
+#: read in a repository's copy of it).
+_REPO_KEYS = ("repository", "file", "commit")
+_URL_KEYS = ("url", "version")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
 class Source:
-    """Where a row was read: a repository file at a commit, and how that source prints numbers."""
+    """Where a row was read, and how that source prints numbers: a repository file at a commit, or a web
+    page (``url``, ``version``: e.g. an arXiv paper's version), or a page read in a repository's copy of
+    it (both)."""
 
     key: str
     title: str
-    repository: str
-    file: str
-    commit: str
     where: str
     average: str
     decimals: int
     average_decimals: int
+    repository: str = ""
+    file: str = ""
+    commit: str = ""
+    url: str = ""
+    version: str = ""
     params: str = ""
 
     @property
     def cite(self) -> str:
-        return f"{self.repository} {self.file} @ {self.commit[:7]}, {self.where}"
+        """``repo file @ commit, where``; ``url (version), where``; a page read in a repository copy:
+        ``url (version), where; read in repo file @ commit``."""
+        repo = f"{self.repository} {self.file} @ {self.commit[:7]}" if self.repository else ""
+        if not self.url:
+            return f"{repo}, {self.where}"
+        page = f"{self.url} ({self.version}), {self.where}"
+        return f"{page}; read in {repo}" if repo else page
 
 
 @dataclass(frozen=True)
@@ -77,6 +102,7 @@ class PublishedRow:
     name: str
     method: str | None
     source: Source
+    model: str
     selection: str
     weights: str
     input_norm: str
@@ -93,8 +119,10 @@ class PublishedRow:
 
     @property
     def label(self) -> str:
-        """``LoRA [fact-aaai23; best; orig_in21k; imagenet]``: name, source, selection, weights, input norm."""
-        return f"{self.name} [{self.source.key}; {self.selection}; {self.weights}; {self.input_norm}]"
+        """``LoRA [fact-aaai23; best; orig_in21k; imagenet]``: name, source, selection, weights, input norm
+        (and the model where it is not ViT-B/16: ``LoRA [fourierft-arxiv; vit_large_patch16_224; ...]``)."""
+        model = f"{self.model}; " if self.model != MODELS[0] else ""
+        return f"{self.name} [{self.source.key}; {model}{self.selection}; {self.weights}; {self.input_norm}]"
 
 
 def _data_path(benchmark: Benchmark = VTAB_1K) -> Path:
@@ -113,8 +141,18 @@ def _source(key: str, raw: Any, where: str, conventions: tuple[str, str]) -> Sou
     missing = [k for k in _SOURCE_KEYS if k not in raw]
     _need(not missing, where, f"source '{key}' lacks {', '.join(missing)}")
     _need(raw["average"] in conventions, where, f"average '{raw['average']}' is not one of {conventions}")
-    known = set(_SOURCE_KEYS) | {"params"}
+    known = set(_SOURCE_KEYS) | set(_REPO_KEYS) | set(_URL_KEYS) | {"params"}
     _need(set(raw) <= known, where, f"unknown source keys {sorted(set(raw) - known)}")
+    has_repo, has_url = any(k in raw for k in _REPO_KEYS), any(k in raw for k in _URL_KEYS)
+    _need(has_repo or has_url, where, f"source '{key}' needs repository, file, commit or url, version")
+    if has_repo:
+        lacking = [k for k in _REPO_KEYS if not raw.get(k)]
+        _need(not lacking, where, f"source '{key}' names a repository but lacks {', '.join(lacking)}")
+        _need(bool(_COMMIT.fullmatch(str(raw["commit"]))), where, f"commit '{raw['commit']}' is not 40 hex")
+    if has_url:
+        lacking = [k for k in _URL_KEYS if not raw.get(k)]
+        _need(not lacking, where, f"source '{key}' names a url but lacks {', '.join(lacking)}")
+        _need(str(raw["url"]).startswith("https://"), where, f"url '{raw['url']}' is not an https:// address")
     return Source(key=key, **{k: raw[k] for k in raw})
 
 
@@ -139,6 +177,7 @@ _ROW_KEYS = {
     "method",
     "options",
     "source",
+    "model",
     "original",
     "note",
     "selection",
@@ -165,10 +204,14 @@ def _row(raw: Any, sources: dict[str, Source], index: int, benchmark: Benchmark)
     _need(isinstance(raw.get("average"), (int, float)), where, "average (as printed) is a number")
     groups = raw.get("group_means") or {}
     _need(set(groups) <= set(benchmark.groups), where, f"group_means keys must be among {benchmark.groups}")
+    default_model = benchmark.published.model if benchmark.published else None
+    model = raw.get("model", default_model)
+    _need(model in MODELS, where, f"model '{model}' is not one of {', '.join(MODELS)}")
     return PublishedRow(
         name=str(raw["name"]),
         method=raw.get("method"),
         source=sources[raw["source"]],
+        model=str(model),
         selection=_choice(raw, "selection", SELECTIONS, where),
         weights=_choice(raw, "weights", WEIGHTS, where),
         input_norm=_choice(raw, "input_norm", INPUT_NORMS, where),

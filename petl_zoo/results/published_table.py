@@ -65,24 +65,35 @@ def _published_notes(rows: list[PublishedRow], benchmark: Benchmark) -> list[str
     return notes
 
 
+def _lead(rows: list[PublishedRow]) -> list[str]:
+    """The lead columns: a Model column after Method where the rows span more than one backbone."""
+    return (
+        _PUBLISHED_LEAD[:1] + ["Model"] + _PUBLISHED_LEAD[1:]
+        if len({r.model for r in rows}) > 1
+        else _PUBLISHED_LEAD
+    )
+
+
+def _lead_cells(row: PublishedRow, lead: list[str]) -> list[str]:
+    model = [row.model] if "Model" in lead else []
+    return [row.name, *model, row.source.key, row.selection, row.weights, row.input_norm]
+
+
 def render_published(rows: list[PublishedRow], fmt: str = "markdown", benchmark: Benchmark = VTAB_1K) -> str:
     """The published rows as their own table (Markdown or LaTeX) with their sources as notes; CSV rows in
-    the columns of :func:`petl_zoo.results.render.render` (``metric`` = ``published``)."""
+    the columns of :func:`petl_zoo.results.render.render` (``metric`` = ``published``). Rows of more than
+    one backbone (the suite's ViT-B and ViT-L) get a Model column."""
     if fmt == "csv":
         return published_csv(
             rows, columns(benchmark.task_names, list(benchmark.groups), benchmark), benchmark
         )
-    headers = (
-        _PUBLISHED_LEAD + [t.header for t in benchmark.tasks] + [g.capitalize() for g in benchmark.groups]
-    )
+    lead = _lead(rows)
+    headers = lead + [t.header for t in benchmark.tasks] + [g.capitalize() for g in benchmark.groups]
     headers += [MEAN_GROUPS, MEAN_TASKS, "Printed", "Params (M)"]
-    body = [
-        [r.name, r.source.key, r.selection, r.weights, r.input_norm] + _published_values(r, benchmark)
-        for r in rows
-    ]
+    body = [_lead_cells(r, lead) + _published_values(r, benchmark) for r in rows]
     title = f"{benchmark.title} top-1 accuracy (%), published"
     grid = grid_markdown if fmt == "markdown" else grid_latex
-    return grid(title, headers, body, _published_notes(rows, benchmark), len(_PUBLISHED_LEAD))
+    return grid(title, headers, body, _published_notes(rows, benchmark), len(lead))
 
 
 def published_csv(
@@ -90,7 +101,6 @@ def published_csv(
 ) -> str:
     """CSV rows (no header) of the published rows in the columns ``cols`` (``metric`` = ``published``)."""
     of_tasks, of_groups = benchmark.conventions
-    model = benchmark.published.model if benchmark.published else ""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     for r in rows:
@@ -99,7 +109,7 @@ def published_csv(
         values.update(mean_groups=means[of_groups], mean_tasks=means[of_tasks])
         cells = {k: Cell(values.get(k), None, r.seeds or 0) if k in values else Cell() for k, _ in cols}
         cells["params_m"], cells["tasks"] = Cell(r.params_m), Cell(float(len(benchmark.tasks)))
-        lead = ["published", r.method or "", r.name, model, "", ""]
+        lead = ["published", r.method or "", r.name, r.model, "", ""]
         tail = [r.source.key, r.selection, r.weights, r.input_norm, r.average, r.source.average]
         writer.writerow(lead + csv_cells(cols, cells) + tail)
     return buf.getvalue()

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
+import vtab
+
 from .execute import InProcessExecutor, LocalExecutor, StopSweep, Sweep, Terminated
 from .launch import CLUSTERS, SlurmOptions, SubmititExecutor, default_folder
 from .plan import (
@@ -69,7 +71,15 @@ def _parser(prog: str | None) -> _Parser:
     which.add_argument("--method", help="one registered method")
     which.add_argument("--methods", help="a comma list of methods, e.g. lora,neat")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
-    p.add_argument("--tasks", default="all", help="all | natural | specialized | structured | comma list")
+    p.add_argument(
+        "--benchmark",
+        default="vtab",
+        choices=vtab.BENCHMARK_NAMES,
+        help="whose tasks --tasks names (all = its tasks; its recipe is the trainer's default for them)",
+    )
+    p.add_argument(
+        "--tasks", default="all", help="all | a group (natural | specialized | structured) | comma list"
+    )
     p.add_argument(
         "--seeds", type=int, nargs="+", default=None, help="integers >= 0, one folder per seed when several "
         "(tuning: the retrained seeds, the first also trains the grid points); default: the trainer's "
@@ -168,7 +178,7 @@ def _executor(args: argparse.Namespace) -> LocalExecutor | SubmititExecutor:
 
 def _plan(args: argparse.Namespace, extra: list[str]) -> tuple[list[SweepRun], list]:
     """``(plain runs, tunings)``: a tuning per method and task when tuning, else plain runs."""
-    methods, tasks = _methods(args), resolve_tasks(args.tasks)
+    methods, tasks = _methods(args), resolve_tasks(args.tasks, args.benchmark)
     launcher = None if args.launcher == SUBMITIT else args.launcher
     prefix = train_prefix(launcher, args.train_script)
     tuning = bool(args.grid or args.grid_opt or args.tune)

@@ -36,7 +36,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..results.benchmarks import VTAB_1K, canonical_task
+import vtab
+
+from ..results.benchmarks import get_benchmark
 from ..runfolder import BUSY_EXIT_STATUS, CONFIG, RunFolder
 
 __all__ = [
@@ -73,27 +75,29 @@ SAFE_RUN_CODE = (
 )
 
 
-def resolve_tasks(spec: str | Sequence[str]) -> list[str]:
-    """Task names for ``all``, a group name (natural|specialized|structured) or a comma list of either.
+def resolve_tasks(spec: str | Sequence[str], benchmark: str = "vtab") -> list[str]:
+    """Task names for ``all`` (the benchmark's tasks), a group name of the benchmark (VTAB-1K:
+    natural|specialized|structured) or a comma list of either.
 
-    Known names and aliases become catalog names; other names (custom tasks: folders with list files)
-    pass through unchanged for train.py to resolve. Duplicates are dropped, first occurrence kept.
+    Known names and aliases (inside ``benchmark``: ``dtd`` is the suite's with ``suite``) become canonical
+    names; other names (custom tasks: folders with list files) pass through unchanged for train.py to
+    resolve, with VTAB-1K only. Duplicates are dropped, first occurrence kept.
     """
+    bench = get_benchmark(benchmark)
     items = spec.split(",") if isinstance(spec, str) else [p for s in spec for p in str(s).split(",")]
     items = [s.strip() for s in items if s.strip()]
     if not items:
-        groups = ", ".join(VTAB_1K.groups)
+        groups = ", ".join(bench.groups)
         raise ValueError(f"no task in '{spec}': give all, {groups} or a comma list of task names")
-    catalog = VTAB_1K.tasks
     out: list[str] = []
     for item in items:
         key = item.lower()
         if key == "all":
-            names = [e.name for e in catalog]
-        elif key in VTAB_1K.groups:
-            names = [e.name for e in catalog if e.group == key]
+            names = bench.task_names
+        elif key in bench.groups:
+            names = bench.members(key)
         else:
-            names = [canonical_task(item)]
+            names = [vtab.task_folder_name(item, benchmark)]
         out += [n for n in names if n not in out]
     return out
 
