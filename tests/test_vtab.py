@@ -354,6 +354,44 @@ def test_make_loader_is_deterministic_given_seed(tmp_path):
     assert _epoch_labels(ordered) == ds.targets[:32] and ordered.pin_memory is torch.cuda.is_available()
 
 
+def test_make_loader_batches_do_not_depend_on_workers(tmp_path):
+    """Augmentation is seeded per sample in the main process's order: 0, 1 and 2 workers give the
+    same batches pass after pass, and a fresh loader on a sampler set to epoch 1 (a resumed run)
+    gives what the first loader gave in its second pass."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    make_task(tmp_path, "my_task", 100, counts={"train": 12, "val": 1, "test": 1})
+    tf = vtab.build_transform(tiny_vit(), augment=True)
+    ds = vtab.VtabDataset("my_task", "train", tf, data_root=tmp_path, num_classes=100)
+
+    def passes(workers: int, n: int = 2, **kw) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        loader = vtab.make_loader(ds, 4, workers=workers, seed=3, **kw)
+        return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
+
+    def same(a, b) -> bool:
+        return all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    ref = passes(0, shuffle=True)
+    assert torch.equal(torch.get_rng_state(), before)  # the main process's RNG is left alone
+    assert not same(ref[0], ref[1]) and not torch.equal(ref[0][0][0][0], ref[0][0][0][1])
+    for workers in (1, 2):
+        got = passes(workers, shuffle=True)
+        assert len(got[1]) == len(ref[1]) == 3 and same(got[0], ref[0]) and same(got[1], ref[1])
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3)
+    loader = vtab.make_loader(ds, 4, shuffle=False, sampler=sampler, workers=2, seed=3)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append([(x.clone(), y.clone()) for x, y in loader])
+    resumed = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=3)
+    resumed.set_epoch(1)
+    again = vtab.make_loader(ds, 4, shuffle=False, sampler=resumed, workers=0, seed=3)
+    assert not same(epochs[0], epochs[1]) and same(list(again), epochs[1])
+    assert again.dataset.targets == ds.targets  # the wrapper forwards the dataset's attributes
+
+
 def test_make_loader_takes_a_sampler(tmp_path):
     make_task(tmp_path, "my_task", 100, counts={"train": 10, "val": 1, "test": 1})
     tf = vtab.build_transform(tiny_vit())

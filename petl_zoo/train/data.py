@@ -14,8 +14,6 @@ from .spec import RunSpec
 
 __all__ = ["RunData", "build_data"]
 
-_EPOCH_SEED_STRIDE = 1000003  # the training loader's seed for epoch e: seed + stride * e
-
 
 @dataclass
 class RunData:
@@ -30,20 +28,16 @@ class RunData:
     per_rank_batch: int
     workers: int
     seed: int
-    rebuild_per_epoch: bool
 
     @property
     def steps_per_epoch(self) -> int:
         return len(self.loader)
 
     def loader_for(self, epoch: int) -> DataLoader:
-        """The training loader of ``epoch``. With augmentation in worker processes the workers' RNGs
-        must depend on the epoch only (for an exact --resume), so the loader is rebuilt per epoch;
-        otherwise one loader serves every epoch (the sampler's ``set_epoch`` sets the order)."""
-        if self.rebuild_per_epoch and epoch > 0:
-            self.loader = _train_loader(
-                self.train_set, self.sampler, self.per_rank_batch, self.workers, self.seed, epoch
-            )
+        """The training loader of ``epoch``: one loader serves every epoch, its workers persistent; the
+        sampler's ``set_epoch`` sets the order and, through ``vtab.make_loader``'s per-sample seeds, the
+        augmentation, so an epoch's batches depend on the seed and the epoch only (any worker count, an
+        exact --resume)."""
         return self.loader
 
     def start_loader(self, info: D.DistInfo, batch_size: int) -> DataLoader:
@@ -57,15 +51,6 @@ class RunData:
         return vtab.make_loader(
             self.train_set, batch_size, shuffle=False, sampler=whole, workers=self.workers, seed=self.seed
         )
-
-
-def _train_loader(
-    dataset: Dataset, sampler: DistributedSampler, batch: int, workers: int, seed: int, epoch: int
-) -> DataLoader:
-    import vtab
-
-    seed = seed + _EPOCH_SEED_STRIDE * epoch
-    return vtab.make_loader(dataset, batch, shuffle=False, sampler=sampler, workers=workers, seed=seed)
 
 
 def build_data(spec: RunSpec, info: D.DistInfo, model: nn.Module) -> RunData:
@@ -84,7 +69,9 @@ def build_data(spec: RunSpec, info: D.DistInfo, model: nn.Module) -> RunData:
         eval_sets["val"] = vtab.VtabDataset(spec.task, "val", eval_tf, root, spec.num_classes)
     sampler = D.train_sampler(train_set, info, seed)
     per_rank = recipe["batch_size"] // info.world_size
-    loader = _train_loader(train_set, sampler, per_rank, spec.workers, seed, 0)
+    loader = vtab.make_loader(
+        train_set, per_rank, shuffle=False, sampler=sampler, workers=spec.workers, seed=seed
+    )
     eval_loaders = {
         name: vtab.make_loader(
             D.shard(ds, info), recipe["batch_size"], shuffle=False, workers=spec.workers, seed=seed
@@ -100,5 +87,4 @@ def build_data(spec: RunSpec, info: D.DistInfo, model: nn.Module) -> RunData:
         per_rank_batch=per_rank,
         workers=spec.workers,
         seed=seed,
-        rebuild_per_epoch=recipe["augment"] and spec.workers > 0,
     )
