@@ -219,13 +219,14 @@ def _setting_error(method_cls: Any, parser: Any, argv: list[str]) -> str | None:
     """Why the trainer would refuse ``argv`` before training (its parser, method options and recipe), or
     None. The per-task preset values are not applied here (the trainer checks them per task)."""
     from ..train.args import method_options
-    from ..train.recipe import RECIPE_KEYS, resolve_recipe
+    from ..train.recipe import RECIPE_KEYS, default_recipe, resolve_recipe
 
     try:
         args = parser.parse_args(argv)
         method_options(method_cls, args.opt, args.method_config)
         flags = {k: getattr(args, k) for k in RECIPE_KEYS if hasattr(args, k)}
-        resolve_recipe(args.recipe, method_cls.recipe, flags, method_cls.name)  # validates the recipe
+        recipe = args.recipe or default_recipe(args.task)  # the task's benchmark's, as the trainer
+        resolve_recipe(recipe, method_cls.recipe, flags, method_cls.name)  # validates the recipe
     except (ValueError, FileNotFoundError) as err:
         return " ".join(str(err).split())
     return None
