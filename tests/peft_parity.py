@@ -47,6 +47,12 @@ def split_qkv(model: nn.Module) -> nn.Module:
     return model
 
 
+def peft_targets(targets: Iterable[str]) -> list[str]:
+    """peft's ``target_modules`` for our targets on a :func:`split_qkv` copy: ``proj`` is ``attn.proj``
+    (peft matches a suffix, and ``patch_embed.proj`` is a Conv2d), the rest by name."""
+    return ["attn.proj" if t == "proj" else t for t in targets]
+
+
 def fp64_pair(seed: int = 0, **kwargs) -> tuple[nn.Module, nn.Module]:
     """Two tiny timm ViTs (``conftest.tiny_vit(**kwargs)``) with the same weights, in float64, eval mode."""
     torch.manual_seed(seed)

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import perturb_, tiny_vit
-from peft_parity import assert_same_outputs_and_grads, fp64_pair, images64, split_qkv
+from peft_parity import assert_same_outputs_and_grads, fp64_pair, images64, peft_targets, split_qkv
 from torch import nn
 
 import petl_zoo
@@ -41,15 +41,18 @@ def peft_butterfly(monkeypatch):
     return peft
 
 
-@pytest.mark.parametrize(("targets", "count"), [(("q", "v"), 313_344), (("qkv",), 175_104)])
+@pytest.mark.parametrize(
+    ("targets", "count"),
+    [(("q", "k", "v", "proj", "fc1", "fc2"), 1_410_048), (("q", "v"), 313_344), (("qkv",), 175_104)],
+)
 def test_vit_base_counts_equal_peft(targets, count, peft_butterfly):
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224")
-        theirs = split_qkv(model) if targets == ("q", "v") else copy.deepcopy(model)
+        theirs = split_qkv(model) if "q" in targets else copy.deepcopy(model)
     petl_zoo.create("boft", model, targets=targets)
     assert petl_zoo.trainable_parameters(model)["method"] == count  # 2 x 96 x 8 x 8 + out per site
     config = peft_butterfly.BOFTConfig(
-        boft_block_size=8, boft_n_butterfly_factor=2, target_modules=list(targets)
+        boft_block_size=8, boft_n_butterfly_factor=2, target_modules=peft_targets(targets)
     )
     theirs = peft_butterfly.get_peft_model(theirs, config)
     assert sum(p.numel() for n, p in theirs.named_parameters() if "boft_" in n) == count
@@ -139,7 +142,8 @@ def test_bf16_host_solves_in_float32(images):
 
 def test_options_validated():
     cfg = BoftConfig()
-    assert (cfg.block_size, cfg.factors, cfg.targets, cfg.dropout) == (8, 2, ("q", "v"), 0.0)
+    assert (cfg.block_size, cfg.factors, cfg.dropout) == (8, 2, 0.1)
+    assert cfg.targets == ("q", "k", "v", "proj", "fc1", "fc2")
     with pytest.raises(ValueError, match="factors must be a positive integer, got 0"):
         BoftConfig(factors=0)
     with pytest.raises(ValueError, match="block_size must be even"):

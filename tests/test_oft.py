@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 from conftest import perturb_, tiny_vit
-from peft_parity import assert_same_outputs_and_grads, fp64_pair, images64, split_qkv
+from peft_parity import assert_same_outputs_and_grads, fp64_pair, images64, peft_targets, split_qkv
 from torch import nn
 
 import petl_zoo
@@ -20,15 +20,18 @@ def oft_deltas(model: nn.Module) -> dict[str, OftDelta]:
     return {n: m for n, m in model.named_modules() if isinstance(m, OftDelta)}
 
 
-@pytest.mark.parametrize(("targets", "count"), [(("q", "v"), 138_240), (("qkv",), 69_120)])
+@pytest.mark.parametrize(
+    ("targets", "count"),
+    [(("q", "k", "v", "proj", "fc1", "fc2"), 622_080), (("q", "v"), 138_240), (("qkv",), 69_120)],
+)
 def test_vit_base_counts_equal_peft(targets, count):
     peft = pytest.importorskip("peft")
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224")
-        theirs = split_qkv(model) if targets == ("q", "v") else copy.deepcopy(model)
+        theirs = split_qkv(model) if "q" in targets else copy.deepcopy(model)
     petl_zoo.create("oft", model, targets=targets)
     assert petl_zoo.trainable_parameters(model)["method"] == count  # 48 blocks x 120 per site
-    config = peft.OFTConfig(oft_block_size=16, r=0, target_modules=list(targets))
+    config = peft.OFTConfig(oft_block_size=16, r=0, target_modules=peft_targets(targets))
     theirs = peft.get_peft_model(theirs, config)
     assert sum(p.numel() for n, p in theirs.named_parameters() if "oft_R" in n) == count
 
@@ -119,7 +122,7 @@ def test_options_validated():
     cfg = OftConfig()
     assert (cfg.block_size, cfg.targets, cfg.cayley, cfg.coft, cfg.block_share) == (
         16,
-        ("q", "v"),
+        ("q", "k", "v", "proj", "fc1", "fc2"),
         "exact",
         False,
         False,

@@ -29,11 +29,14 @@ Linears), ``targets=("qkv",)`` one ``R`` for ``q``, ``k``, ``v`` and one ``s`` o
 ``W0`` (``out * in * b`` per factor), one more product of the slice's width per training step than the
 frozen layer. Mergeable.
 
-Defaults: ``m = 2`` factors of ``b = 8`` on ``q``, ``v``: 313,344 trainable parameters on ViT-B/16 (24 sites
-x (2 x 96 x 8 x 8 + 768)), 175,104 with ``targets=("qkv",)``; equal to peft's count for the same config
-(with its butterfly kernel available: without the CUDA extension peft silently resets ``m`` to 1).
-``m = 2, b = 8`` is the BOFT row of the paper's VTAB-1K table (DINOv2-L) as we recall it; docs/boft.md
-says what could and could not be checked.
+Defaults: ``m = 2`` factors of ``b = 8`` on every Linear of attention and MLP (``q``, ``k``, ``v``,
+``proj``, ``fc1``, ``fc2``), multiplicative dropout 0.1: 1,410,048 trainable parameters on ViT-B/16; ``q``,
+``v`` only: 313,344 (24 sites x (2 x 96 x 8 x 8 + 768)); ``targets=("qkv",)``: 175,104; equal to peft's
+count for the same config (with its butterfly kernel available: without the CUDA extension peft silently
+resets ``m`` to 1). These are the paper's VTAB-1K settings (the BOFT paper (Liu et al., ICLR 2024, arXiv 2311.06243v2), App. A.2 and Table 4, read in wassname/adapters_as_hypotheses docs/boft_butterfly_orthogonal.md @ ce0dfd0: the rows "BOFT m=2 b=8" (1.99 M on
+DINOv2-L), m=4 b=4 and m=6 b=2; "every linear layer in all multihead self-attention (MSA) and MLP blocks";
+"a multiplicative dropout rate of 0.1"; their weight decay 0.02 and 30 epochs are recipe values, not
+options).
 
 Compared with peft 0.21.2 in float64 (``tests/test_boft.py``, peft's CUDA block-diagonal kernel replaced by
 ``torch.block_diag`` so that ``m > 1`` runs on the CPU): outputs, gradients of ``boft_R`` and ``boft_s`` and
@@ -66,8 +69,8 @@ class BoftConfig(MethodConfig):
 
     block_size: int = positive(8)
     factors: int = positive(2)
-    targets: tuple[str, ...] = ("q", "v")
-    dropout: float = fraction(0.0)
+    targets: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
+    dropout: float = fraction(0.1)
 
     def validate(self) -> None:
         check_targets(self.targets, LINEAR_TARGETS, "boft")

@@ -26,10 +26,12 @@ update added to the slice is ``x (W' - W0)^T`` with ``W' - W0`` formed from ``W0
 layer (peft's costs none: it rotates ``x``, ``tokens * in * block_size``, and calls the layer once). The
 Cayley solve runs in float32 (or wider) also on a bf16 host. Mergeable: ``W' - W0`` is folded in.
 
-Defaults: ``block_size = 16`` on ``q``, ``v``: 138,240 trainable parameters on ViT-B/16 (24 sites x 48
-blocks x 120), 69,120 with ``targets=("qkv",)``; equal to peft's count for the same config. The OFT
-paper reports no VTAB-1K numbers; ``b = 16`` is the OFT row of the BOFT paper's VTAB-1K table (DINOv2-L),
-as we recall it: docs/oft.md says what could and could not be checked. Exact Cayley is the paper's and the
+Defaults: ``block_size = 16`` on every Linear of attention and MLP (``q``, ``k``, ``v``, ``proj``, ``fc1``,
+``fc2``): 622,080 trainable parameters on ViT-B/16 (12 x (5 x 48 + 192) blocks x 120); ``q``, ``v`` only:
+138,240; ``targets=("qkv",)``: 69,120; equal to peft's count for the same config. The OFT paper reports
+no VTAB-1K numbers; the defaults are the OFT row of the BOFT paper's VTAB-1K runs (the BOFT paper (Liu et al., ICLR 2024, arXiv 2311.06243v2), App. A.2 and Table 4, read in wassname/adapters_as_hypotheses docs/boft_butterfly_orthogonal.md @ ce0dfd0: "OFT b=16",
+injected "into every linear layer in all multihead self-attention (MSA) and MLP blocks" of DINOv2-L, whose
+q, k, v are separate Linears, as they are here). Exact Cayley is the paper's and the
 authors' code's (``Zeju1997/oft``, ``oft-control/oft.py``: ``(I - S)(I + S)^-1``, ``W' = W0 R^T``).
 
 peft 0.21 defines ``module_dropout`` for OFT but never applies it on a Linear, so it has no option here.
@@ -63,7 +65,7 @@ class OftConfig(MethodConfig):
     ``neumann_terms`` terms)."""
 
     block_size: int = positive(16)
-    targets: tuple[str, ...] = ("q", "v")
+    targets: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
     block_share: bool = False
     coft: bool = False
     eps: float = positive(6e-5)
