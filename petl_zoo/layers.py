@@ -39,8 +39,12 @@ originals so that unmerging is exact:
   ``b <- (I + M) b + c``) or into the Linear that consumes ``x`` (:func:`fold_input`: ``W <- W (I + M)``,
   ``b <- b + W c``). A shift needs a bias to go to: a bias-free layer blocks the merge (it would add
   a tensor that the plain timm model does not have).
+- parallel on a Conv (Conv1d/2d/3d wrapped by an :class:`AdaptedModule`; :data:`FOLD_PARALLEL_TYPES`):
+  ``delta_weight(W0)``, a tensor of the conv weight's shape (``[out, in/groups, *kernel]``) whose conv
+  with the layer's own stride, padding, dilation and groups (no bias) is the delta's update; a conv is
+  linear in its weight, so ``W <- W0 + delta_W`` (LoHa and LoKr on the patch embedding).
 
-Parallel deltas on a module, and deltas without a weight-space form, depend on the input and never
+Other parallel deltas on a module, and deltas without a weight-space form, depend on the input and never
 merge. Whether a model merges is derived from what is attached (:func:`merge_blockers`), never declared
 by the method. Forward pre-hooks that a method puts on timm modules are owned by one
 :class:`HookRegistry` (``Method.hooks``), which removes them all.
@@ -82,6 +86,7 @@ __all__ = [
     "Wrapper",
     "HookRegistry",
     "FOLD_OUTPUT_TYPES",
+    "FOLD_PARALLEL_TYPES",
     "Affine",
     "adapt_linear",
     "adapt_module",
@@ -202,7 +207,9 @@ class Delta(PetlModule):
     slice (``[stop-start, in]``) on a Linear's output slice and None elsewhere. Deltas that live in
     weight space set ``mergeable = True`` and implement the form of their position:
     ``delta_weight(weight)`` (``[stop-start, in]``) on a Linear's output slice, ``affine()`` as a
-    sequential delta on a Linear / Conv / LayerNorm or as an input delta of a Linear.
+    sequential delta on a Linear / Conv / LayerNorm or as an input delta of a Linear, and
+    ``delta_weight(weight)`` of the conv weight's shape as a parallel delta on a Conv (``weight`` is then
+    the conv's frozen weight ``W0``; its ``forward`` still gets None).
     """
 
     mergeable: bool = False
@@ -278,6 +285,11 @@ FOLD_OUTPUT_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
 )
+
+
+#: Layers a mergeable *parallel* delta folds into (``W <- W0 + delta_weight(W0)``, see the module
+#: docstring): a conv is linear in its weight, so the delta's conv adds to the layer's.
+FOLD_PARALLEL_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _work_dtype(tensor: Tensor) -> torch.dtype:
@@ -565,8 +577,9 @@ class _LowRankLinear(torch.autograd.Function):
 class AdaptedModule(Wrapper):
     """A timm sub-module plus parallel deltas (on its input) and sequential ones (on its output).
 
-    Sequential deltas with an affine form (:meth:`Delta.affine`) on a Linear, Conv or LayerNorm merge
-    into its weight and bias (:func:`fold_output`, in order); the originals are kept while merged."""
+    Mergeable parallel deltas on a Conv add ``delta_weight(W0)`` to its weight, then sequential deltas
+    with an affine form (:meth:`Delta.affine`) on a Linear, Conv or LayerNorm fold into its weight and
+    bias (:func:`fold_output`, in order); the originals are kept while merged."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
@@ -588,7 +601,8 @@ class AdaptedModule(Wrapper):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the sequential deltas into the wrapped layer; a no-op when merged or empty."""
+        """Fold the parallel conv deltas (``W <- W0 + sum delta_W``), then the sequential ones, into the
+        wrapped layer; a no-op when merged or empty."""
         if self.merged or not (len(self.parallel) or len(self.sequential)):
             return
         dependent, unfoldable = _module_blockers(type(self.base).__name__, self)
@@ -596,6 +610,15 @@ class AdaptedModule(Wrapper):
             raise ValueError(f"cannot merge: {(dependent + unfoldable)[0]}")
         self._originals = {name: t.detach().clone() for name, t in self.base.named_parameters(recurse=False)}
         try:
+            if len(self.parallel):
+                weight = self.base.weight
+                work = _work_dtype(weight)
+                original = self._originals["weight"].to(work)
+                merged = original.clone()
+                for delta in self.parallel.values():
+                    with cast_method_tensors(delta, work):
+                        merged += delta.delta_weight(original).to(work)
+                weight.copy_(merged.to(weight.dtype))
             for delta in self.sequential.values():
                 weight = getattr(self.base, "weight", None)
                 work = _work_dtype(weight) if isinstance(weight, Tensor) else torch.float32
@@ -735,9 +758,16 @@ def _linear_blockers(name: str, module: AdaptedLinear) -> tuple[list[str], list[
     return dependent, unfoldable
 
 
+def _folds_parallel(module: AdaptedModule, delta: Delta) -> bool:
+    """Whether the parallel ``delta`` has a weight-space form with a place: mergeable, on a Conv."""
+    return delta.mergeable and isinstance(module.base, FOLD_PARALLEL_TYPES)
+
+
 def _module_blockers(name: str, module: AdaptedModule) -> tuple[list[str], list[str]]:
     dependent = [
-        f"{name}.parallel.{key} ({type(d).__name__} on a module)" for key, d in module.parallel.items()
+        f"{name}.parallel.{key} ({type(d).__name__} on a module)"
+        for key, d in module.parallel.items()
+        if not _folds_parallel(module, d)
     ]
     unfoldable = []
     for key, d in module.sequential.items():
@@ -788,9 +818,11 @@ def unload_wrappers(model: nn.Module) -> int:
             continue
         if isinstance(module, AdaptedLinear) and len(_wrapper_deltas(module)) and not module.merged:
             raise ValueError(f"{name} holds unmerged updates; merge before unloading")
-        if isinstance(module, AdaptedModule) and len(module.parallel):
+        if isinstance(module, AdaptedModule) and any(
+            not _folds_parallel(module, d) for d in module.parallel.values()
+        ):
             raise ValueError(f"{name} holds input-dependent deltas that cannot be unloaded")
-        if isinstance(module, AdaptedModule) and len(module.sequential) and not module.merged:
+        if isinstance(module, AdaptedModule) and len(_wrapper_deltas(module)) and not module.merged:
             raise ValueError(f"{name} holds unmerged updates; merge before unloading")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
