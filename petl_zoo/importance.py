@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["ParamSlice", "taylor_scores", "TaylorAccumulator"]
+__all__ = ["ParamSlice", "taylor_scores", "TaylorAccumulator", "row_topk"]
 
 #: A tensor (whose ``.grad`` is read) or a tensor with an index selecting part of it (e.g. a head's rows).
 ParamSlice = Tensor | tuple[Tensor, object]
@@ -68,3 +68,11 @@ class TaylorAccumulator:
 
     def scores(self) -> dict[str, float]:
         return dict(self.totals)
+
+
+def row_topk(score: Tensor, k: int) -> Tensor:
+    """Per row of ``score`` (``[rows, cols]``), the columns of the ``k`` largest ``|score|``, ascending
+    (GPS: the top-k input connections of each neuron by gradient magnitude). Ties: torch.topk's order."""
+    if not 0 < k <= score.shape[1]:
+        raise ValueError(f"k = {k} must be in 1..{score.shape[1]}")
+    return score.abs().topk(k, dim=1).indices.sort(dim=1).values
