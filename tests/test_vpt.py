@@ -200,7 +200,7 @@ def test_options_and_recipe():
 # -- refusals, merge, save/load ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["relpos", "beit", "swin", "swinv2", "swinv2_cr"])
+@pytest.mark.parametrize("host", ["relpos", "beit", "swinv2", "swinv2_cr"])
 def test_fixed_layout_families_are_refused(host):
     with pytest.raises(ValueError, match="does not support the .* family: prompts change the token count"):
         petl_zoo.create("vpt", tiny_host(host))
