@@ -129,9 +129,12 @@ class GpsBias(Delta):
         return torch.zeros_like(self.bias), self.bias
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        # a copy, not a view of the parameter: under no_grad a view of a leaf that requires grad still
+        # requires grad but has no grad_fn, which module trackers (FlopCounterMode) refuse
+        bias = self.bias.clone()
         if self.channel_dim == -1:
-            return self.bias.expand(*x.shape[:-1], -1)
-        return self.bias.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[0], -1, *x.shape[2:])
+            return bias.expand(*x.shape[:-1], -1)
+        return bias.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[0], -1, *x.shape[2:])
 
 
 def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
