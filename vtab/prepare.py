@@ -1,4 +1,4 @@
-"""Write VTAB-1K task folders from public sources.
+"""Write task folders (VTAB-1K, FGVC-5, the full-dataset suite) from public sources.
 
     python -m vtab.prepare --task digits                      # offline demo, no download
     python -m vtab.prepare --task dtd --source torchvision --download-root ./data/downloads
@@ -11,11 +11,11 @@
 A task name is resolved inside ``--benchmark`` (vtab, fgvc, suite) when given, else as ``vtab.resolve_task``
 infers it (``dtd`` is VTAB-1K's, ``cifar10`` the suite's, ``cars`` asks for ``--benchmark``).
 
-Each task folder gets ``images/{train,val,test}/<key>.png`` and the four list files (an FGVC task:
-its original image files under ``images/`` and the same four list file names, see ``write_fgvc_task``; a suite
-task: ``vtab.suite``). The folder is
-written under a hidden temporary name and renamed at the end; an existing complete folder is kept
-(re-running is safe) unless ``--overwrite``.
+Each task folder gets ``images/{train,val,test}/<key>.png`` and the four list files. An FGVC task keeps
+its original image files under ``images/`` (``write_fgvc_task``), a suite task its source's encoded
+bytes (``vtab.suite``), under the same four list file names. The folder is written under a hidden
+temporary name and renamed at the end; an existing complete folder is kept (re-running is safe) unless
+``--overwrite``.
 """
 
 from __future__ import annotations
