@@ -24,7 +24,6 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .fgvc import FgvcSplits, fgvc_splits
-from .layout import LIST_FILES, SPLITS, resolve_root
+from .layout import SPLITS, resolve_root
 from .sources import (
     SOURCE_NAMES,
     SOURCES,
@@ -42,7 +41,7 @@ from .sources import (
     sklearn_digits,
     sources_for,
 )
-from .taskfolder import is_complete, removed_on_failure, savable, swap_in, write_lists
+from .taskfolder import kept, partial_folder, removed_on_failure, savable, write_lists
 from .tasks import (
     BENCHMARK_NAMES,
     FGVC_GROUP,
@@ -161,18 +160,11 @@ def write_task(
         num_classes = info.num_classes
     out_root = Path(out_root).expanduser().absolute()
     final = out_root / folder_name
-    if final.exists() and not overwrite:
-        if is_complete(final):
-            log(f"{folder_name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
-            return final
-        raise FileExistsError(
-            f"{final} exists but lacks some of {', '.join(LIST_FILES)}; pass --overwrite to replace it."
-        )
+    if kept(final, overwrite, log):
+        return final
     train_idx, val_idx = _draw(splits, seed, n_train, n_val)
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".partial", dir=out_root))
     start = time.time()
-    try:
+    with partial_folder(final) as tmp:
         lines = _write_images(splits, train_idx, val_idx, tmp, fmt, jpeg_quality, num_classes, log)
         meta = {
             "task": folder_name,
@@ -184,10 +176,6 @@ def write_task(
             "num_classes": num_classes,
         }
         meta["counts"] = write_lists(tmp, lines, meta)
-        swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
     log(f"{folder_name}: wrote {final} ({counts}) in {time.time() - start:.1f} s")
     return final
@@ -234,17 +222,10 @@ def write_fgvc_task(
     info = get_task(name)
     out_root = Path(out_root).expanduser().absolute()
     final = out_root / info.name
-    if final.exists() and not overwrite:
-        if is_complete(final):
-            log(f"{info.name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
-            return final
-        raise FileExistsError(
-            f"{final} exists but lacks some of {', '.join(LIST_FILES)}; pass --overwrite to replace it."
-        )
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}.", suffix=".partial", dir=out_root))
+    if kept(final, overwrite, log):
+        return final
     start = time.time()
-    try:
+    with partial_folder(final) as tmp:
         lines: dict[str, list[tuple[str, int]]] = {}
         for split, entries in splits.lines.items():
             lines[split] = []
@@ -267,10 +248,6 @@ def write_fgvc_task(
             "num_classes": info.num_classes,
         }
         counts = write_lists(tmp, lines, meta)
-        swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     log(f"{info.name}: wrote {final} ({sizes}) in {time.time() - start:.1f} s")
     return final
@@ -479,11 +456,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                 f"{', '.join(SOURCE_NAMES)} (a path is the --source of an FGVC or suite task)."
             )
         for info in infos:
-            existing = out_root / info.name
-            if not args.overwrite and is_complete(existing):
-                print(
-                    f"{info.name}: {existing} already holds the list files; kept (pass --overwrite to rewrite)."
-                )
+            if kept(out_root / info.name, args.overwrite, print):  # before any source is read
                 continue
             if info.group == FGVC_GROUP:
                 _prepare_fgvc(info.name, args, out_root)

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +33,7 @@ import numpy as np
 
 from .layout import SPLITS
 from .sources import digits_image, digits_split, to_pil
-from .taskfolder import is_complete, removed_on_failure, savable, swap_in, write_lists
+from .taskfolder import kept, partial_folder, removed_on_failure, savable, write_lists
 from .tasks import SUITE_GROUP, resolve_task
 
 BENCHMARK = SUITE_GROUP
@@ -619,13 +617,8 @@ def write_suite_task(
     info = resolve_task(name, BENCHMARK)
     out_root = Path(out_root).expanduser().absolute()
     final = out_root / info.name
-    if final.exists() and not overwrite:
-        if is_complete(final):
-            log(f"{info.name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
-            return final
-        raise FileExistsError(
-            f"{final} exists but lacks some of the list files; pass --overwrite to replace it."
-        )
+    if kept(final, overwrite, log):
+        return final
     names = check_source(info.name, info.num_classes, source)
     plan: list[tuple[SplitData, dict[int, str]]] = []
     if source.carved == "none":
@@ -636,10 +629,8 @@ def write_suite_task(
         plan.append((source.train, {int(i): sub for sub, idx in indices.items() for i in idx}))
         if source.test is not None:
             plan.append((source.test, dict.fromkeys(range(source.test.length), "test")))
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{info.name}.", suffix=".partial", dir=out_root))
     start = time.time()
-    try:
+    with partial_folder(final) as tmp:
         lines: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
         for split, routes in plan:
             _write_split(split, routes, tmp, info.num_classes, lines, log, info.name)
@@ -659,10 +650,6 @@ def write_suite_task(
             "class_names": names,
         }
         counts = write_lists(tmp, lines, meta)
-        swap_in(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     sizes = ", ".join(f"{k} {v}" for k, v in counts.items())
     seeded = (
         "the source's own splits (no carving)"
@@ -687,9 +674,8 @@ def prepare_suite_task(
     """Load the source of a suite task and write its folder (``python -m vtab.prepare --benchmark suite``)."""
     log = log or print
     info = resolve_task(name, BENCHMARK)
-    final = Path(out_root) / info.name
-    if final.exists() and not overwrite and is_complete(final):
-        log(f"{info.name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
+    final = Path(out_root).expanduser().absolute() / info.name
+    if kept(final, overwrite, log):  # before loading: a kept folder needs no download
         return final
     loaded = load_source(info.name, source, Path(download_root), download)
     return write_suite_task(info.name, loaded, out_root, seed=seed, overwrite=overwrite, log=log)

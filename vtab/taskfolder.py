@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +33,33 @@ def savable(image: Image.Image) -> Image.Image:
 
 def is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in LIST_FILES)
+
+
+def kept(final: Path, overwrite: bool, log: Callable[[str], None]) -> bool:
+    """Whether the task folder ``final`` is kept as it is: a complete folder is (said in one line) unless
+    ``overwrite``; an incomplete one is a FileExistsError unless ``overwrite``; an absent one is not."""
+    if overwrite or not final.exists():
+        return False
+    if is_complete(final):
+        log(f"{final.name}: {final} already holds the list files; kept (pass --overwrite to rewrite).")
+        return True
+    raise FileExistsError(
+        f"{final} exists but lacks some of {', '.join(LIST_FILES)}; pass --overwrite to replace it."
+    )
+
+
+@contextmanager
+def partial_folder(final: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside ``final`` to write the task into, swapped in as ``final`` when
+    the block ends (:func:`swap_in`) and removed when it raises: nothing half-written is left."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+        swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_lists(tmp: Path, lines: dict[str, list[tuple[str, int]]], meta: dict) -> dict[str, int]:
