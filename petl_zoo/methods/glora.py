@@ -35,13 +35,24 @@ LayerNorms that read a pre-norm residual stream (no gradient), and ``D`` multipl
 timm initialises to zero (a dead tensor on a random host; alive on pretrained weights).
 
 The paper's VTAB-1K rows do not come from a fixed configuration: per task, the authors train a supernet
-whose every Linear samples one of 4 x 4 x 3 x 3 x 3 = 432 choices per step, then search the per-layer
-choice on the trained supernet with an evolutionary search under a parameter budget (``supernet.py``,
-``evolution.py``); no searched configuration or checkpoint is released, so no paper row corresponds to
-these defaults. ``layers`` replays a searched choice: one ``"A,B,C,D,E"`` string per adapted site in
-the authors' order (block by block; ``qkv``, ``proj``, ``fc1``, ``fc2`` within a block), e.g.
-``"lora,vector,none,constant,none"``. Neither the supernet training nor the search is implemented
-here (docs/glora.md).
+whose every Linear samples one of 4 x 4 x 3 x 3 x 3 = 432 choices per forward, then search the
+per-layer choice on the trained supernet with an evolutionary search under a parameter budget
+(``supernet.py``, ``evolution.py``); no searched configuration or checkpoint is released. ``layers``
+replays a searched choice: one ``"A,B,C,D,E"`` string per adapted site in the authors' order (block by
+block; ``qkv``, ``proj``, ``fc1``, ``fc2`` within a block), e.g. ``"lora,vector,none,constant,none"``.
+
+Supernet (``supernet=True``, :class:`GloraSuperDelta`): every site holds the authors' tensors (``Ad``,
+``Au``, ``Bd``, ``Bu``, ``Cd``, ``Cu``, ``D``, ``E``; a ``vector`` is the first column of ``Xd``, a
+``constant`` its ``[0, 0]`` entry or ``D[0]``, so one set of weights serves every subnet) and uses one
+of the 432 choices per call of the model, drawn uniformly for every site by a forward pre-hook on the
+model (so gradient checkpointing recomputes a block with its forward's choice), from one CPU
+``torch.Generator`` shared by the model's sites and seeded with ``seed`` (default:
+``torch.initial_seed()`` when ``create`` runs, i.e. the run's ``--seed``, which the trainer sets
+first). The sampler's position (seed and number of draws) is the
+method's state (``get_state``): saved with the adapter and in checkpoints, replayed on load and
+resume. :func:`set_subnet` fixes one choice per site (None samples again); the search and the export
+to a fixed ``glora`` are in :mod:`petl_zoo.methods.glora_search`. On ``vit_base_patch16_224`` at rank
+4 the supernet trains 1,603,776 values (head excluded).
 
 Merging. ``delta_W = W0 * A + B`` is a weight-space form (``delta_weight``). The bias change
 ``b0 * D + E + W0 C`` has no place in the Linear-slice protocol of :mod:`petl_zoo.layers` (a slice
@@ -62,20 +73,35 @@ weight and bias bit for bit (``tests/test_glora.py``).
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..config import MethodConfig, positive
+from ..config import MethodConfig, bounded, positive
 from ..layers import Delta, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, LinearSite, check_targets, linear_sites
 
-__all__ = ["GloraConfig", "GloraDelta", "Glora", "SUPPORT_CHOICES", "parse_layer_choice"]
+__all__ = [
+    "GloraConfig",
+    "GloraDelta",
+    "GloraSuperDelta",
+    "Glora",
+    "SubnetSampler",
+    "SUPPORT_CHOICES",
+    "SUPERNET_CHOICES",
+    "parse_layer_choice",
+    "set_subnet",
+    "get_subnet",
+    "supernet_deltas",
+    "subnet_parameters",
+]
 
 #: The forms each support tensor may take (the authors' search space; peft's ``config_A_B``,
 #: ``config_C``, ``config_D_E`` values).
@@ -86,6 +112,19 @@ SUPPORT_CHOICES: dict[str, tuple[str, ...]] = {
     "D": ("vector", "constant", "none"),
     "E": ("vector", "constant", "none"),
 }
+#: The supernet's search space in the authors' order (``layer.py``: ``config_A_B``, ``config_C``,
+#: ``config_D_E``; their ``configs`` list nests A, B, C, D, E, E innermost): 4 x 4 x 3 x 3 x 3 = 432.
+SUPERNET_CHOICES: dict[str, tuple[str, ...]] = {
+    "A": ("lora", "vector", "constant", "none"),
+    "B": ("lora", "vector", "constant", "none"),
+    "C": ("lora", "vector", "none"),
+    "D": ("constant", "none", "vector"),
+    "E": ("constant", "none", "vector"),
+}
+_SUPERNET_CONFIGS = tuple(
+    dict(zip("ABCDE", forms)) for forms in itertools.product(*(SUPERNET_CHOICES[k] for k in "ABCDE"))
+)
+_DEFAULT_CHOICE = {"A": "lora", "B": "lora", "C": "lora", "D": "none", "E": "none"}
 #: Order of the Linears within a block in ``layers`` (the authors' module order).
 _SITE_ORDER = ("qkv", "q", "k", "v", "proj", "fc1", "fc2")
 
@@ -116,7 +155,8 @@ class GloraConfig(MethodConfig):
     same on every adapted site; peft ties ``a``/``b`` as ``config_A_B`` and ``d``/``e`` as
     ``config_D_E``); ``init`` of the ``Xu`` factors (``kaiming``: peft's, ``xavier``: the authors');
     ``layers``: a per-site choice (``"A,B,C,D,E"`` per site, in the authors' order) that replaces
-    ``a`` .. ``e``; ``targets``."""
+    ``a`` .. ``e``; ``targets``; ``supernet``: the authors' supernet (every site samples one of the 432
+    choices per forward, from a generator seeded with ``seed``; see :class:`GloraSuperDelta`)."""
 
     rank: int = positive(8)
     a: AB = "lora"
@@ -127,11 +167,28 @@ class GloraConfig(MethodConfig):
     init: Literal["kaiming", "xavier"] = "kaiming"
     layers: tuple[str, ...] = ()
     targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    supernet: bool = False
+    seed: int | None = bounded(None, low=0, none="torch.initial_seed() when create runs: the run's seed")
 
     def validate(self) -> None:
         check_targets(self.targets, LINEAR_TARGETS, "glora")
         for entry in self.layers:
             parse_layer_choice(entry)
+        if self.supernet:
+            if self.layers:
+                raise ValueError(
+                    "glora: supernet=True samples every subnet, layers fixes one; drop layers "
+                    "(fix a subnet on the supernet with set_subnet(model, layers))"
+                )
+            changed = {k.lower(): v for k, v in self.choice().items() if v != _DEFAULT_CHOICE[k]}
+            if changed:
+                raise ValueError(
+                    f"glora: supernet=True samples the form of every support, got fixed {changed}"
+                )
+        elif self.seed is not None:
+            raise ValueError(
+                f"glora: seed is the supernet's sampling seed, it needs supernet=True, got seed={self.seed}"
+            )
 
     def choice(self) -> dict[str, str]:
         """The support forms shared by every site (``a`` .. ``e``)."""
@@ -225,6 +282,8 @@ class GloraDelta(Delta):
             terms.append(e.expand(weight.shape[0]))
         if c is not None:
             terms.append((weight @ c).squeeze(-1))
+        if not terms:  # a supernet site whose drawn choice has no bias support
+            return None
         out = terms[0]
         for term in terms[1:]:
             out = out + term
@@ -255,6 +314,178 @@ class GloraDelta(Delta):
     def extra_repr(self) -> str:
         forms = ",".join(self.choice[k] for k in "ABCDE")
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, A,B,C,D,E={forms}"
+
+
+class SubnetSampler:
+    """The supernet's draws: one of the 432 choices (:data:`SUPERNET_CHOICES`, uniform, as the authors'
+    ``random.choice(self.configs)``) per site and call of the model, from a CPU ``torch.Generator``
+    seeded with ``seed``. :meth:`step`, a forward pre-hook on the model, draws every sampling site's
+    choice in the ``layers`` order before the model runs, so a block that gradient checkpointing
+    recomputes in backward reuses the choice of its forward. ``draws`` counts the draws, so ``{"seed",
+    "draws"}`` replays the generator to where it was (:meth:`restore`: a resumed run or a loaded adapter
+    continues the same sequence)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.draws = 0
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.sites: list[GloraSuperDelta] = []
+
+    def draw(self) -> dict[str, str]:
+        index = int(torch.randint(len(_SUPERNET_CONFIGS), (1,), generator=self.generator))
+        self.draws += 1
+        return _SUPERNET_CONFIGS[index]
+
+    def step(self, *_: Any) -> None:
+        """A new choice for every site that has no fixed subnet (the model's forward pre-hook)."""
+        for site in self.sites:
+            if site.fixed is None:
+                site.sampled = self.draw()
+
+    def state(self) -> dict[str, int]:
+        return {"seed": self.seed, "draws": self.draws}
+
+    def restore(self, seed: int, draws: int) -> None:
+        """Re-seed with ``seed`` and replay ``draws`` draws."""
+        self.seed, self.draws = int(seed), 0
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        for _ in range(int(draws)):
+            self.draw()
+
+
+class GloraSuperDelta(GloraDelta):
+    """One site of the authors' supernet (``SuperScalableLinear``): one set of tensors serves every
+    subnet. ``glora_{A,B}d`` ``[out, r]``, ``glora_{A,B}u`` ``[r, in]``, ``glora_Cd`` ``[in, r]``,
+    ``glora_Cu`` ``[r, 1]``, ``glora_D``, ``glora_E`` ``[out]``; a ``vector`` A/B/C is the first column of
+    its ``*d`` tensor, a ``constant`` A/B its ``[0, 0]`` entry, a ``constant`` D/E its first entry.
+
+    The forward uses the fixed subnet (``fixed``, :func:`set_subnet`) or else ``sampled``, the choice the
+    shared :class:`SubnetSampler` drew when the model was called (in train and in eval mode, as the
+    authors' layer draws); ``choice`` is the choice of the last forward. A site without a bias has no C,
+    D, E (as :class:`GloraDelta`; it still takes its draw). Never mergeable: export the subnet as a fixed
+    ``glora`` to merge it.
+    """
+
+    mergeable = False
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        has_bias: bool,
+        sampler: SubnetSampler,
+        init: str = "kaiming",
+    ) -> None:
+        Delta.__init__(self)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.has_bias = has_bias
+        self.sampler = sampler  # shared by every site of the model (a plain attribute)
+        self.fixed: dict[str, str] | None = None
+        self.sampled: dict[str, str] | None = None
+        self.choice = {k: "none" for k in "ABCDE"}
+        self._host = None
+        for key in "AB":
+            self._make(key, "lora", (out_features, in_features), init)
+        if has_bias:
+            self._make("C", "lora", (in_features, 1), init)
+            self.glora_D = nn.Parameter(torch.zeros(out_features))
+            self.glora_E = nn.Parameter(torch.zeros(out_features))
+
+    def support(self, key: str) -> Tensor | None:
+        """Support ``key`` of the current choice, as a view of the supernet tensors."""
+        form = self.choice[key]
+        if form == "none":
+            return None
+        if key in "DE":
+            tensor = getattr(self, f"glora_{key}")
+            return tensor if form == "vector" else tensor[0]
+        down = getattr(self, f"glora_{key}d")
+        if form == "lora":
+            return down @ getattr(self, f"glora_{key}u")
+        return down[:, :1] if form == "vector" else down[0, 0]
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        if self.fixed is None and self.sampled is None:  # called before the model ever was
+            self.sampler.step()
+        choice = self.fixed if self.fixed is not None else self.sampled
+        if not self.has_bias:
+            choice = {**choice, "C": "none", "D": "none", "E": "none"}
+        self.choice = choice
+        return super().forward(x, weight)
+
+    def delta_weight(self, weight: Tensor) -> Tensor:
+        raise ValueError(
+            "a glora supernet site has no single weight; fix a subnet and export it as a fixed glora "
+            "(petl_zoo.methods.glora_search.export_subnet) to merge"
+        )
+
+    def extra_repr(self) -> str:
+        subnet = "sampled" if self.fixed is None else ",".join(self.fixed[k] for k in "ABCDE")
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, supernet, subnet={subnet}"
+
+
+def supernet_deltas(model: nn.Module) -> list[GloraSuperDelta]:
+    """The supernet sites of ``model`` in the ``layers`` order (a ValueError on any other model)."""
+    method = getattr(model, "petl_method", None)
+    if not isinstance(method, Glora) or not method.config.supernet:
+        name = "no method" if method is None else f"method {method.name!r} ({method.config})"
+        raise ValueError(f"model has {name}; expected petl_zoo.create('glora', model, supernet=True)")
+    return list(method.sampler.sites)
+
+
+def set_subnet(model: nn.Module, layers: Sequence[str] | None) -> None:
+    """Fix one subnet of a glora supernet: ``layers`` is one ``"A,B,C,D,E"`` entry per site, in the order
+    of the ``layers`` option; None goes back to sampling a choice per forward."""
+    deltas = supernet_deltas(model)
+    if layers is None:
+        for delta in deltas:
+            delta.fixed = None
+        return
+    if isinstance(layers, str) or len(layers) != len(deltas):
+        got = repr(layers) if isinstance(layers, str) else f"{len(layers)} entries"
+        raise ValueError(f"set_subnet needs one 'A,B,C,D,E' entry per site ({len(deltas)}), got {got}")
+    choices = [parse_layer_choice(entry) for entry in layers]
+    for delta, choice in zip(deltas, choices):
+        delta.fixed = choice
+
+
+def get_subnet(model: nn.Module) -> tuple[str, ...] | None:
+    """The fixed subnet of a glora supernet (``layers`` entries), None while it samples."""
+    deltas = supernet_deltas(model)
+    if any(d.fixed is None for d in deltas):
+        return None
+    return tuple(",".join(d.fixed[k] for k in "ABCDE") for d in deltas)
+
+
+def support_parameters(key: str, form: str, in_features: int, out_features: int, rank: int) -> int:
+    """Trainable values of support ``key`` in ``form`` on a site (the authors' ``get_param_tensor``):
+    ``lora`` ``r (rows + cols)``, ``vector`` ``rows``, ``constant`` 1, ``none`` 0, with ``rows x cols``
+    ``out x in`` for A, B; ``in x 1`` for C; ``out`` for D, E."""
+    rows, cols = (in_features, 1) if key == "C" else (out_features, in_features)
+    sizes = {"lora": rank * (rows + cols), "vector": rows, "constant": 1, "none": 0}
+    if form not in sizes or form not in SUPPORT_CHOICES[key]:
+        raise ValueError(f"bad form {form!r} for support {key}; valid: {', '.join(SUPPORT_CHOICES[key])}")
+    return sizes[form]
+
+
+def subnet_parameters(model: nn.Module, layers: Sequence[str]) -> int:
+    """Trainable values of the subnet ``layers`` of a glora supernet: the authors' count (per site, the
+    sum of :func:`support_parameters`; the head excluded), which is also what the exported fixed
+    ``glora`` trains. A site without a bias counts no C, D, E (it has none; the authors count them)."""
+    deltas = supernet_deltas(model)
+    if isinstance(layers, str) or len(layers) != len(deltas):
+        raise ValueError(
+            f"subnet_parameters needs one 'A,B,C,D,E' entry per site ({len(deltas)}), got {layers!r}"
+        )
+    total = 0
+    for delta, entry in zip(deltas, layers):
+        choice = parse_layer_choice(entry)
+        keys = "ABCDE" if delta.has_bias else "AB"
+        total += sum(
+            support_parameters(k, choice[k], delta.in_features, delta.out_features, delta.rank) for k in keys
+        )
+    return total
 
 
 def _sites(model: nn.Module, target: str) -> list[LinearSite]:
@@ -288,6 +519,9 @@ class Glora(Method):
     def apply(self, model: nn.Module) -> None:
         cfg: GloraConfig = self.config
         sites = ordered_sites(model, cfg.targets)
+        if cfg.supernet:
+            self._apply_supernet(model, sites)
+            return
         if cfg.layers and len(cfg.layers) != len(sites):
             raise ValueError(
                 f"layers gives {len(cfg.layers)} choices but the targets {cfg.targets} have {len(sites)} sites"
@@ -299,3 +533,37 @@ class Glora(Method):
             delta = GloraDelta(site.in_features, site.out_features, cfg.rank, choice, has_bias, cfg.init)
             delta.bind(layer.base, site.start, site.stop)
             layer.add_delta(f"glora_{site.target}", delta, site.start, site.stop)
+
+    def _apply_supernet(self, model: nn.Module, sites: list[LinearSite]) -> None:
+        cfg: GloraConfig = self.config
+        self.sampler = SubnetSampler(torch.initial_seed() if cfg.seed is None else cfg.seed)
+        for site in sites:
+            layer = adapt_linear(site)
+            has_bias = layer.base.bias is not None
+            delta = GloraSuperDelta(
+                site.in_features, site.out_features, cfg.rank, has_bias, self.sampler, cfg.init
+            )
+            delta.bind(layer.base, site.start, site.stop)
+            layer.add_delta(f"glora_{site.target}", delta, site.start, site.stop)
+            self.sampler.sites.append(delta)
+        self.hooks.add_forward_pre_hook(model, self.sampler.step)
+
+    def get_state(self) -> dict[str, Any]:
+        """A supernet's sampler position (``seed``, ``draws``) and its fixed subnet, if any; {} otherwise."""
+        if not self.config.supernet:
+            return {}
+        state: dict[str, Any] = {"sampler": self.sampler.state()}
+        fixed = [d.fixed for d in self.sampler.sites]
+        if all(f is not None for f in fixed):
+            state["subnet"] = [",".join(f[k] for k in "ABCDE") for f in fixed]
+        return state
+
+    def set_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        if not self.config.supernet or not state:
+            super().set_state(model, state)
+            return
+        unknown = sorted(set(state) - {"sampler", "subnet"})
+        if unknown:
+            raise ValueError(f"glora supernet state has unknown keys {unknown}; valid: sampler, subnet")
+        self.sampler.restore(**state["sampler"])
+        set_subnet(model, state.get("subnet"))
