@@ -11,7 +11,9 @@ Modules, one concern each:
   torch's ``FlopCounterMode`` (:func:`count_gmacs_torch`, with the CPU SDPA kernel's formula);
 - :mod:`.params`: trainable parameter counts and the bytes of the stored adapter file;
 - :mod:`.timing`: one training step and one inference call as timed callables;
-- :mod:`.memory`: peak training memory (CUDA allocator, or peak RSS of a fresh child process on CPU);
+- :mod:`.memory`: training memory split into weights, gradients, optimizer state and activations with
+  the step's peak (CUDA allocator, or the profiler's allocation events on CPU), and the older single
+  peak (CUDA allocator, or peak RSS of a fresh child process on CPU);
 - :mod:`.variants`: the backbone factory (:func:`petl_zoo.train.backbone.build_backbone`), the method
   list and each patched variant, including the ``base``, ``lora_qkv`` and ``peft_lora`` rows;
 - :mod:`.runner`: :func:`run_benchmark` and its :class:`BenchRow`;
@@ -21,7 +23,7 @@ Modules, one concern each:
 """
 
 from .flops import count_gmacs, count_gmacs_torch, example_input, sdpa_flop_jit
-from .memory import measure_memory
+from .memory import MemoryBreakdown, measure_memory, memory_breakdown
 from .outputs import OutputError, ProgressLog, prepare_out, write_outputs
 from .params import param_counts, stored_bytes
 from .report import COLUMNS, check_summary, compute_checks, format_table, plot_results
@@ -42,6 +44,7 @@ __all__ = [
     "LORA_QKV",
     "PEFT_LORA",
     "BenchRow",
+    "MemoryBreakdown",
     "OutputError",
     "ProgressLog",
     "build_variant",
@@ -53,6 +56,7 @@ __all__ = [
     "example_input",
     "format_table",
     "measure_memory",
+    "memory_breakdown",
     "model_factory",
     "param_counts",
     "parse_method_options",

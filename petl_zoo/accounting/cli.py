@@ -74,14 +74,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--amp", default=None, choices=[None, "bfloat16", "float16"], help="autocast dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="interleaved rounds; the median is reported (0: no timings)"
+    )
     p.add_argument("--steps", type=int, default=3, help="timed steps per method per round")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument(
         "--memory",
-        default="child",
+        default="breakdown",
         choices=list(MEMORY_MODES),
-        help="CPU peak-RSS measurement: fresh child process per method (honest), in process, or off",
+        help="breakdown (weights, gradients, optimizer state, activations, peak: allocator / profiler, "
+        "default), child (peak RSS growth in a fresh process per method), inprocess, or off",
     )
     p.add_argument("--out", default="runs/benchmark")
     p.add_argument("--plot", action="store_true")

@@ -1,4 +1,11 @@
-"""Peak training memory of one variant: CUDA allocator peak, or peak RSS growth in a fresh process on CPU."""
+"""Training memory of one variant: its breakdown, or the CUDA allocator peak / peak RSS growth.
+
+:func:`memory_breakdown` splits one training step's memory into weights, gradients, optimizer state
+and activations (what the forward leaves allocated for the backward), plus the step's peak, from the
+allocator: ``torch.cuda`` statistics on a GPU, the profiler's allocation events on the CPU (so it is
+exact in a long-lived process, unlike the RSS). :func:`measure_memory` (and :func:`memory_in_child`) is
+the older single figure: the peak growth of the allocator (CUDA) or of the RSS (CPU, fresh process).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +14,125 @@ import logging
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .flops import example_input
-from .timing import make_train_step
+from .timing import TrainStep, make_train_step
 from .variants import build_variant, model_factory
 
-__all__ = ["measure_memory", "memory_in_child"]
+__all__ = ["MemoryBreakdown", "memory_breakdown", "measure_memory", "memory_in_child"]
 
 logger = logging.getLogger(__name__)
+
+MB = 2**20
+_FORWARD = "petl_zoo::forward"
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """One training step's memory in MB (2**20 bytes).
+
+    ``weights``: every parameter and buffer of the model (frozen and trained, adapters included);
+    ``gradients``: the trained parameters' gradients; ``optimizer``: AdamW's state; ``activations``: what
+    the forward leaves allocated for the backward (saved tensors, the loss; with gradient checkpointing
+    only the checkpointed blocks' inputs); ``peak``: the most the step held above the weights (optimizer
+    state, plus activations, gradients and temporaries at the step's high point).
+    """
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    peak: float
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    """Bytes of ``tensors``, each storage counted once (tied or shared tensors are not repeated)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+    return sum(seen.values())
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+def _cuda_step(step: TrainStep, device: torch.device) -> tuple[int, int]:
+    """``(activations, peak above the memory before the step)`` in bytes from the CUDA allocator."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    loss = step.forward()
+    torch.cuda.synchronize(device)
+    activations = torch.cuda.memory_allocated(device) - before
+    step.finish(loss)
+    torch.cuda.synchronize(device)
+    return activations, torch.cuda.max_memory_allocated(device) - before
+
+
+def _cpu_step(step: TrainStep) -> tuple[int, int]:
+    """``(activations, peak above the memory before the step)`` in bytes, from the profiler's CPU
+    allocation events: their running sum at the end of the forward, and its maximum over the step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function(_FORWARD):
+            loss = step.forward()
+        step.finish(loss)
+    events = prof.profiler.kineto_results.events()
+    forward_end = max(e.end_ns() for e in events if e.name() == _FORWARD)
+    allocations = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in events
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    )
+    held = peak = 0
+    activations = None
+    for start, nbytes in allocations:
+        if activations is None and start > forward_end:
+            activations = held
+        held += nbytes
+        peak = max(peak, held)
+    return held if activations is None else activations, peak
+
+
+def memory_breakdown(step: TrainStep, warmup: int = 1, warmup_batch: int | None = None) -> MemoryBreakdown:
+    """The memory of one training step of ``step`` after ``warmup`` steps (which create the optimizer
+    state): see :class:`MemoryBreakdown`. CUDA: the allocator's statistics; CPU: the profiler's
+    allocation events (memory that a library allocates outside torch's allocator is not seen).
+    ``warmup_batch``: run the warmup steps on the first that many samples only (cheaper; not for a
+    compiled forward, which would compile the measured step's shapes during the measurement)."""
+    x, y = step.x, step.y
+    if warmup_batch is not None:
+        step.x, step.y = x[:warmup_batch], y[:warmup_batch]
+    try:
+        for _ in range(warmup):
+            step()
+    finally:
+        step.x, step.y = x, y
+    device = step.x.device
+    if device.type == "cuda":
+        activations, growth = _cuda_step(step, device)
+    else:
+        activations, growth = _cpu_step(step)
+    model = step.model
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer_bytes(step.optimizer)
+    return MemoryBreakdown(
+        weights=_tensor_bytes([*model.parameters(), *model.buffers()]) / MB,
+        gradients=_tensor_bytes(trained) / MB,
+        optimizer=optimizer / MB,
+        activations=activations / MB,
+        peak=(optimizer + growth) / MB,
+    )
 
 
 def _rss_kb(key: str) -> int:

@@ -3,9 +3,13 @@
 :func:`run_benchmark` builds every requested method on a fresh copy of the backbone, times the
 training steps (forward + backward + ``on_after_backward`` + AdamW step) and inference of all
 variants interleaved in one process (round-robin over repeats, median), so load on a shared machine
-hits every method alike, and measures peak memory (CUDA ``max_memory_allocated`` growth, or the
-growth of the peak RSS of a fresh child process on CPU). Callbacks receive every timing round and
-every finished row as soon as it is measured (the CLI appends them to files).
+hits every method alike, and measures memory: by default its breakdown into weights, gradients,
+optimizer state and activations with the step's peak (:func:`~.memory.memory_breakdown`: the CUDA
+allocator, or the profiler's allocation events on CPU), or the older single peak (CUDA
+``max_memory_allocated`` growth, or the growth of the peak RSS of a fresh child process on CPU).
+Rows named ``NAME@compile`` run their training forward and inference through ``torch.compile``.
+Callbacks receive every timing round and every finished row as soon as it is measured (the CLI
+appends them to files).
 """
 
 from __future__ import annotations
@@ -23,16 +27,16 @@ from torch import nn
 
 from ..api import is_mergeable, merge, method_of
 from .flops import count_gmacs, count_gmacs_torch, example_input
-from .memory import measure_memory, memory_in_child
+from .memory import measure_memory, memory_breakdown, memory_in_child
 from .params import param_counts, stored_bytes
 from .timing import make_inference, make_train_step, timed
-from .variants import BASE, build_variant, model_factory
+from .variants import BASE, build_variant, is_compiled, model_factory, split_variant
 
 __all__ = ["BenchRow", "run_benchmark"]
 
 logger = logging.getLogger(__name__)
 
-MEMORY_MODES = ("child", "inprocess", "off")
+MEMORY_MODES = ("breakdown", "child", "inprocess", "off")
 
 #: ``on_round(index, {method: {'train'|'infer'|'merged': seconds per step}})``, once per timing round.
 RoundCallback = Callable[[int, dict[str, dict[str, float]]], None]
@@ -42,7 +46,13 @@ RowCallback = Callable[["BenchRow"], None]
 
 @dataclass
 class BenchRow:
-    """One benchmark row: counts, bytes, GMACs, medians of the timings, peak memory.
+    """One benchmark row: counts, bytes, GMACs, medians of the timings, memory.
+
+    ``peak_mem_mb``: training memory above the weights at the step's peak (see
+    :class:`~.memory.MemoryBreakdown`; with ``memory='child'``/``'inprocess'`` the older peak growth);
+    ``weights_mb`` .. ``activations_mb``: the breakdown (``memory='breakdown'`` only).
+    ``infer_vs_base``: unmerged inference time over ``base``'s (the compiled ``base@compile`` for a
+    compiled row): a method's inference overhead.
 
     ``train_times``, ``infer_times``, ``merged_times``: seconds per step, one per timing round, in
     round order (round ``i`` of every row ran back to back: their ratios are paired).
@@ -61,7 +71,12 @@ class BenchRow:
     train_ms: float | None = None
     train_img_per_s: float | None = None
     peak_mem_mb: float | None = None
+    weights_mb: float | None = None
+    gradients_mb: float | None = None
+    optimizer_mb: float | None = None
+    activations_mb: float | None = None
     infer_ms: float | None = None
+    infer_vs_base: float | None = None
     infer_ms_merged: float | None = None
     mergeable: bool = False
     note: str = ""
@@ -75,6 +90,13 @@ class _Built:
     row: BenchRow
     model: nn.Module
     merged: nn.Module | None = None
+
+    def forward(self) -> Any:
+        """What the row's training step and inference call: the model, compiled for ``@compile``."""
+        return torch.compile(self.model) if is_compiled(self.row.method) else self.model
+
+    def merged_forward(self) -> Any:
+        return torch.compile(self.merged) if is_compiled(self.row.method) else self.merged
 
 
 def _build(
@@ -96,8 +118,9 @@ def _build(
         note=note,
     )
     mergeable = method_of(model) is not None and is_mergeable(model)
-    row.mergeable = name == BASE or mergeable
-    if name != BASE:
+    plain = split_variant(name)[0]
+    row.mergeable = plain == BASE or mergeable
+    if plain != BASE:
         row.stored_bytes, row.stored_bytes_no_head = stored_bytes(model)
     if flops:
         x1 = example_input(model, 1, device)
@@ -127,9 +150,14 @@ def _time_interleaved(
     x = example_input(built[BASE].model, batch, device)
     num_classes = max(1, int(getattr(built[BASE].model, "num_classes", 2)))
     y = torch.randint(0, num_classes, (batch,), device=device)
-    trainers = {n: make_train_step(b.model.train(), x, y, amp) for n, b in built.items() if n != BASE}
-    inferers = {n: make_inference(b.model, x, amp) for n, b in built.items()}
-    merged = {n: make_inference(b.merged, x, amp) for n, b in built.items() if b.merged is not None}
+    forwards = {n: b.forward() for n, b in built.items()}
+    trainers = {
+        n: make_train_step(b.model.train(), x, y, amp, forwards[n])
+        for n, b in built.items()
+        if split_variant(n)[0] != BASE
+    }
+    inferers = {n: make_inference(forwards[n], x, amp) for n, b in built.items()}
+    merged = {n: make_inference(b.merged_forward(), x, amp) for n, b in built.items() if b.merged is not None}
     for fn in trainers.values():
         for _ in range(warmup):
             fn()
@@ -157,17 +185,43 @@ def _time_interleaved(
             on_round(r, times)
 
 
+def _base_of(name: str) -> str:
+    """The inference reference of row ``name``: ``base``, or ``base@compile`` for a compiled row."""
+    return BASE + "@compile" if is_compiled(name) else BASE
+
+
 def _summarise(rows: dict[str, BenchRow], batch: int) -> None:
-    """Medians of the per-round timings; ``base`` is its own merged model."""
+    """Medians of the per-round timings; a ``base`` row is its own merged model; each row's inference
+    over its base's (:func:`_base_of`)."""
     for row in rows.values():
         if row.train_times:
             row.train_ms = 1e3 * statistics.median(row.train_times)
             row.train_img_per_s = batch / (row.train_ms / 1e3)
-        row.infer_ms = 1e3 * statistics.median(row.infer_times)
+        if row.infer_times:
+            row.infer_ms = 1e3 * statistics.median(row.infer_times)
         if row.merged_times:
             row.infer_ms_merged = 1e3 * statistics.median(row.merged_times)
-    if rows[BASE].infer_ms is not None:
-        rows[BASE].infer_ms_merged = rows[BASE].infer_ms
+    for name, row in rows.items():
+        base = rows.get(_base_of(name))
+        if split_variant(name)[0] == BASE:
+            row.infer_ms_merged = row.infer_ms
+        elif base is not None and base.infer_ms and row.infer_ms is not None:
+            row.infer_vs_base = row.infer_ms / base.infer_ms
+
+
+def _breakdown_row(
+    row: BenchRow, factory: Callable[[], nn.Module], spec: dict[str, Any], device: torch.device
+) -> None:
+    """Fill ``row``'s memory breakdown and peak from one training step of a fresh build of it."""
+    built = _Built(row, build_variant(row.method, factory, spec["options"])[0].to(device).train())
+    x = example_input(built.model, spec["batch"], device)
+    y = torch.randint(0, max(1, int(getattr(built.model, "num_classes", 2))), (spec["batch"],), device=device)
+    amp = getattr(torch, spec["amp"]) if spec["amp"] else None
+    step = make_train_step(built.model, x, y, amp, built.forward())
+    result = memory_breakdown(step, warmup_batch=None if is_compiled(row.method) else 1)
+    row.weights_mb, row.gradients_mb = result.weights, result.gradients
+    row.optimizer_mb, row.activations_mb = result.optimizer, result.activations
+    row.peak_mem_mb = result.peak
 
 
 def _measure_memory_rows(
@@ -178,11 +232,13 @@ def _measure_memory_rows(
     memory: str,
     on_row: RowCallback,
 ) -> None:
-    """Peak memory of every row but ``base`` in turn, each row handed to ``on_row`` once measured."""
+    """Memory of every row but the ``base`` ones in turn, each row handed to ``on_row`` once measured."""
     amp_dtype = getattr(torch, spec["amp"]) if spec["amp"] else None
     for name, row in rows.items():
-        if name != BASE and memory != "off":
-            if memory == "child" and dev.type == "cpu":
+        if split_variant(name)[0] != BASE and memory != "off":
+            if memory == "breakdown":
+                _breakdown_row(row, factory, spec, dev)
+            elif memory == "child" and dev.type == "cpu":
                 row.peak_mem_mb = memory_in_child(spec, name)
             else:
                 row.peak_mem_mb = measure_memory(
@@ -206,7 +262,7 @@ def run_benchmark(
     steps: int = 3,
     amp: str | None = None,
     flops: bool = True,
-    memory: str = "child",
+    memory: str = "breakdown",
     on_round: RoundCallback | None = None,
     on_row: RowCallback | None = None,
 ) -> list[BenchRow]:
@@ -214,7 +270,9 @@ def run_benchmark(
 
     Timings: each variant gets ``warmup`` steps, then ``repeats`` rounds; in each round every variant
     runs ``steps`` timed steps in turn (interleaved), and the median over rounds is reported.
-    ``memory``: ``'child'`` (fresh process per method on CPU), ``'inprocess'`` or ``'off'``.
+    ``memory``: ``'breakdown'`` (weights, gradients, optimizer state, activations and the step's peak,
+    :func:`~.memory.memory_breakdown`), ``'child'`` (peak RSS growth of a fresh process per method on
+    CPU), ``'inprocess'`` or ``'off'``. ``repeats=0`` skips the timings.
     ``on_round`` gets each round's timings as the round ends, ``on_row`` each row once it is final
     (after its memory measurement), so a caller can keep them before the run is over.
     Progress goes to this module's logger.
@@ -228,11 +286,14 @@ def run_benchmark(
     pretrained_file = os.fspath(pretrained_file) if pretrained_file is not None else None
     factory = model_factory(model_name, num_classes, model_kwargs, pretrained_file)
     names = [BASE] + [m for m in methods if m != BASE]
-    built = {name: _build(name, factory, options, dev, flops) for name in names}
-    _time_interleaved(built, batch, dev, amp_dtype, warmup, repeats, steps, on_round)
-    rows = {name: b.row for name, b in built.items()}
+    if repeats > 0:  # every variant in memory at once, timed interleaved
+        built = {name: _build(name, factory, options, dev, flops) for name in names}
+        _time_interleaved(built, batch, dev, amp_dtype, warmup, repeats, steps, on_round)
+        rows = {name: b.row for name, b in built.items()}
+        del built
+    else:  # no timings: one variant in memory at a time
+        rows = {name: _build(name, factory, options, dev, flops).row for name in names}
     _summarise(rows, batch)
-    del built
     spec = {
         "model": model_name,
         "num_classes": num_classes,

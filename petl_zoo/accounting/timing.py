@@ -13,40 +13,73 @@ from torch import nn
 from ..api import method_of
 from ..registry import Method, TrainContext
 
-__all__ = ["make_train_step", "make_inference", "timed"]
+__all__ = ["TrainStep", "make_train_step", "make_inference", "timed"]
 
 
 def _autocast_factory(device: torch.device, amp: torch.dtype | None) -> Callable[[], AbstractContextManager]:
     return (lambda: torch.autocast(device.type, dtype=amp)) if amp is not None else nullcontext
 
 
-def make_train_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None
-) -> Callable[[], None]:
-    """One training step on ``(x, y)``: forward, cross-entropy, backward, the method's
-    ``on_after_backward`` (when it has one), AdamW step on the trainable parameters, ``zero_grad``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
-    method = method_of(model)
-    autocast = _autocast_factory(x.device, amp)
-    ctx = TrainContext(device=x.device, autocast=autocast, epochs=1000, steps_per_epoch=1000)
-    hook = method is not None and type(method).on_after_backward is not Method.on_after_backward
+class TrainStep:
+    """One training step on ``(x, y)``: :meth:`forward` (cross-entropy of ``forward_fn(x)`` under autocast)
+    then :meth:`finish` (backward, the method's ``on_after_backward`` when it has one, AdamW step on the
+    trainable parameters, ``zero_grad``); calling the object does both. ``forward_fn`` is the model or a
+    compiled form of it (``torch.compile(model)``, which shares its parameters)."""
 
-    def step() -> None:
-        with autocast():
-            loss = nn.functional.cross_entropy(model(x), y)
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        amp: torch.dtype | None,
+        forward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.model, self.x, self.y = model, x, y
+        self.forward_fn = model if forward_fn is None else forward_fn
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+        self.method = method_of(model)
+        self.autocast = _autocast_factory(x.device, amp)
+        self.context = TrainContext(
+            device=x.device, autocast=self.autocast, epochs=1000, steps_per_epoch=1000
+        )
+        method = self.method
+        self.hook = method is not None and type(method).on_after_backward is not Method.on_after_backward
+
+    def forward(self) -> torch.Tensor:
+        with self.autocast():
+            return nn.functional.cross_entropy(self.forward_fn(self.x), self.y)
+
+    def finish(self, loss: torch.Tensor) -> None:
         loss.backward()
-        if hook:
-            method.on_after_backward(model, ctx)
-            ctx.step += 1
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if self.hook:
+            self.method.on_after_backward(self.model, self.context)
+            self.context.step += 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    return step
+    def __call__(self) -> None:
+        self.finish(self.forward())
 
 
-def make_inference(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> Callable[[], None]:
-    """One ``no_grad`` forward of ``x`` (under autocast when ``amp`` is given)."""
+def make_train_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: torch.dtype | None,
+    forward_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> TrainStep:
+    """One training step on ``(x, y)`` (a :class:`TrainStep`): forward, cross-entropy, backward, the
+    method's ``on_after_backward`` (when it has one), AdamW step on the trainable parameters,
+    ``zero_grad``. ``forward_fn`` replaces ``model`` in the forward (e.g. its compiled form)."""
+    return TrainStep(model, x, y, amp, forward_fn)
+
+
+def make_inference(
+    model: Callable[[torch.Tensor], Any], x: torch.Tensor, amp: torch.dtype | None
+) -> Callable[[], None]:
+    """One ``no_grad`` forward of ``x`` through ``model`` (a module or its compiled form; under autocast
+    when ``amp`` is given)."""
     autocast = _autocast_factory(x.device, amp)
 
     def run() -> None:

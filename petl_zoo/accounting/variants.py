@@ -2,7 +2,9 @@
 
 Besides the registered methods there are three extra rows: ``base`` (the un-patched model, the
 inference reference), ``lora_qkv`` (our LoRA on the fused ``qkv``) and ``peft_lora`` (Hugging Face
-peft's LoRA on the same Linear, same rank) for the apples-to-apples LoRA comparison.
+peft's LoRA on the same Linear, same rank) for the apples-to-apples LoRA comparison. Any row name may
+carry modifiers after ``@`` (:data:`MODIFIERS`): ``lora@gc`` trains with gradient checkpointing,
+``lora@compile`` runs through ``torch.compile``, ``lora@gc@compile`` both.
 """
 
 from __future__ import annotations
@@ -26,12 +28,38 @@ __all__ = [
     "parse_method_options",
     "default_methods",
     "build_variant",
+    "MODIFIERS",
+    "split_variant",
+    "is_compiled",
 ]
 
 PEFT_LORA = "peft_lora"
 BASE = "base"  # the un-patched model: inference reference only
 LORA_QKV = "lora_qkv"
 DEFAULT_QKV_RANK = 8
+GRAD_CHECKPOINTING = "gc"
+COMPILED = "compile"
+#: Row-name modifiers (``NAME@MODIFIER``) and what they change.
+MODIFIERS: dict[str, str] = {
+    GRAD_CHECKPOINTING: "gradient checkpointing (timm's set_grad_checkpointing)",
+    COMPILED: "torch.compile of the training forward and of inference",
+}
+
+
+def split_variant(name: str) -> tuple[str, tuple[str, ...]]:
+    """``'lora@gc@compile'`` -> ``('lora', ('gc', 'compile'))``; an unknown modifier is a ValueError."""
+    base, *modifiers = name.split("@")
+    for modifier in modifiers:
+        if modifier not in MODIFIERS:
+            raise ValueError(
+                f"unknown modifier {modifier!r} in {name!r}; valid: {', '.join('@' + m for m in MODIFIERS)}"
+            )
+    return base, tuple(modifiers)
+
+
+def is_compiled(name: str) -> bool:
+    """Whether row ``name`` runs through ``torch.compile`` (``@compile``)."""
+    return COMPILED in split_variant(name)[1]
 
 
 def model_factory(
@@ -92,8 +120,10 @@ def default_methods(requested: str) -> list[str]:
     names = [n.strip() for n in requested.split(",") if n.strip()]
     valid = set(method_names()) | {BASE, PEFT_LORA, LORA_QKV}
     for n in names:
-        if n not in valid:
-            raise ValueError(f"unknown method {n!r}; valid: all, {', '.join(sorted(valid))}")
+        if split_variant(n)[0] not in valid:
+            raise ValueError(
+                f"unknown method {n!r}; valid: all, {', '.join(sorted(valid))} (each may end in @gc, @compile)"
+            )
     return names
 
 
@@ -133,10 +163,20 @@ def build_variant(
 
     ``name`` is a registered method, ``base`` (un-patched), ``peft_lora`` (HF peft LoRA on the fused
     ``qkv``, rank from ``--opt peft_lora:rank=R``, default 8) or ``lora_qkv`` (our LoRA on the fused
-    ``qkv``, same rank: the apples-to-apples row against peft).
+    ``qkv``, same rank: the apples-to-apples row against peft), optionally with modifiers
+    (:func:`split_variant`): ``@gc`` turns on the model's gradient checkpointing here; ``@compile`` is
+    applied by the caller (:func:`is_compiled`). Options are those of the unmodified name.
     """
     options = options or {}
-    model = factory()
+    method, modifiers = split_variant(name)
+    model, note = _build_plain(method, factory(), options)
+    if GRAD_CHECKPOINTING in modifiers:
+        model.set_grad_checkpointing(True)
+    extra = [MODIFIERS[m] for m in modifiers]
+    return model, "; ".join(t for t in (note, *extra) if t)
+
+
+def _build_plain(name: str, model: nn.Module, options: dict[str, dict[str, Any]]) -> tuple[nn.Module, str]:
     if name == BASE:
         return _freeze(model), "un-patched model (inference reference)"
     if name == PEFT_LORA:
