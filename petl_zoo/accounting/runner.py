@@ -105,8 +105,10 @@ def _build(
     options: dict[str, dict[str, Any]],
     device: torch.device,
     flops: bool,
+    timed: bool = True,
 ) -> _Built:
-    """Build variant ``name`` and fill its static columns: counts, bytes, GMACs (unmerged and merged)."""
+    """Build variant ``name`` and fill its static columns: counts, bytes, GMACs (unmerged and merged).
+    The merged copy is made when it is timed (``timed``) or counted (``flops``)."""
     model, note = build_variant(name, factory, options)
     model.to(device)
     counts = param_counts(model)
@@ -127,7 +129,7 @@ def _build(
         row.gmacs = count_gmacs(model, x1)
         row.gmacs_torch = count_gmacs_torch(model, x1)
     built = _Built(row, model)
-    if mergeable:
+    if mergeable and (timed or flops):
         built.merged = merge(copy.deepcopy(model), unload=True).eval()
         if flops:
             row.gmacs_merged = count_gmacs(built.merged, x1)
@@ -292,7 +294,7 @@ def run_benchmark(
         rows = {name: b.row for name, b in built.items()}
         del built
     else:  # no timings: one variant in memory at a time
-        rows = {name: _build(name, factory, options, dev, flops).row for name in names}
+        rows = {name: _build(name, factory, options, dev, flops, timed=False).row for name in names}
     _summarise(rows, batch)
     spec = {
         "model": model_name,

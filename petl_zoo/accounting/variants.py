@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..api import classifier_parameters, create
+from ..api import classifier_parameters, create, method_of
 from ..config import parse_cli_value, split_key_value
-from ..registry import Method, get_method, method_names
+from ..registry import Method, TrainContext, get_method, method_names
+from .flops import example_input
 
 __all__ = [
     "BASE",
@@ -127,10 +128,36 @@ def default_methods(requested: str) -> list[str]:
     return names
 
 
+def _selects_at_start(cls: type[Method]) -> bool:
+    return cls.on_train_start is not Method.on_train_start
+
+
 def _note(cls: type[Method]) -> str:
-    """Methods that decide their structure during training are benchmarked in their initial state."""
-    hooks = [h for h in ("on_train_start", "on_epoch_end") if getattr(cls, h) is not getattr(Method, h)]
-    return "initial (unpruned/unmasked) structure; decided during training" if hooks else ""
+    """What the row measures of a method that decides its structure during training."""
+    notes = []
+    if _selects_at_start(cls):
+        notes.append("on_train_start run on random images (2 batches of 4)")
+    if cls.on_epoch_end is not Method.on_epoch_end:
+        notes.append("structure decided at epoch ends not applied (initial, unpruned)")
+    return "; ".join(notes)
+
+
+def _select_structure(model: nn.Module) -> None:
+    """Run a structure-selecting method's ``on_train_start`` on two batches of four random images, so
+    that its row has the size and shape of a selected model (what it selects is not meaningful)."""
+    method = method_of(model)
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    classes = max(1, int(getattr(model, "num_classes", 2)))
+    batches = []
+    for _ in range(2):
+        x = example_input(model, 4, device)
+        x = torch.randn(x.shape, generator=generator).to(device=device, dtype=x.dtype)
+        batches.append((x, torch.randint(0, classes, (4,), generator=generator).to(device)))
+    method.on_train_start(
+        model, batches, TrainContext(device=device, epochs=1000, steps_per_epoch=len(batches))
+    )
+    model.zero_grad(set_to_none=True)
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -186,4 +213,7 @@ def _build_plain(name: str, model: nn.Module, options: dict[str, dict[str, Any]]
         rank = _qkv_rank(options)
         return create("lora", model, rank=rank, targets=("qkv",)), f"petl_zoo lora r={rank} on fused qkv"
     cls = get_method(name)
-    return create(name, model, **options.get(name, {})), _note(cls)
+    model = create(name, model, **options.get(name, {}))
+    if _selects_at_start(cls):
+        _select_structure(model)
+    return model, _note(cls)
