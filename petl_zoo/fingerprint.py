@@ -7,8 +7,9 @@ class count and the data's identity by content (``vtab.data_identity``: each spl
 images' names and sizes), not where it lies, so moved data is the same run and changed data is
 another. A finished run folder whose run fingerprint matches a new command is the same run and may be
 skipped. Neither covers the seed (a row averages over seeds, a folder is per seed anyway) nor where
-the run writes (``--out``), nor how it ran (workers, device count, compile, progress bars). Runs
-recorded before the data identity existed are compared by their data root's path, as they were then.
+the run writes (``--out``), nor how it ran (workers, device count, compile and its backend, gradient
+checkpointing, progress bars). Runs recorded before the data identity existed are compared by their
+data root's path, as they were then.
 A recipe key added later (``NEUTRAL_RECIPE_VALUES``) is left out of the identity at the value that
 reproduces the behaviour before it existed, so runs recorded without it keep their fingerprints.
 

@@ -119,6 +119,12 @@ def quantize(w: Tensor, bits: int) -> Tensor:
     """``Q(w) = sum_i sign(w - t_i) h_i`` (no gradient of its own: used through the straight-through
     estimator)."""
     _, thresholds, half = quantizer_levels(bits)
+    return _sign_sum(w, thresholds, half)
+
+
+def _sign_sum(w: Tensor, thresholds: tuple[float, ...], half: tuple[float, ...]) -> Tensor:
+    """:func:`quantize` with its thresholds and half steps given (a module's forward passes its own
+    copies: ``quantizer_levels``' cached tensor loop would break a ``torch.compile`` graph)."""
     t = torch.tensor(thresholds, dtype=w.dtype, device=w.device)
     h = torch.tensor(half, dtype=w.dtype, device=w.device)
     return (torch.sign(w.unsqueeze(-1) - t) * h).sum(-1)
@@ -161,6 +167,7 @@ class BinaryLinear(PetlModule):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bits = bits
         self.quantize = bits < 32
+        self._steps = quantizer_levels(bits)[1:] if self.quantize else ((), ())  # thresholds, half steps
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def quantized_weight(self) -> Tensor:
@@ -169,7 +176,7 @@ class BinaryLinear(PetlModule):
             return w
         mean, std = w.mean(), w.std()
         wn = (w - mean) / (std + EPS)
-        wb = quantize(wn, self.bits).detach() + wn - wn.detach()
+        wb = _sign_sum(wn, *self._steps).detach() + wn - wn.detach()
         return wb * std + mean
 
     def forward(self, x: Tensor) -> Tensor:

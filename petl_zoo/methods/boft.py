@@ -160,7 +160,7 @@ class BoftDelta(Delta):
     def _drop(self, blocks: Tensor) -> Tensor:
         """peft's ``MultiplicativeDropoutLayer``: in one random factor, ``int(p D)`` random blocks become I."""
         m, d, b, _ = blocks.shape
-        factor = torch.randint(0, m, (1,)).item()
+        factor = torch.randint(0, m, (1,))  # a tensor index, not .item(): no graph break under torch.compile
         replaced = int(self.dropout * d)
         mask = torch.cat([torch.ones(replaced), torch.zeros(d - replaced)])
         mask = mask[torch.randperm(d)].view(1, d, 1, 1)

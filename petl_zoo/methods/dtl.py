@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import MethodConfig, non_negative, positive
 from ..layers import AdaptedModule, Delta, PetlModule
@@ -121,13 +122,43 @@ class DTLFusion(PetlModule):
 
 
 class _Side:
-    """The side network's running state for one forward: ``h`` (the sum of the maps' outputs so far) and
-    the patch grid of the current image."""
+    """The side network's running state for one forward: ``h`` (the sum of the maps' outputs so far, the
+    current block's) and the patch grid of the current image.
 
-    def __init__(self, patch_embed: nn.Module | None) -> None:
+    Gradient checkpointing calls a block again during backward, with its original input tensor, after
+    the forward has moved ``h`` on. So that it sees the ``h`` of its forward, a block whose ``h`` a later
+    block adds (:meth:`carry` with ``needed``) files it under its output tensor while the model's blocks
+    are checkpointed, and :meth:`carried` finds it by the next block's input; the entry goes with the
+    tensor. Otherwise (no checkpointing, no gradient, or under ``torch.compile``, whose traced graph
+    recomputes without calling the Python forward) the running value is used as it is, and nothing is
+    kept."""
+
+    def __init__(self, patch_embed: nn.Module | None, owner: nn.Module) -> None:
         self.patch_embed = patch_embed
+        self.owner = owner  # the model: whether timm checkpoints its blocks (a plain reference)
         self.h: Tensor | None = None
         self.size: tuple[int, int] | None = None
+        self.stream = WeakIdKeyDictionary()  # block output -> h after that block
+
+    def carried(self, x: Tensor) -> Tensor | None:
+        """``h`` after the block whose output is ``x`` (None before the first map)."""
+        if torch.compiler.is_compiling():
+            return self.h
+        return self.stream.get(x, self.h)
+
+    def carry(self, out: Tensor, last: bool, needed: bool) -> None:
+        """Pass the current ``h`` on with the block output ``out`` (the last block drops it); ``needed``:
+        a later block adds it, so a recomputation must find it."""
+        if last:
+            self.h = None
+        elif needed and self._recomputed():
+            self.stream[out] = self.h
+
+    def _recomputed(self) -> bool:
+        """Whether a block of this forward may run again in backward (timm's gradient checkpointing)."""
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return False
+        return bool(getattr(self.owner, "grad_checkpointing", False))
 
     @property
     def dynamic(self) -> bool:
@@ -172,22 +203,25 @@ class DTLAdd(Delta):
 class DTLBlock(AdaptedModule):
     """A block with its side-network parts: ``parallel['dtl']`` (a :class:`DTLMap` of the block's input,
     summed into ``h`` before the block runs) and ``sequential['dtl']`` (a :class:`DTLAdd`, added to the
-    block's output). ``first`` restarts ``h``; ``last`` drops it once used."""
+    block's output). ``first`` restarts ``h``; ``last`` drops it once used; ``feeds_add``: the next block
+    adds ``F(h)``, so under gradient checkpointing this block's ``h`` is kept with its output."""
 
-    def __init__(self, base: nn.Module, side: _Side, first: bool, last: bool) -> None:
+    def __init__(self, base: nn.Module, side: _Side, first: bool, last: bool, feeds_add: bool = True) -> None:
         super().__init__(base)
         object.__setattr__(self, "side", side)
         self.first, self.last = first, last
+        self.feeds_add = feeds_add  # the next block adds F(h): a recomputation of it needs this h
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        side = self.side
         if "dtl" in self.parallel:
             update = self.parallel["dtl"](x, None)
-            self.side.h = update if self.first or self.side.h is None else self.side.h + update
+            h = None if self.first else side.carried(x)
+            side.h = update if h is None else h + update
         out = self.base(x, *args, **kwargs)
         if "dtl" in self.sequential:
             out = out + self.sequential["dtl"](out, None)
-        if self.last:
-            self.side.h = None
+        side.carry(out, self.last, self.feeds_add)
         return out
 
 
@@ -229,7 +263,7 @@ class DTL(Method):
         (dim,) = dims
         fusion = None
         patch_embed = getattr(model, "patch_embed", None)
-        side = _Side(patch_embed)
+        side = _Side(patch_embed, model)
         if cfg.fusion_size:
             _check_tokens(model)
             fusion = DTLFusion(dim, cfg.fusion_size, int(getattr(model, "num_prefix_tokens", 0)))
@@ -238,7 +272,8 @@ class DTL(Method):
             if index < cfg.read_from:
                 continue
             training = site.block.module.training
-            wrapper = DTLBlock(site.block.module, side, index == cfg.read_from, index == depth - 1)
+            first, last = index == cfg.read_from, index == depth - 1
+            wrapper = DTLBlock(site.block.module, side, first, last, feeds_add=index + 1 >= add_from)
             wrapper.training = training  # not .train(): the block's own modules keep their modes
             wrapper.parallel["dtl"] = DTLMap(dim, cfg.rank)
             if index >= add_from:

@@ -479,7 +479,9 @@ class Heat(Method):
                     x.retain_grad()
                 else:  # nothing upstream needs a gradient: a leaf gives dL/dx exactly
                     x = x.detach().requires_grad_(True)
-                captured[index] = x
+                # the first call of a batch: a recomputation under gradient checkpointing calls the
+                # hook again during backward, and its tensor is not the one the gradient reaches
+                captured.setdefault(index, x)
                 return (x, *args[1:])
 
             return hook

@@ -25,7 +25,8 @@ computes ``F.linear(x, delta_W)`` (as peft does). Mergeable: ``delta_W`` is adde
 Linear slice, or the conv's weight) and unmerged from the cached ``W0``.
 
 Dropouts, as peft (no input dropout): in training, ``module_dropout`` skips the whole update with that
-probability (one ``torch.rand(1)`` per call, drawn in every training call as peft draws it), and
+probability (one ``torch.rand(1)`` per call, drawn in every training call as peft draws it; at the
+default 0 nothing is dropped, where peft drops on a draw of exactly 0.0, chance 2^-24), and
 ``rank_dropout`` zeroes rows (output channels) of ``delta_W`` with that probability and rescales the
 kept ones by ``1 / mean(mask)`` (peft's LoHa always rescales). The draws follow peft's order on the
 CPU generator, so the same seed gives the same masks.
@@ -171,8 +172,16 @@ class LycorisDelta(Delta):
         """``delta_W`` (the frozen ``weight`` it adds to is not needed), in ``weight_shape``."""
         return self.make_weight()
 
+    def _module_dropped(self) -> bool:
+        """peft's module dropout draw (``torch.rand(1)``, drawn in every training forward, so the random
+        stream is peft's) and test. At ``module_dropout = 0`` the draw is not tested: nothing is dropped
+        (peft drops on a draw of exactly 0.0, chance 2^-24) and the forward has no data-dependent branch,
+        so ``torch.compile`` traces it without a graph break."""
+        draw = torch.rand(1)
+        return self.module_dropout > 0 and not bool(draw > self.module_dropout)
+
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
-        if self.training and not bool(torch.rand(1) > self.module_dropout):  # peft's draw and test
+        if self.training and self._module_dropped():
             if self.conv_args is None:
                 return x.new_zeros((*x.shape[:-1], self.weight_shape[0]))
             return x.new_zeros(())  # added to the conv's output: broadcasts

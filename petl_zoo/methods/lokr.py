@@ -29,7 +29,8 @@ No one-pass low-rank form: ``delta_W`` is a Kronecker product, not a product of 
 or the conv's weight) and unmerged from the cached ``W0``.
 
 Dropouts, as peft (no input dropout): in training ``module_dropout`` skips the whole update with that
-probability (one ``torch.rand(1)`` per training call), ``rank_dropout`` zeroes rows (output channels)
+probability (one ``torch.rand(1)`` per training call; at the default 0 nothing is dropped, see
+``LycorisDelta``), ``rank_dropout`` zeroes rows (output channels)
 of ``delta_W`` with that probability, rescaled by ``1 / mean(mask)`` only with ``rank_dropout_scale``.
 
 Defaults: peft's (``r = 8``, ``alpha = 8``, no dropouts, ``decompose_both=False``,

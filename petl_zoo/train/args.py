@@ -237,7 +237,24 @@ def _add_execution_arguments(p: argparse.ArgumentParser) -> None:
     x.add_argument(
         "--workers", type=int, default=None, help="DataLoader workers (default 4 on GPU, 0 on CPU)"
     )
-    x.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    x.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward (evaluation runs the plain module)",
+    )
+    x.add_argument(
+        "--compile-backend",
+        default="inductor",
+        metavar="NAME",
+        help="torch.compile's backend for --compile (default %(default)s, torch's own; aot_eager compiles "
+        "in seconds without generated code)",
+    )
+    x.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="timm's gradient checkpointing: the blocks' activations are recomputed in backward (less "
+        "memory, more time; the same gradients)",
+    )
     x.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     x.add_argument("--overwrite", action="store_true", help="delete the run files in --out first")
     x.add_argument(

@@ -16,8 +16,11 @@ from typing import Any
 import timm
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
     "build_backbone",
+    "enable_grad_checkpointing",
     "resolve_model_name",
     "check_weights_file",
     "hub_offline_reason",
@@ -136,6 +139,29 @@ def build_backbone(
     if not pretrained:
         return _create(model_name, kwargs, pretrained=False)
     return _from_hub(model_name, kwargs)
+
+
+def enable_grad_checkpointing(model: nn.Module, model_name: str) -> None:
+    """timm's gradient checkpointing (``model.set_grad_checkpointing(True)``): each block's activations
+    are recomputed in backward by ``torch.utils.checkpoint`` in its non-reentrant form (timm's default),
+    which calls the block again with its original input, so the methods' wrappers and hooks run once more
+    and the gradients are the ones without it. A UserError when timm is set to the reentrant form
+    (``TIMM_REENTRANT_CKPT``: it detaches the blocks' inputs, so nothing before a frozen block gets a
+    gradient) or the model has no gradient checkpointing."""
+    from timm.layers import use_reentrant_ckpt
+
+    if use_reentrant_ckpt():
+        raise UserError(
+            "--grad-checkpointing needs timm's non-reentrant checkpoint, but TIMM_REENTRANT_CKPT is set "
+            "(the reentrant form gives the tensors behind frozen blocks no gradient); unset it"
+        )
+    setter = getattr(model, "set_grad_checkpointing", None)
+    try:
+        if setter is None:
+            raise NotImplementedError
+        setter(True)
+    except (AssertionError, NotImplementedError):
+        raise UserError(f"--grad-checkpointing: timm's {model_name} has no gradient checkpointing") from None
 
 
 def hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> bool:

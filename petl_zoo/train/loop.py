@@ -30,7 +30,7 @@ from ..api import create, save_adapter
 from ..io import WriteError, make_dir
 from ..registry import TrainContext
 from . import distributed as D
-from .backbone import build_backbone
+from .backbone import build_backbone, enable_grad_checkpointing
 from .checkpoint import check_out_path, load_checkpoint, prepare_out_dir, save_checkpoint
 from .data import RunData, build_data
 from .engine import evaluate_counts, make_autocast, seed_everything
@@ -155,6 +155,8 @@ def build_run(spec: RunSpec, info: D.DistInfo, lock: RunLock | None = None) -> R
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     model = build_patched_model(config, recipe["drop_path"])  # identical on every rank and on resume
+    if spec.grad_checkpointing:  # before on_train_start: its importance passes are checkpointed too
+        enable_grad_checkpointing(model, spec.model)
     data = build_data(spec, info, model)
     steps, epochs = optimizer_steps(data.steps_per_epoch, recipe["accumulate"]), recipe["epochs"]
     schedule = build_schedule(recipe, steps)
@@ -212,7 +214,7 @@ def _wrap(run: Run) -> nn.Module:
             find_unused_parameters=spec.find_unused_parameters,
         )
     if spec.compile:
-        forward = torch.compile(forward)
+        forward = torch.compile(forward, backend=spec.compile_backend)
     return forward
 
 

@@ -57,6 +57,8 @@ class RunSpec:
     workers: int
     device: torch.device
     compile: bool = False
+    compile_backend: str = "inductor"
+    grad_checkpointing: bool = False  # how the run runs (like compile): not in its fingerprint
     progress: bool = True
     keep_checkpoint: bool = False
     find_unused_parameters: bool = False
@@ -98,6 +100,8 @@ class RunSpec:
             "device": self.device.type,
             "workers": self.workers,
             "compile": self.compile,
+            "compile_backend": self.compile_backend,
+            "grad_checkpointing": self.grad_checkpointing,
             "argv": self.argv,
             "versions": _versions(),
         }
@@ -200,6 +204,8 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         workers=workers,
         device=device,
         compile=args.compile,
+        compile_backend=_compile_backend(args),
+        grad_checkpointing=args.grad_checkpointing,
         progress=not args.no_progress and sys.stderr.isatty(),  # bars on a terminal, lines in a log
         keep_checkpoint=args.keep_checkpoint,
         find_unused_parameters=args.find_unused_parameters,
@@ -213,6 +219,19 @@ def resolve_spec(args: Any, device: torch.device, argv: list[str]) -> RunSpec:
         test=not args.no_test,
         data_identity=identity,
     )
+
+
+def _compile_backend(args: Any) -> str:
+    """``--compile-backend``, checked: a backend torch.compile knows, given with ``--compile``."""
+    name = args.compile_backend
+    if not args.compile:
+        if name != "inductor":
+            raise UserError(f"--compile-backend {name} needs --compile")
+        return name
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        shown = ", ".join([*torch._dynamo.list_backends(), "aot_eager", "eager"])
+        raise UserError(f"--compile-backend {name!r} is not a torch.compile backend; e.g. {shown}")
+    return name
 
 
 def _check_inputs(args: Any) -> tuple[Path, dict[str, Any]]:
