@@ -28,6 +28,7 @@ from .api import (
 from .config import MethodConfig
 from .hub import from_pretrained, push_to_hub
 from .layers import AdaptedLinear, AdaptedModule, Delta, HookRegistry, LinearDelta, PetlModule
+from .multi import MultiAdapterModel, load_adapters
 from .registry import (
     Method,
     TrainContext,
@@ -49,6 +50,7 @@ __all__ = [
     "LinearDelta",
     "Method",
     "MethodConfig",
+    "MultiAdapterModel",
     "PetlModule",
     "TrainContext",
     "adapter_state_dict",
@@ -60,6 +62,7 @@ __all__ = [
     "is_mergeable",
     "list_methods",
     "load_adapter",
+    "load_adapters",
     "load_adapter_weights",
     "merge",
     "method_names",
