@@ -1,4 +1,5 @@
-"""SPT: the budget sweep against the authors' code, sensitivities, counts, merge, save/load, state."""
+"""SPT: the budget sweep against the authors' code, sensitivities, counts, merge, save/load, state;
+SPT-Adapter's selection, counts and forward against the authors' code."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from conftest import perturb_, tiny_vit
 
 import petl_zoo
-from petl_zoo.methods.spt import BiasEntries, FlatSparseDelta, NormAffine, SptLora, select
+from petl_zoo.methods.spt import BiasEntries, FlatSparseDelta, NormAffine, SptAdapter, SptLora, select
 from petl_zoo.registry import TrainContext
 
 
@@ -280,3 +282,160 @@ def test_save_load_and_set_state_restore_the_selection(tmp_path):
     assert other.petl_method.get_state() == state
     with pytest.raises(ValueError, match="already selected"):
         other.petl_method.set_state(other, state)
+
+
+# -- SPT-Adapter ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget,seed", [(0.01, 0), (0.02, 1)])
+def test_adapter_selection_equals_the_authors_adapter_sweep(budget, seed):
+    """form='adapter' against engine.py's sweep with structured_type='adapter' (cost 2 r out + r + out)."""
+    model = spt_model(form="adapter")
+    scores = skewed_scores(model, seed)
+    ours = select(scores, budget, form="adapter")
+    theirs = authors_sweep({authors_name(k): v for k, v in scores.items()}, budget, structured_type="adapter")
+    assert [authors_name(n) for n in ours["structured"]] == theirs["structured_names"]
+    assert [authors_name(n) for n in ours["vectors"]] == theirs["tuned_vectors"]
+    assert {authors_name(k): v for k, v in ours["unstructured"].items()} == authors_unstructured(theirs)
+    assert ours["params"] == round(float(theirs["params"]) * 1e6)
+    kinds = (bool(ours["structured"]), bool(ours["vectors"]), bool(ours["unstructured"]))
+    assert kinds == ((True, True, True) if budget == 0.01 else (True, True, False))
+
+
+def test_adapter_cost_decides_differently_from_lora():
+    """A [48, 16] matrix holding 60 of the top 20,000 entries: LoRA (cost 512, threshold 51.2) is
+    structured, the adapter (cost 824, threshold 82.4) is not, in ours as in the authors' rule."""
+    g = torch.Generator().manual_seed(0)
+    fc2, norm = torch.rand(48, 16, generator=g), torch.rand(20_200, generator=g)
+    fc2.view(-1)[:60] += 10.0
+    norm[:19_940] += 10.0
+    scores = {"blocks.0.mlp.fc2.weight": fc2, "blocks.0.norm1.weight": norm}
+    for form, structured, params in (("lora", ["blocks.0.mlp.fc2.weight"], 21_480), ("adapter", [], 21_028)):
+        ours = select(scores, 0.02, form=form)
+        theirs = authors_sweep(scores, 0.02, structured_type=form)
+        assert ours["structured"] == theirs["structured_names"] == structured
+        assert ours["params"] == round(float(theirs["params"]) * 1e6) == params
+
+
+def test_adapter_counts_equal_the_authors_rule():
+    """Trained = the rule's count - 768 (cls_token) - unstructured LayerNorm entries, on the tiny host after
+    a real selection and on ViT-B/16 with every matrix structured: 12 * (5 * 13,064 + 52,232)."""
+    model = spt_model(form="adapter", budget=0.01)
+    model.petl_method.on_train_start(model, data(), TrainContext())
+    chosen = model.petl_method.get_state()["selection"]
+    norm_entries = sum(len(v) for k, v in chosen["unstructured"].items() if "norm" in k)
+    assert chosen["structured"] and petl_zoo.trainable_parameters(model)["method"] == (
+        chosen["params"] - 768 - norm_entries
+    )
+    assert authors_param_num("adapter", 768, 768, 8) == 13_064
+    assert authors_param_num("adapter", 768, 3072, 8) == 52_232
+    model = petl_zoo.create("spt", vit_b(), form="adapter")
+    names = [n for n in model.petl_method.tensors(model) if n.endswith("weight") and "norm" not in n]
+    model.petl_method.set_state(
+        model, {"selection": {"structured": names, "vectors": [], "unstructured": {}, "params": 0}}
+    )
+    total = sum(52_232 if "fc1" in n else 13_064 for n in names)
+    assert total == 12 * (5 * 13_064 + 52_232) == 1_410_624
+    assert petl_zoo.trainable_parameters(model)["method"] == total
+
+
+def authors_structured(h, p):
+    """StructuredTuningModule(structured_type='adapter').forward in eval (L287-288): up(GELU(down(h)))."""
+    return F.linear(F.gelu(F.linear(h, p.down.weight, p.down.bias)), p.up.weight, p.up.bias)
+
+
+def authors_linear(layer):
+    """The authors' Linear at this site: the frozen weight plus its trained sparse entries (their
+    ``LinearSPTSparseGrad``), the frozen bias."""
+    if not hasattr(layer, "deltas"):
+        return layer.weight, layer.bias
+    sparse = [d.sparse_weight() for d in layer.deltas.values() if isinstance(d, FlatSparseDelta)]
+    return layer.base.weight + sum(sparse), layer.base.bias
+
+
+def authors_seq_block(block, adapters, q_shift, x):
+    """BlockSPTSeq.forward (L673-676) with AttentionSPTSeq (L406-441) and MlpSPTSeq (L538-554), eval mode,
+    on our block's frozen weights (timm's fused qkv split as the authors' q, k, v); ``adapters``: target ->
+    our SptAdapter (its tensors), ``q_shift``: the trained part of q's bias (the authors train q.bias)."""
+    qkv, attn = block.attn.qkv.base, block.attn
+    B, N, C = x.shape
+    H = attn.num_heads
+    h = block.norm1(x)
+    out = {}
+    for i, t in enumerate(("q", "k", "v")):
+        bias = qkv.bias[i * C : (i + 1) * C] + (q_shift if t == "q" else 0)
+        out[t] = F.linear(h, qkv.weight[i * C : (i + 1) * C], bias)
+        if t in adapters:
+            out[t] = out[t] + authors_structured(out[t], adapters[t])
+    q, k, v = (out[t].reshape(B, N, H, C // H).permute(0, 2, 1, 3) for t in ("q", "k", "v"))
+    a = ((q @ k.transpose(-2, -1)) * (C // H) ** -0.5).softmax(dim=-1)
+    y = (a @ v).transpose(1, 2).reshape(B, N, C)
+    delta = authors_structured(y, adapters["proj"]) if "proj" in adapters else 0.0
+    x = x + F.linear(y, *authors_linear(attn.proj)) + delta
+    m = F.linear(block.norm2(x), *authors_linear(block.mlp.fc1))
+    if "fc1" in adapters:
+        m = m + authors_structured(m, adapters["fc1"])
+    m = F.linear(F.gelu(m), *authors_linear(block.mlp.fc2))
+    if "fc2" in adapters:
+        m = m + authors_structured(m, adapters["fc2"])
+    return x + m
+
+
+ADAPTER_HAND = {
+    "structured": [f"blocks.0.{p}.weight" for p in ("attn.qkv.q", "attn.qkv.k", "attn.qkv.v", "attn.proj")]
+    + [
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc2.weight",
+        "blocks.1.attn.qkv.v.weight",
+        "blocks.1.mlp.fc1.weight",
+    ],
+    "vectors": ["blocks.0.attn.qkv.q.bias"],
+    "unstructured": {"blocks.1.attn.proj.weight": [0, 7, 100]},
+    "params": 0,
+}
+
+
+def test_adapter_forward_and_gradients_equal_the_authors_seq_blocks_fp64():
+    torch.manual_seed(0)
+    model = petl_zoo.create("spt", tiny_vit().double(), form="adapter")
+    model.petl_method.apply_selection(model, ADAPTER_HAND)
+    perturb_(model)
+    model.eval()
+    x = torch.randn(2, 17, 48, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 17, 48, dtype=torch.float64)
+    for i, block in enumerate(model.blocks):
+        found = {n.split("_")[-1]: m for n, m in block.named_modules() if isinstance(m, SptAdapter)}
+        adapters = {t: found[t] for t in ("q", "k", "v", "proj", "fc1", "fc2") if t in found}
+        assert set(adapters) == ({"q", "k", "v", "proj", "fc1", "fc2"} if i == 0 else {"v", "fc1"})
+        shift = block.attn.qkv.deltas["spt_blocks_0_attn_qkv_q_bias"].values if i == 0 else 0.0
+        trained = [p for p in block.parameters() if p.requires_grad] + [x]
+        ours, theirs = block(x), authors_seq_block(block, adapters, shift, x)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+        g_ours = torch.autograd.grad((ours * r).sum(), trained)
+        g_theirs = torch.autograd.grad((theirs * r).sum(), trained)
+        for a, b in zip(g_ours, g_theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert any("SptAdapter" in b for b in petl_zoo.layers.merge_blockers(model)[0])
+
+
+def test_adapter_init_identity_dropouts_and_save_load(tmp_path):
+    model = spt_model(form="adapter", budget=0.01)
+    x = data(1)[0][0]
+    model.eval()
+    with torch.no_grad():
+        base = model(x)
+    model.train()
+    model.petl_method.on_train_start(model, data(), TrainContext())
+    found = [m for m in model.modules() if isinstance(m, SptAdapter)]
+    assert found and all(m.up.weight.abs().sum() == 0 and m.down.bias.abs().sum() > 0 for m in found)
+    assert {type(m.input_dropout).__name__ for m in found} == {"Dropout", "Identity"}  # proj: none
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), base)  # the backbone at init
+    perturb_(model)
+    state = model.petl_method.get_state()
+    petl_zoo.save_adapter(model, tmp_path / "ad")
+    torch.manual_seed(0)
+    fresh = petl_zoo.load_adapter(tiny_vit(), tmp_path / "ad")
+    assert fresh.petl_method.get_state() == state and fresh.petl_method.config.form == "adapter"
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x)) and not torch.equal(model(x), base)

@@ -49,7 +49,27 @@ no preset; ``budget=0.4`` is the default here.
 On ViT-B/16 a structured ``q``/``k``/``v``/``proj`` costs 12,288 and ``fc1``/``fc2`` 30,720: all 72
 matrices structured is 1,327,104, LoRA on q, v of 12 blocks 294,912.
 
-SPT-Adapter (``structured_type=adapter``, sequential bottlenecks on the outputs) is not implemented.
+**SPT-Adapter** (``form="adapter"``; the authors' ``--structured_type=adapter --block=BlockSPTSeq``,
+``configs/vtab_*_spt_adapter.sh``): the same sensitivities and sweep, a structured matrix costing
+``2 r out + r + out`` (``engine.py:L95-97``: the adapter's two weights and two biases, sized by the
+matrix's output), and on it the authors' ``StructuredTuningModule(adapter)``
+(``model/vision_transformer_timm.py:L258-268,L285-288``): ``DropPath_0.1(up(GELU(down(h))))``, scale 1,
+``down`` kaiming-uniform (``a = sqrt 5``) with PyTorch's default bias, ``up`` weight and bias zero,
+biases on both layers with ``structured_vector`` (:class:`SptAdapter`). Where it reads
+(``AttentionSPTSeq`` L367-441, ``MlpSPTSeq`` L511-554):
+
+- ``q``, ``k``, ``v``, ``fc1``, ``fc2``: sequential on the layer's output,
+  ``m <- m + adapter(Dropout_0.1(m))`` with ``m = x W^T + b`` (``fc1``: before the GELU, on the hidden
+  width). On timm's fused ``qkv`` the slice's output is recomputed from ``x`` inside the delta
+  (:mod:`petl_zoo.layers` attaches deltas to a Linear's input, not to an output slice), with the slice's
+  frozen bias and its trained bias entries (:class:`BiasEntries`);
+- ``proj``: in parallel on its input, ``proj(x) + adapter(x)`` (L437-439), no input dropout.
+
+Nothing of the adapter merges. The authors' model runs ``init_weights('')`` after building the blocks
+(L1312, L1363-1374, ``_init_vit_weights`` L1458), which re-draws *every* Linear, the structured
+modules' included, as ``trunc_normal(0.02)`` with zero bias; their runs therefore start with a nonzero ``up`` (LoRA's ``B``
+too). Here the module's own init (as written in ``StructuredTuningModule``) is kept for both forms, so
+the model is the backbone at init.
 """
 
 from __future__ import annotations
@@ -67,6 +87,7 @@ from ..config import MethodConfig, fraction, positive
 from ..layers import AdaptedLinear, AdaptedModule, Delta, LowRank, adapt_child, adapt_linear, place_like_host
 from ..registry import Method, TrainContext, register_method
 from ..targets import iter_blocks, linear_sites
+from .adapter import BottleneckAdapter
 from .lora import LoraDelta
 
 __all__ = [
@@ -75,12 +96,15 @@ __all__ = [
     "BiasEntries",
     "NormAffine",
     "SptLora",
+    "SptAdapter",
     "Spt",
     "select",
     "structured_cost",
 ]
 
 MATRIX_TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
+#: SPT-Adapter: sequential on these layers' outputs; on ``proj`` it is parallel on the input (L437-439)
+SEQUENTIAL_TARGETS = ("q", "k", "v", "fc1", "fc2")
 CLS_TOKEN = 768  # engine.py:L279, the fully tuned cls_token counted by the budget
 
 
@@ -94,7 +118,7 @@ class SptConfig(MethodConfig):
     rank: int = positive(8)
     alpha: float = positive(10.0)
     beta: float = positive(5.0)
-    form: Literal["lora"] = "lora"
+    form: Literal["lora", "adapter"] = "lora"
     structured_vector: bool = True
     bias: bool = True
     dropout: float = fraction(0.1)
@@ -249,6 +273,45 @@ class SptLora(LoraDelta):
         return LowRank(self.lora_A, self.lora_B)
 
 
+class SptAdapter(BottleneckAdapter):
+    """The authors' adapter: ``DropPath(up(GELU(down(Dropout(h)))))``, scale 1, ``up`` zero at init.
+
+    ``sequential``: ``h`` is the output slice's own value ``x W0_slice^T + b0_slice (+ bias entries)``,
+    recomputed from the Linear's input (``linked`` by :meth:`Spt.apply_selection`); otherwise ``h = x``
+    (``proj``). ``bias=False`` drops both biases (the authors' ``structured_bias``)."""
+
+    def __init__(
+        self, features: int, rank: int, bias: bool, dropout: float, drop_path: float, sequential: bool
+    ) -> None:
+        super().__init__(features, rank, 1.0, "gelu", 0.0, drop_path)
+        self.input_dropout = nn.Dropout(dropout) if sequential and dropout > 0 else nn.Identity()
+        self.sequential = sequential
+        if not bias:
+            self.down.register_parameter("bias", None)
+            self.up.register_parameter("bias", None)
+        self._source: list[Any] = []  # [base Linear, start, stop, BiasEntries | None]: not submodules
+
+    def _init(self) -> None:  # the down bias keeps nn.Linear's default, as the authors' (L265-268)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        if self.up.bias is not None:
+            nn.init.zeros_(self.up.bias)
+
+    def link(self, linear: nn.Linear, start: int, stop: int, shift: BiasEntries | None) -> None:
+        """Where a sequential adapter's ``h`` comes from: ``linear``'s rows ``[start, stop)`` and ``shift``."""
+        self._source = [linear, start, stop, shift]
+
+    def slice_output(self, x: Tensor, weight: Tensor) -> Tensor:
+        linear, start, stop, shift = self._source
+        bias = linear.bias[start:stop] if linear.bias is not None else None
+        out = F.linear(x, weight, bias)
+        return out if shift is None else out + shift.shift().to(out.dtype)
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        h = self.slice_output(x, weight) if self.sequential else x
+        return super().forward(self.input_dropout(h), weight)
+
+
 def _split_batch(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     if isinstance(batch, dict):
         x, y = batch.get("image", batch.get("x")), batch.get("label", batch.get("y"))
@@ -259,11 +322,11 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[Tensor, Tensor]:
 
 @register_method(
     "spt",
-    "SPT: squared-gradient sensitivity under a parameter budget; LoRA on sensitive matrices, "
+    "SPT: squared-gradient sensitivity under a parameter budget; LoRA or adapters on sensitive matrices, "
     "the top entries of the others trained as a sparse delta",
 )
 class Spt(Method):
-    """SPT-LoRA (see the module docstring for what is the authors' and what is ours)."""
+    """SPT-LoRA and SPT-Adapter (see the module docstring for what is the authors' and what is ours)."""
 
     config_class = SptConfig
     identity_at_init = True
@@ -387,6 +450,7 @@ class Spt(Method):
         if unknown:
             raise ValueError(f"selection names {unknown[:3]} are not ranked tensors of this model")
         norms: dict[tuple[int, str], tuple[nn.Module, str, dict[str, bool]]] = {}
+        adapters: dict[str, SptAdapter] = {}
         for name, (_tensor, place) in ranked.items():
             full = name in selection["vectors"]
             entries = selection["unstructured"].get(name)
@@ -401,17 +465,23 @@ class Spt(Method):
             stem = name[: -len(kind) - 1].replace(".", "_")
             if kind == "weight":
                 if name in selection["structured"]:
-                    delta = SptLora(site.in_features, site.out_features, cfg.rank, cfg.dropout, cfg.drop_path)
+                    delta = self.structured_delta(site)
                 elif entries:
                     delta = FlatSparseDelta(site.out_features, site.in_features, torch.tensor(entries))
                 else:
                     continue
-                adapt_linear(site).add_delta(f"spt_{stem}", delta, site.start, site.stop)
+                wrapper = adapt_linear(site)
+                wrapper.add_delta(f"spt_{stem}", delta, site.start, site.stop)
+                if isinstance(delta, SptAdapter) and delta.sequential:
+                    delta.link(wrapper.base, site.start, site.stop, None)
+                    adapters[stem] = delta
             elif cfg.bias and (full or entries):
                 idx = torch.arange(site.out_features) if full else torch.tensor(entries)
-                adapt_linear(site).add_delta(
-                    f"spt_{stem}_bias", BiasEntries(site.out_features, idx), site.start, site.stop
-                )
+                wrapper = adapt_linear(site)
+                shift = BiasEntries(site.out_features, idx)
+                wrapper.add_delta(f"spt_{stem}_bias", shift, site.start, site.stop)
+                if stem in adapters:  # the adapter reads the layer's output, its trained bias included
+                    adapters[stem].link(wrapper.base, site.start, site.stop, shift)
         for parent, attr, kinds in norms.values():
             norm = getattr(parent, attr)
             base = norm.base if isinstance(norm, AdaptedModule) else norm
@@ -423,12 +493,30 @@ class Spt(Method):
         for module in model.modules():
             if isinstance(module, Delta):
                 module.training = model.training
+            if isinstance(module, SptAdapter):
+                module.train(model.training)  # its dropout and drop-path too
         self.selection = {
             "structured": list(selection["structured"]),
             "vectors": list(selection["vectors"]),
             "unstructured": {k: [int(i) for i in v] for k, v in selection["unstructured"].items()},
             "params": int(selection["params"]),
         }
+
+    def structured_delta(self, site: Any) -> Delta:
+        """The structured module on a selected matrix: LoRA, or the authors' adapter (sequential on the
+        output of q, k, v, fc1, fc2; parallel on proj's input)."""
+        cfg: SptConfig = self.config
+        if cfg.form == "lora":
+            return SptLora(site.in_features, site.out_features, cfg.rank, cfg.dropout, cfg.drop_path)
+        sequential = site.target in SEQUENTIAL_TARGETS
+        if not sequential and site.in_features != site.out_features:
+            raise ValueError(
+                f"SPT-Adapter on {site.path} ({site.target}) needs in == out features, "
+                f"got {site.in_features} -> {site.out_features}"
+            )
+        return SptAdapter(
+            site.out_features, cfg.rank, cfg.structured_vector, cfg.dropout, cfg.drop_path, sequential
+        )
 
     def get_state(self) -> dict[str, Any]:
         return {} if self.selection is None else {"selection": self.selection}
