@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import pytest
@@ -10,6 +11,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import petl_zoo
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite runs on 2 workers (pyproject addopts): one thread each
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: a tiny model's ops gain nothing from more, and on a busy
+    machine their synchronisation costs seconds a test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_vit(num_classes: int = 5, **kwargs) -> torch.nn.Module:

@@ -41,14 +41,7 @@ EXPECTED_BREAKS = {
 CASES = {name: (name, FAST.get(name, {})) for name in BUILTIN} | EXTRA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: a tiny model's ops gain nothing from more, and on a busy machine their
-    synchronisation costs seconds a test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @cache
