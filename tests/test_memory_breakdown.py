@@ -63,6 +63,8 @@ def test_split_variant_and_one_line_error_for_an_unknown_modifier():
         split_variant("lora@fast")
     with pytest.raises(ValueError, match="unknown method 'lorra@gc'"):
         accounting.default_methods("lora,lorra@gc")
+    everything = accounting.default_methods("all")
+    assert accounting.default_methods("lora@gc,all,lora") == ["lora@gc", *everything]
 
 
 def _factory():

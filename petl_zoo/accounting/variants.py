@@ -108,23 +108,32 @@ def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def default_methods(requested: str) -> list[str]:
-    """``'all'`` -> every registered method plus ``lora_qkv`` and ``peft_lora``; else the comma list."""
-    if requested.strip() == "all":
-        names = list(method_names()) + [LORA_QKV]
-        try:
-            import peft  # noqa: F401
-
-            names.append(PEFT_LORA)
-        except ImportError:
-            pass
-        return names
-    names = [n.strip() for n in requested.split(",") if n.strip()]
+    """``'all'`` -> every registered method plus ``lora_qkv`` and ``peft_lora``; else the comma list, in
+    which ``all`` expands the same way (``'all,lora@gc'``)."""
+    names: list[str] = []
+    for token in (n.strip() for n in requested.split(",")):
+        if token == "all":
+            names += [n for n in _all_methods() if n not in names]
+        elif token and token not in names:
+            names.append(token)
     valid = set(method_names()) | {BASE, PEFT_LORA, LORA_QKV}
     for n in names:
         if split_variant(n)[0] not in valid:
             raise ValueError(
                 f"unknown method {n!r}; valid: all, {', '.join(sorted(valid))} (each may end in @gc, @compile)"
             )
+    return names
+
+
+def _all_methods() -> list[str]:
+    """Every registered method, ``lora_qkv``, and ``peft_lora`` when peft is installed."""
+    names = list(method_names()) + [LORA_QKV]
+    try:
+        import peft  # noqa: F401
+
+        names.append(PEFT_LORA)
+    except ImportError:
+        pass
     return names
 
 
