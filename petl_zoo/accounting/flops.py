@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["sdpa_flop_jit", "count_gmacs", "count_gmacs_torch", "example_input"]
+__all__ = ["sdpa_flop_jit", "count_gmacs", "count_gmacs_torch", "example_input", "example_batch"]
 
 
 def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> float:
@@ -32,8 +32,14 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> float:
     return float(batch * n * m * (dk + dv))
 
 
-def example_input(model: nn.Module, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A random batch at the model's input size (``patch_embed.img_size``, else its pretrained cfg)."""
+def example_input(
+    model: nn.Module,
+    batch: int = 1,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A random batch at the model's input size (``patch_embed.img_size``, else its pretrained cfg);
+    drawn from ``generator`` (a CPU one, then moved to ``device``) when given."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {}
     size = None
     patch = getattr(model, "patch_embed", None)
@@ -42,7 +48,23 @@ def example_input(model: nn.Module, batch: int = 1, device: torch.device | str =
     if size is None:
         size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
     chans = int(cfg.get("input_size", (3,))[0]) if cfg.get("input_size") else 3
-    return torch.randn(batch, chans, *size, device=device)
+    if generator is None:
+        return torch.randn(batch, chans, *size, device=device)
+    return torch.randn(batch, chans, *size, generator=generator).to(device)
+
+
+def example_batch(
+    model: nn.Module,
+    batch: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`example_input` and random labels over the model's ``num_classes`` (a training batch)."""
+    x = example_input(model, batch, device, generator)
+    classes = max(1, int(getattr(model, "num_classes", 2)))
+    if generator is None:
+        return x, torch.randint(0, classes, (batch,), device=device)
+    return x, torch.randint(0, classes, (batch,), generator=generator).to(device)
 
 
 def count_gmacs(model: nn.Module, x: torch.Tensor | None = None) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .flops import example_input
+from .flops import example_batch
 from .timing import TrainStep, make_train_step
 from .variants import build_variant, model_factory
 
@@ -170,8 +170,7 @@ def measure_memory(
     """
     model, _ = build_variant(name, factory, options)
     model.to(device).train()
-    x = example_input(model, batch, device)
-    y = torch.randint(0, max(1, int(getattr(model, "num_classes", 2))), (batch,), device=device)
+    x, y = example_batch(model, batch, device)
     step = make_train_step(model, x, y, amp)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .runner import BenchRow
-from .variants import BASE, LORA_QKV, PEFT_LORA
+from .variants import BASE, LORA_QKV, PEFT_LORA, reference_base
 
 __all__ = [
     "compute_checks",
@@ -120,7 +120,7 @@ def _merged_vs_base(
     """Every merged model's inference against its base (``base@compile`` for a compiled row)."""
     checks = []
     for r in rows:
-        reference = BASE + "@compile" if r.method.endswith("@compile") else BASE
+        reference = reference_base(r.method)
         base = by.get(reference)
         if r.method == reference or r.infer_ms_merged is None or not (base and base.infer_ms):
             continue

@@ -26,11 +26,19 @@ import torch
 from torch import nn
 
 from ..api import is_mergeable, merge, method_of
-from .flops import count_gmacs, count_gmacs_torch, example_input
+from .flops import count_gmacs, count_gmacs_torch, example_batch, example_input
 from .memory import measure_memory, memory_breakdown, memory_in_child
 from .params import param_counts, stored_bytes
 from .timing import make_inference, make_train_step, timed
-from .variants import BASE, build_variant, is_compiled, model_factory, split_variant
+from .variants import (
+    BASE,
+    build_variant,
+    is_compiled,
+    model_factory,
+    reference_base,
+    runnable,
+    split_variant,
+)
 
 __all__ = ["BenchRow", "run_benchmark"]
 
@@ -91,13 +99,6 @@ class _Built:
     model: nn.Module
     merged: nn.Module | None = None
 
-    def forward(self) -> Any:
-        """What the row's training step and inference call: the model, compiled for ``@compile``."""
-        return torch.compile(self.model) if is_compiled(self.row.method) else self.model
-
-    def merged_forward(self) -> Any:
-        return torch.compile(self.merged) if is_compiled(self.row.method) else self.merged
-
 
 def _build(
     name: str,
@@ -149,17 +150,17 @@ def _time_interleaved(
     on_round: RoundCallback | None = None,
 ) -> None:
     """Append one timing per round to every row: train step (not ``base``), inference, merged inference."""
-    x = example_input(built[BASE].model, batch, device)
-    num_classes = max(1, int(getattr(built[BASE].model, "num_classes", 2)))
-    y = torch.randint(0, num_classes, (batch,), device=device)
-    forwards = {n: b.forward() for n, b in built.items()}
+    x, y = example_batch(built[BASE].model, batch, device)
+    forwards = {n: runnable(n, b.model) for n, b in built.items()}
     trainers = {
         n: make_train_step(b.model.train(), x, y, amp, forwards[n])
         for n, b in built.items()
         if split_variant(n)[0] != BASE
     }
     inferers = {n: make_inference(forwards[n], x, amp) for n, b in built.items()}
-    merged = {n: make_inference(b.merged_forward(), x, amp) for n, b in built.items() if b.merged is not None}
+    merged = {
+        n: make_inference(runnable(n, b.merged), x, amp) for n, b in built.items() if b.merged is not None
+    }
     for fn in trainers.values():
         for _ in range(warmup):
             fn()
@@ -187,14 +188,9 @@ def _time_interleaved(
             on_round(r, times)
 
 
-def _base_of(name: str) -> str:
-    """The inference reference of row ``name``: ``base``, or ``base@compile`` for a compiled row."""
-    return BASE + "@compile" if is_compiled(name) else BASE
-
-
 def _summarise(rows: dict[str, BenchRow], batch: int) -> None:
     """Medians of the per-round timings; a ``base`` row is its own merged model; each row's inference
-    over its base's (:func:`_base_of`)."""
+    over its base's (:func:`~.variants.reference_base`)."""
     for row in rows.values():
         if row.train_times:
             row.train_ms = 1e3 * statistics.median(row.train_times)
@@ -204,7 +200,7 @@ def _summarise(rows: dict[str, BenchRow], batch: int) -> None:
         if row.merged_times:
             row.infer_ms_merged = 1e3 * statistics.median(row.merged_times)
     for name, row in rows.items():
-        base = rows.get(_base_of(name))
+        base = rows.get(reference_base(name))
         if split_variant(name)[0] == BASE:
             row.infer_ms_merged = row.infer_ms
         elif base is not None and base.infer_ms and row.infer_ms is not None:
@@ -212,14 +208,16 @@ def _summarise(rows: dict[str, BenchRow], batch: int) -> None:
 
 
 def _breakdown_row(
-    row: BenchRow, factory: Callable[[], nn.Module], spec: dict[str, Any], device: torch.device
+    row: BenchRow,
+    factory: Callable[[], nn.Module],
+    spec: dict[str, Any],
+    device: torch.device,
+    amp: torch.dtype | None,
 ) -> None:
     """Fill ``row``'s memory breakdown and peak from one training step of a fresh build of it."""
-    built = _Built(row, build_variant(row.method, factory, spec["options"])[0].to(device).train())
-    x = example_input(built.model, spec["batch"], device)
-    y = torch.randint(0, max(1, int(getattr(built.model, "num_classes", 2))), (spec["batch"],), device=device)
-    amp = getattr(torch, spec["amp"]) if spec["amp"] else None
-    step = make_train_step(built.model, x, y, amp, built.forward())
+    model = build_variant(row.method, factory, spec["options"])[0].to(device).train()
+    x, y = example_batch(model, spec["batch"], device)
+    step = make_train_step(model, x, y, amp, runnable(row.method, model))
     result = memory_breakdown(step, warmup_batch=None if is_compiled(row.method) else 1)
     row.weights_mb, row.gradients_mb = result.weights, result.gradients
     row.optimizer_mb, row.activations_mb = result.optimizer, result.activations
@@ -239,7 +237,7 @@ def _measure_memory_rows(
     for name, row in rows.items():
         if split_variant(name)[0] != BASE and memory != "off":
             if memory == "breakdown":
-                _breakdown_row(row, factory, spec, dev)
+                _breakdown_row(row, factory, spec, dev, amp_dtype)
             elif memory == "child" and dev.type == "cpu":
                 row.peak_mem_mb = memory_in_child(spec, name)
             else:

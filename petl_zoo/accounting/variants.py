@@ -19,7 +19,7 @@ from torch import nn
 from ..api import classifier_parameters, create, method_of
 from ..config import parse_cli_value, split_key_value
 from ..registry import Method, TrainContext, get_method, method_names
-from .flops import example_input
+from .flops import example_batch
 
 __all__ = [
     "BASE",
@@ -32,6 +32,8 @@ __all__ = [
     "MODIFIERS",
     "split_variant",
     "is_compiled",
+    "runnable",
+    "reference_base",
 ]
 
 PEFT_LORA = "peft_lora"
@@ -61,6 +63,16 @@ def split_variant(name: str) -> tuple[str, tuple[str, ...]]:
 def is_compiled(name: str) -> bool:
     """Whether row ``name`` runs through ``torch.compile`` (``@compile``)."""
     return COMPILED in split_variant(name)[1]
+
+
+def runnable(name: str, module: nn.Module) -> Callable[..., Any]:
+    """What row ``name`` calls for ``module`` (its model or its merged copy): compiled for ``@compile``."""
+    return torch.compile(module) if is_compiled(name) else module
+
+
+def reference_base(name: str) -> str:
+    """The inference reference of row ``name``: ``base``, or ``base@compile`` for a compiled row."""
+    return BASE + "@" + COMPILED if is_compiled(name) else BASE
 
 
 def model_factory(
@@ -157,12 +169,7 @@ def _select_structure(model: nn.Module) -> None:
     method = method_of(model)
     generator = torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
-    classes = max(1, int(getattr(model, "num_classes", 2)))
-    batches = []
-    for _ in range(2):
-        x = example_input(model, 4, device)
-        x = torch.randn(x.shape, generator=generator).to(device=device, dtype=x.dtype)
-        batches.append((x, torch.randint(0, classes, (4,), generator=generator).to(device)))
+    batches = [example_batch(model, 4, device, generator) for _ in range(2)]
     method.on_train_start(
         model, batches, TrainContext(device=device, epochs=1000, steps_per_epoch=len(batches))
     )
@@ -207,7 +214,9 @@ def build_variant(
     method, modifiers = split_variant(name)
     model, note = _build_plain(method, factory(), options)
     if GRAD_CHECKPOINTING in modifiers:
-        model.set_grad_checkpointing(True)
+        from ..train.backbone import enable_grad_checkpointing  # as the trainer's --grad-checkpointing
+
+        enable_grad_checkpointing(model, type(model).__name__)
     extra = [MODIFIERS[m] for m in modifiers]
     return model, "; ".join(t for t in (note, *extra) if t)
 
