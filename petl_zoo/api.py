@@ -492,15 +492,22 @@ def load_adapter(
     check_adapter_fits(model, directory, config)
     attach_saved_method(model, config, adapter_dtype)
     load_adapter_weights(model, load_file(str(weights)), strict=strict, source=str(directory))
-    record = config.get("base_model")
-    if isinstance(record, dict):
-        try:
-            checked_model_kwargs(record.get("model_kwargs"), str(directory / ADAPTER_CONFIG))
-        except ValueError as err:
-            logger.warning("base-model record not kept with the model: %s", err)
-        else:
-            model.petl_base_model = json.loads(json.dumps(record))
+    keep_base_model_record(model, directory, config)
     return model
+
+
+def keep_base_model_record(model: nn.Module, directory: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Attach the folder's base-model record to ``model`` (``petl_base_model``, a copy) when its
+    ``model_kwargs`` pass :func:`checked_model_kwargs`; otherwise log why it is not kept."""
+    record = config.get("base_model")
+    if not isinstance(record, dict):
+        return
+    try:
+        checked_model_kwargs(record.get("model_kwargs"), str(Path(directory) / ADAPTER_CONFIG))
+    except ValueError as err:
+        logger.warning("base-model record not kept with the model: %s", err)
+    else:
+        model.petl_base_model = json.loads(json.dumps(record))
 
 
 def load_adapter_weights(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,10 @@ from ..api import (
     adapter_state_dict,
     attach_saved_method,
     check_adapter_fits,
-    checked_model_kwargs,
+    keep_base_model_record,
     load_adapter_weights,
     verify_weights,
 )
-from ..runfolder import ADAPTER_CONFIG
 from ..targets import classifier_modules
 
 __all__ = [
@@ -43,8 +41,6 @@ __all__ = [
     "check_same_backbone",
     "attach_shared",
 ]
-
-logger = logging.getLogger(__name__)
 
 
 def backbone_tensors(model: nn.Module, include_head: bool = False) -> dict[int, Tensor]:
@@ -152,14 +148,7 @@ def attach_shared(
             f"method '{config['method']}' of adapter {folder} changed the shared backbone's tensors in "
             "place while attaching; it cannot share a backbone (load it alone with petl_zoo.load_adapter)"
         )
-    record = config.get("base_model")
-    if isinstance(record, dict):
-        try:
-            checked_model_kwargs(record.get("model_kwargs"), str(folder / ADAPTER_CONFIG))
-        except ValueError as err:
-            logger.warning("base-model record not kept with the model: %s", err)
-        else:
-            shell.petl_base_model = json.loads(json.dumps(record))
+    keep_base_model_record(shell, folder, config)
     return shell.eval()
 
 
