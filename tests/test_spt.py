@@ -143,12 +143,16 @@ def skewed_scores(model, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 # -- selection parity ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget,seed", [(0.01, 0), (0.01, 1), (0.02, 2)])
-def test_selection_equals_the_authors_on_the_same_sensitivities(budget, seed):
-    model = spt_model()
+@pytest.mark.parametrize(
+    "form,budget,seed",
+    [("lora", 0.01, 0), ("lora", 0.01, 1), ("lora", 0.02, 2), ("adapter", 0.01, 0), ("adapter", 0.02, 1)],
+)
+def test_selection_equals_the_authors_on_the_same_sensitivities(form, budget, seed):
+    """engine.py's sweep with the same ``structured_type`` (adapter cost: 2 r out + r + out)."""
+    model = spt_model(form=form)
     scores = skewed_scores(model, seed)
-    ours = select(scores, budget)
-    theirs = authors_sweep({authors_name(k): v for k, v in scores.items()}, budget)
+    ours = select(scores, budget, form=form)
+    theirs = authors_sweep({authors_name(k): v for k, v in scores.items()}, budget, structured_type=form)
     assert [authors_name(n) for n in ours["structured"]] == theirs["structured_names"]
     assert [authors_name(n) for n in ours["vectors"]] == theirs["tuned_vectors"]
     assert {authors_name(k): v for k, v in ours["unstructured"].items()} == authors_unstructured(theirs)
@@ -285,21 +289,6 @@ def test_save_load_and_set_state_restore_the_selection(tmp_path):
 
 
 # -- SPT-Adapter ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget,seed", [(0.01, 0), (0.02, 1)])
-def test_adapter_selection_equals_the_authors_adapter_sweep(budget, seed):
-    """form='adapter' against engine.py's sweep with structured_type='adapter' (cost 2 r out + r + out)."""
-    model = spt_model(form="adapter")
-    scores = skewed_scores(model, seed)
-    ours = select(scores, budget, form="adapter")
-    theirs = authors_sweep({authors_name(k): v for k, v in scores.items()}, budget, structured_type="adapter")
-    assert [authors_name(n) for n in ours["structured"]] == theirs["structured_names"]
-    assert [authors_name(n) for n in ours["vectors"]] == theirs["tuned_vectors"]
-    assert {authors_name(k): v for k, v in ours["unstructured"].items()} == authors_unstructured(theirs)
-    assert ours["params"] == round(float(theirs["params"]) * 1e6)
-    kinds = (bool(ours["structured"]), bool(ours["vectors"]), bool(ours["unstructured"]))
-    assert kinds == ((True, True, True) if budget == 0.01 else (True, True, False))
-
-
 def test_adapter_cost_decides_differently_from_lora():
     """A [48, 16] matrix holding 60 of the top 20,000 entries: LoRA (cost 512, threshold 51.2) is
     structured, the adapter (cost 824, threshold 82.4) is not, in ours as in the authors' rule."""
