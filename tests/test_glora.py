@@ -453,22 +453,31 @@ def _authors_view(layer: AuthorsGlora, key: str, form: str, suffix: str, which: 
     return t[:, :1] if form == "vector" else t[0, :1]
 
 
+def authors_sites(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The Linears the authors' ``set_glora`` wraps, in their order: per block ``qkv``, ``proj``, ``fc1``,
+    ``fc2`` as ``(parent, attribute)``."""
+    return [
+        (parent, attr)
+        for block in model.blocks
+        for parent, attr in (
+            (block.attn, "qkv"),
+            (block.attn, "proj"),
+            (block.mlp, "fc1"),
+            (block.mlp, "fc2"),
+        )
+    ]
+
+
 def test_matches_the_authors_layer_with_a_per_layer_choice():
     """Every Linear of both blocks (the authors' 4 per block, in their order) with a different choice,
     through ``layers``; the authors' supernet tensors perturbed and their used parts copied into ours."""
     ours, theirs = fp64_pair()
     petl_zoo.create("glora", ours, rank=4, layers=AUTHORS_LAYERS).eval()
     authors: list[AuthorsGlora] = []
-    for block in theirs.blocks:
-        for parent, attr in (
-            (block.attn, "qkv"),
-            (block.attn, "proj"),
-            (block.mlp, "fc1"),
-            (block.mlp, "fc2"),
-        ):
-            layer = AuthorsGlora(getattr(parent, attr), 4, parse_layer_choice(AUTHORS_LAYERS[len(authors)]))
-            setattr(parent, attr, layer)
-            authors.append(layer)
+    for parent, attr in authors_sites(theirs):
+        layer = AuthorsGlora(getattr(parent, attr), 4, parse_layer_choice(AUTHORS_LAYERS[len(authors)]))
+        setattr(parent, attr, layer)
+        authors.append(layer)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for layer in authors:

@@ -12,7 +12,7 @@ import timm
 import torch
 from conftest import perturb_, tiny_vit
 from peft_parity import fp64_pair, images64
-from test_glora import AUTHORS_LAYERS, AuthorsGlora
+from test_glora import AUTHORS_LAYERS, AuthorsGlora, authors_sites
 from torch import nn
 
 import petl_zoo
@@ -156,20 +156,14 @@ def test_supernet_matches_the_authors_layer_on_the_same_tensors():
     images = images64()
     out_ours = ours(images)
     authors = []
-    for block in theirs.blocks:
-        for parent, attr in (
-            (block.attn, "qkv"),
-            (block.attn, "proj"),
-            (block.mlp, "fc1"),
-            (block.mlp, "fc2"),
-        ):
-            delta = supernet_deltas(ours)[len(authors)]
-            layer = AuthorsGlora(getattr(parent, attr), 4, dict(delta.choice))
-            with torch.no_grad():
-                for name in ("Ad", "Au", "Bd", "Bu", "Cd", "Cu", "D", "E"):
-                    getattr(layer, name).copy_(getattr(delta, f"glora_{name}"))
-            setattr(parent, attr, layer)
-            authors.append(layer)
+    for parent, attr in authors_sites(theirs):
+        delta = supernet_deltas(ours)[len(authors)]
+        layer = AuthorsGlora(getattr(parent, attr), 4, dict(delta.choice))
+        with torch.no_grad():
+            for name in ("Ad", "Au", "Bd", "Bu", "Cd", "Cu", "D", "E"):
+                getattr(layer, name).copy_(getattr(delta, f"glora_{name}"))
+        setattr(parent, attr, layer)
+        authors.append(layer)
     assert len({tuple(a.config.values()) for a in authors}) > 1  # the sites drew different choices
     out_theirs = theirs(images)
     torch.testing.assert_close(out_ours, out_theirs, atol=1e-10, rtol=0)
