@@ -25,6 +25,9 @@ __all__ = [
     "read_options_file",
 ]
 
+#: torch.compile's backend when ``--compile`` names none: torch's own default, what users get.
+DEFAULT_COMPILE_BACKEND = "inductor"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line ``error: ...`` message (the usage is on ``--help``); with
@@ -244,7 +247,7 @@ def _add_execution_arguments(p: argparse.ArgumentParser) -> None:
     )
     x.add_argument(
         "--compile-backend",
-        default="inductor",
+        default=DEFAULT_COMPILE_BACKEND,
         metavar="NAME",
         help="torch.compile's backend for --compile (default %(default)s, torch's own; aot_eager compiles "
         "in seconds without generated code)",

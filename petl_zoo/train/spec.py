@@ -21,7 +21,7 @@ from ..registry import get_method
 from ..runfolder import RunFolder
 from ..version import __version__ as petl_zoo_version
 from . import distributed as D
-from .args import build_train_parser, method_options, parse_key_values
+from .args import DEFAULT_COMPILE_BACKEND, build_train_parser, method_options, parse_key_values
 from .backbone import check_weights_file, resolve_model_name, weights_unavailable
 from .errors import UserError
 from .recipe import default_recipe, execution_defaults, resolve_recipe
@@ -57,7 +57,7 @@ class RunSpec:
     workers: int
     device: torch.device
     compile: bool = False
-    compile_backend: str = "inductor"
+    compile_backend: str = DEFAULT_COMPILE_BACKEND
     grad_checkpointing: bool = False  # how the run runs (like compile): not in its fingerprint
     progress: bool = True
     keep_checkpoint: bool = False
@@ -225,7 +225,7 @@ def _compile_backend(args: Any) -> str:
     """``--compile-backend``, checked: a backend torch.compile knows, given with ``--compile``."""
     name = args.compile_backend
     if not args.compile:
-        if name != "inductor":
+        if name != DEFAULT_COMPILE_BACKEND:
             raise UserError(f"--compile-backend {name} needs --compile")
         return name
     if name not in torch._dynamo.list_backends(exclude_tags=()):
