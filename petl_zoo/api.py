@@ -347,7 +347,8 @@ def base_model_record(model: nn.Module, model_kwargs: dict[str, Any] | None = No
 def save_adapter(
     model: nn.Module, directory: str | os.PathLike, model_kwargs: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``adapter.safetensors`` (method tensors + head) and ``adapter_config.json`` to ``directory``.
+    """Write ``adapter.safetensors`` (method tensors + head, in the method's stored form: see
+    :meth:`~petl_zoo.registry.Method.stored_tensors`) and ``adapter_config.json`` to ``directory``.
 
     ``adapter_config.json`` records the base model (:func:`base_model_record`; pass the ``model_kwargs``
     the model was created with so that :func:`petl_zoo.from_pretrained` can rebuild it; a model that
@@ -359,6 +360,7 @@ def save_adapter(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    state = method.stored_tensors(model, state)
     config = {
         "format_version": FORMAT_VERSION,
         "method": method.name,
@@ -513,9 +515,11 @@ def keep_base_model_record(model: nn.Module, directory: str | os.PathLike, confi
 def load_adapter_weights(
     model: nn.Module, tensors: dict[str, Tensor], strict: bool = True, source: str = "adapter"
 ) -> None:
-    """Copy saved adapter tensors into a patched model, checking names and shapes."""
-    expected = adapter_state_dict(model)
+    """Copy saved adapter tensors into a patched model, checking names and shapes (a method's stored form,
+    :meth:`~petl_zoo.registry.Method.stored_tensors`, is read back first)."""
     method = _require_method(model)
+    tensors = method.loaded_tensors(model, tensors)
+    expected = adapter_state_dict(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if strict and (missing or unexpected):

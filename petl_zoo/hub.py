@@ -188,7 +188,7 @@ def _rebuild_on_meta(folder: Path, model: nn.Module | None) -> str | None:
         with torch.device("meta"):
             attach_saved_method(rebuilt, config)
         with safe_open(str(weights), "pt") as f:
-            saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+            saved = {k: _meta_tensor(f.get_slice(k)) for k in f.keys()}
         load_adapter_weights(rebuilt, saved, strict=True, source=str(folder))
     except Exception as err:  # noqa: BLE001 - any failure to rebuild is a reason not to push
         reason = " ".join(str(err).split()) or type(err).__name__
@@ -200,6 +200,27 @@ def _rebuild_on_meta(folder: Path, model: nn.Module | None) -> str | None:
         if differs:
             return f"from_pretrained would build {built}, another model than this one ({differs}){hint}"
     return None
+
+
+#: safetensors' dtype names (``get_dtype()`` of a slice) as torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _meta_tensor(tensor_slice: Any) -> torch.Tensor:
+    """A meta tensor with the shape and dtype of a stored one (no data read)."""
+    dtype = SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
+    return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
 
 
 def push_to_hub(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import MethodConfig
 from .layers import HookRegistry
@@ -116,6 +116,17 @@ class Method:
         """Rebuild the structure described by :meth:`get_state` on a freshly patched model."""
         if state:
             raise ValueError(f"method '{self.name}' has no structural state, got keys {sorted(state)}")
+
+    def stored_tensors(self, model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What ``save_adapter`` writes for ``state`` (:func:`petl_zoo.adapter_state_dict`'s tensors of
+        ``model``): ``state`` itself, or a method's compact stored form (binary_adapter's sign bits),
+        which :meth:`loaded_tensors` reads back."""
+        return state
+
+    def loaded_tensors(self, model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The inverse of :meth:`stored_tensors`: ``tensors`` (from a file or a snapshot) as
+        :func:`petl_zoo.adapter_state_dict` names and shapes them. Identity here."""
+        return tensors
 
     # Training callbacks (no-ops by default).
     def on_train_start(self, model: nn.Module, loader: Any, ctx: TrainContext) -> None:

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 from conftest import HOSTS, perturb_, tiny_host, tiny_vit
+from safetensors.torch import load_file, save_file
 from scipy.stats import norm
 from torch import nn
 from torch.nn import functional as F
 
 import petl_zoo
+from petl_zoo.accounting.params import stored_bytes
 from petl_zoo.methods.binary_adapter import (
     BinaryAdapterConfig,
     BinaryBottleneck,
@@ -27,6 +30,13 @@ from petl_zoo.methods.binary_adapter import (
     quantizer_levels,
 )
 from petl_zoo.presets import load_preset
+
+
+def tensor_bytes(path) -> int:
+    """The bytes of a safetensors file's tensors: its size less the 8-byte length and the JSON header."""
+    data = Path(path).read_bytes()
+    return len(data) - 8 - int.from_bytes(data[:8], "little")
+
 
 # -- the authors' code, re-hosted (JieShibo/PETL-ViT @ 026e4f1, binary_adapter/) ----------------------
 # utils.py L15-90 (QLinear: forward and quantize, verbatim), adaptformer.py L7-46 and lora.py L7-58.
@@ -281,7 +291,7 @@ def test_vit_base_counts_equal_the_authors(form, expected):
     # + 769 * 100 * 4 head bytes: the sizes of the authors' models_bin/<form>/cifar-bit1-dim32.bin
     [("adaptformer", 73_920, 381_520), ("lora", 147_840, 455_440)],
 )
-def test_vit_base_packed_bytes(form, adapter_bytes, with_head):
+def test_vit_base_packed_bytes(form, adapter_bytes, with_head, tmp_path):
     with torch.device("meta"):
         model = petl_zoo.create(
             "binary_adapter", timm.create_model("vit_base_patch16_224", num_classes=100), form=form
@@ -296,9 +306,11 @@ def test_vit_base_packed_bytes(form, adapter_bytes, with_head):
         model.head.bias.zero_()
     assert len(export_packed(model)) == adapter_bytes
     assert len(export_packed(model, head=True)) == with_head
-    matrices = 24 * (2 if form == "lora" else 1)
-    stored = petl_zoo.trainable_parameters(model)["stored"] * 4  # what save_adapter writes: float32
-    assert stored == 32 * (adapter_bytes - 8 * matrices)  # 32x the packed bits
+    # save_adapter writes the same bytes as tensors (bits, mu / sigma, head) behind safetensors' header
+    weights = petl_zoo.save_adapter(model, tmp_path / "ad") / "adapter.safetensors"
+    assert tensor_bytes(weights) == with_head
+    assert weights.stat().st_size < with_head + 16 * 1024
+    assert adapter_bytes < stored_bytes(model)[1] < adapter_bytes + 16 * 1024  # the benchmark's column
 
 
 # -- packed export / load ------------------------------------------------------------------------------
@@ -400,11 +412,37 @@ def test_save_load_exact(form, images, tmp_path):
     pristine = tiny_vit().eval()
     model = petl_zoo.create("binary_adapter", copy.deepcopy(pristine), form=form, dim=DIM).eval()
     perturb_(model, std=0.3)
-    petl_zoo.save_adapter(model, tmp_path / "ad")
+    weights = petl_zoo.save_adapter(model, tmp_path / "ad") / "adapter.safetensors"
+    assert tensor_bytes(weights) == len(export_packed(model, head=True))  # the packed form, not float32
     fresh = petl_zoo.load_adapter(copy.deepcopy(pristine), tmp_path / "ad").eval()
+    assert not any(m.quantize for m in fresh.modules() if isinstance(m, BinaryLinear))
     with torch.no_grad():
-        assert torch.equal(fresh(images), model(images))
+        assert torch.equal(fresh(images), model(images))  # W_q to the bit
     assert export_packed(fresh) == export_packed(model)
+    again = petl_zoo.save_adapter(fresh, tmp_path / "again") / "adapter.safetensors"
+    assert again.read_bytes() == weights.read_bytes()
+
+
+def test_corrupt_packed_weights_are_one_line(tmp_path):
+    model = petl_zoo.create("binary_adapter", tiny_vit(), dim=DIM)
+    folder = petl_zoo.save_adapter(model, tmp_path / "ad")
+    tensors = load_file(folder / "adapter.safetensors")
+    key = next(k for k in tensors if k.endswith(".weight_bits"))
+    tensors[key] = tensors[key][:-1]
+    save_file(tensors, folder / "adapter.safetensors")
+    with pytest.raises(ValueError, match=r"do not fit a 1-bit \(\d+, \d+\) matrix"):
+        petl_zoo.load_adapter(tiny_vit(), folder, verify=False)
+
+
+def test_training_snapshot_keeps_the_latent_weights():
+    """Resume needs the float32 latent weights: the snapshot (adapter_state_dict) is not packed."""
+    model = petl_zoo.create("binary_adapter", tiny_vit(), dim=DIM)
+    perturb_(model, std=0.3)
+    state = {k: v.clone() for k, v in petl_zoo.adapter_state_dict(model).items()}
+    fresh = petl_zoo.create("binary_adapter", tiny_vit(), dim=DIM)
+    petl_zoo.load_adapter_weights(fresh, state)
+    assert all(m.quantize for m in fresh.modules() if isinstance(m, BinaryLinear))
+    assert all(torch.equal(v, state[k]) for k, v in petl_zoo.adapter_state_dict(fresh).items())
 
 
 def test_bf16_host_binarises_in_float32(images):

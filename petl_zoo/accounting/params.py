@@ -31,6 +31,9 @@ def stored_bytes(model: nn.Module) -> tuple[int, int]:
             with_head = os.path.getsize(path)
         head_ids = {id(p) for p in classifier_parameters(model)}
         rest = {k: v.detach().contiguous().cpu() for k, v in state.items() if id(v) not in head_ids}
+        method = method_of(model)
+        if method is not None:
+            rest = method.stored_tensors(model, rest)  # the form save_adapter writes
         path = Path(tmp) / "nohead.safetensors"
         save_file(rest, str(path))
         without_head = os.path.getsize(path)

@@ -48,15 +48,15 @@ logits and the same gradients of every adapter weight (fp64, 1e-10), 1 and 2 bit
 Counts on ViT-B/16 (head excluded; the authors' modules have the same): Bi-AdaptFormer dim 32:
 ``12 * 2 * 768 * 32 = 589,824`` trainable; Bi-LoRA dim 32: ``12 * 2 * 2 * 768 * 32 = 1,179,648``.
 
-Stored size. ``save_adapter`` stores the float32 latent weights (what training resumes from; 2.36 MB for
-Bi-AdaptFormer on ViT-B). :func:`export_packed` writes the deployable form in the authors' byte layout
-(``utils.py`` L36-51, L93-141: per quantised matrix, in model order, its level indices packed
-``8 / bits`` to a byte, lowest bits first, then ``mu`` and ``sigma`` as float32; then, with
-``head=True``, the head's weight and bias as float32): Bi-AdaptFormer dim 32 on ViT-B is
-``24 * (24576 / 8 + 8) = 73,920`` bytes, with a 100-class head 381,520 bytes, the size of the authors'
-``models_bin/adaptformer/cifar-bit1-dim32.bin``; Bi-LoRA 147,840 bytes. :func:`load_packed` reads it
-back: each matrix then holds ``W_q`` and is used as it is (``quantize = False``, as the authors'
-``fake_quan``), so the loaded model computes what the exported one did.
+Stored size. ``save_adapter`` writes the packed form (:meth:`BinaryAdapter.stored_tensors`: per
+quantised matrix its level indices packed ``8 / bits`` to a byte, lowest bits first, and ``mu``,
+``sigma`` as float32), the bytes of the authors' ``.bin`` (``utils.py`` L36-51, L93-141) as safetensors
+tensors: Bi-AdaptFormer dim 32 on ViT-B is ``24 * (24576 / 8 + 8) = 73,920`` bytes, with a 100-class
+head 381,520 bytes, the size of the authors' ``models_bin/adaptformer/cifar-bit1-dim32.bin``; Bi-LoRA
+147,840 bytes. Loading unpacks them: each matrix then holds ``W_q`` and is used as it is
+(``quantize = False``, as the authors' ``fake_quan``), equal to the saved model's to the bit. Training
+snapshots (resume) keep the float32 latent weights. :func:`export_packed` / :func:`load_packed` write and
+read the same bytes as the authors' single file.
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ __all__ = [
 FORM_TARGETS = {"adaptformer": ("mlp",), "lora": ("q", "v")}
 #: ``eps`` added to the standard deviation before normalising (the authors' ``QLinear.forward``).
 EPS = 1e-5
+#: The stored names of a quantised matrix's packed level indices and its ``(mu, sigma)``, after the
+#: weight's ``adapter_state_dict`` name.
+BITS_SUFFIX, STATS_SUFFIX = "_bits", "_stats"
 
 
 @cache
@@ -168,6 +171,7 @@ class BinaryLinear(PetlModule):
         self.bits = bits
         self.quantize = bits < 32
         self._steps = quantizer_levels(bits)[1:] if self.quantize else ((), ())  # thresholds, half steps
+        self.stats: tuple[float, float] | None = None  # (mu, sigma) of a loaded W_q (set_packed)
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def quantized_weight(self) -> Tensor:
@@ -176,46 +180,78 @@ class BinaryLinear(PetlModule):
             return w
         mean, std = w.mean(), w.std()
         wn = (w - mean) / (std + EPS)
-        wb = _sign_sum(wn, *self._steps).detach() + wn - wn.detach()
+        # straight-through: the value is exactly Q(W_n) (so a packed, reloaded W_q is the same bits),
+        # the gradient that of W_n
+        wb = _sign_sum(wn, *self._steps).detach() + (wn - wn.detach())
         return wb * std + mean
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype))
 
     @torch.no_grad()
-    def pack(self) -> bytes:
-        """Level indices packed ``8 / bits`` to a byte (lowest bits first), then ``mu``, ``sigma`` as
-        float32 (the authors' ``QLinear.dump`` and ``save_model``)."""
-        if not self.quantize:
-            raise ValueError("a BinaryLinear that is not quantised (bits=32 or loaded) cannot be packed")
+    def packed(self) -> tuple[Tensor, float, float]:
+        """``(bits, mu, sigma)``: the level indices packed ``8 / bits`` to a byte (lowest bits first,
+        uint8) and the float32 ``mu``, ``sigma`` of ``W_q = level * sigma + mu``. A loaded layer
+        (``quantize = False`` after :meth:`set_packed`) packs the same values again."""
         w = self.weight.detach()  # in its own dtype, as the forward computes the signs
-        mean, std = w.mean(), w.std()
         levels = torch.tensor(quantizer_levels(self.bits)[0], dtype=w.dtype, device=w.device)
-        q = quantize((w - mean) / (std + EPS), self.bits).reshape(-1, 1)
-        index = (q - levels).abs().argmin(dim=1).cpu().numpy().astype(np.uint8)
+        if self.quantize:
+            mean, std = w.mean(), w.std()
+            nearest = quantize((w - mean) / (std + EPS), self.bits).reshape(-1, 1) - levels
+            mean, std = float(mean), float(std)
+        elif self.stats is not None:
+            mean, std = self.stats
+            nearest = w.reshape(-1, 1) - (levels * std + mean)
+        else:
+            raise ValueError("a full-precision BinaryLinear (bits=32) has no packed form")
+        index = nearest.abs().argmin(dim=1).cpu().numpy().astype(np.uint8)
         per = 8 // self.bits
         if index.size % per:
             raise ValueError(f"{index.size} weights do not fill whole bytes at {self.bits} bits")
         shifts = (np.arange(per, dtype=np.uint8) * self.bits)[None, :]
         packed = (index.reshape(-1, per) << shifts).sum(axis=1).astype(np.uint8)
-        return packed.tobytes() + struct.pack("<ff", float(mean), float(std))
+        return torch.from_numpy(packed), mean, std
 
-    def packed_size(self) -> int:
-        return self.weight.numel() * self.bits // 8 + 8
+    def packed_bytes(self) -> int:
+        """The size of the packed level indices, in bytes."""
+        return self.weight.numel() * self.bits // 8
+
+    def check_packed(self, packed: Tensor) -> None:
+        """One ValueError line unless ``packed`` has :meth:`packed`'s dtype and size for this layer."""
+        if self.bits == 32 or packed.dtype != torch.uint8 or packed.numel() != self.packed_bytes():
+            raise ValueError(
+                f"packed weights of {packed.numel()} {packed.dtype} values do not fit a {self.bits}-bit "
+                f"{tuple(self.weight.shape)} matrix ({self.packed_bytes()} uint8 expected)"
+            )
 
     @torch.no_grad()
-    def unpack(self, data: bytes) -> None:
-        """Set the weight to ``level * sigma + mu`` from :meth:`pack`'s bytes; used as it is afterwards."""
-        n = self.weight.numel() * self.bits // 8
-        packed = np.frombuffer(data[:n], dtype=np.uint8)
-        mean, std = struct.unpack("<ff", data[n : n + 8])
+    def set_packed(self, packed: Tensor, mean: float, std: float) -> None:
+        """Set the weight to ``level * sigma + mu`` from :meth:`packed`'s values; used as it is
+        afterwards (``quantize = False``, as the authors' ``fake_quan``)."""
+        self.check_packed(packed)
         per = 8 // self.bits
         shifts = (np.arange(per, dtype=np.uint8) * self.bits)[None, :]
-        index = (packed[:, None] >> shifts) & np.uint8(2**self.bits - 1)
-        levels = torch.tensor(quantizer_levels(self.bits)[0], dtype=torch.float32)
+        index = (packed.cpu().numpy()[:, None] >> shifts) & np.uint8(2**self.bits - 1)
+        table, thresholds, half = quantizer_levels(self.bits)
+        levels = _sign_sum(torch.tensor(table), thresholds, half)  # Q's float32 values, as the forward's
         values = levels[torch.from_numpy(index.reshape(-1).astype(np.int64))] * std + mean
         self.weight.copy_(values.reshape(self.weight.shape).to(self.weight))
-        self.quantize = False
+        self.quantize, self.stats = False, (mean, std)
+
+    def pack(self) -> bytes:
+        """:meth:`packed` in the authors' byte layout: the packed indices, then ``mu``, ``sigma`` as
+        float32 (their ``QLinear.dump`` and ``save_model``)."""
+        packed, mean, std = self.packed()
+        return packed.numpy().tobytes() + struct.pack("<ff", mean, std)
+
+    def packed_size(self) -> int:
+        return self.packed_bytes() + 8
+
+    def unpack(self, data: bytes) -> None:
+        """:meth:`set_packed` from :meth:`pack`'s bytes."""
+        n = self.packed_bytes()
+        mean, std = struct.unpack("<ff", data[n : n + 8])
+        self.set_packed(torch.frombuffer(bytearray(data[:n]), dtype=torch.uint8), mean, std)
 
 
 class BinaryBottleneck(Delta):
@@ -298,9 +334,48 @@ class BinaryAdapter(Method):
                 )
                 adapt_linear(site).add_delta(f"binary_{site.target}", delta, site.start, site.stop)
 
+    def stored_tensors(self, model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each quantised matrix as ``<name>.weight_bits`` (its packed level indices, uint8) and
+        ``<name>.weight_stats`` (``mu``, ``sigma``, float32) instead of its float32 latent weight: the
+        bytes of the authors' ``.bin`` (module docstring). ``bits=32`` layers stay float."""
+        stored = dict(state)
+        for name, layer in _named_binary_linears(model):
+            key = f"{name}.weight"
+            if key in stored and layer.bits < 32:
+                packed, mean, std = layer.packed()
+                del stored[key]
+                stored[key + BITS_SUFFIX] = packed
+                stored[key + STATS_SUFFIX] = torch.tensor([mean, std], dtype=torch.float32)
+        return stored
+
+    def loaded_tensors(self, model: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unpack :meth:`stored_tensors`' matrices into their layers (each then holds ``W_q``, used as it
+        is) and return the tensors under ``adapter_state_dict``'s names; latent weights (a training
+        snapshot) pass through."""
+        loaded = dict(tensors)
+        for name, layer in _named_binary_linears(model):
+            key = f"{name}.weight"
+            if key + BITS_SUFFIX not in loaded:
+                continue
+            packed, stats = loaded.pop(key + BITS_SUFFIX), loaded.pop(key + STATS_SUFFIX, None)
+            if stats is None or stats.numel() != 2:
+                raise ValueError(f"{key + STATS_SUFFIX} (mu, sigma) is missing or not 2 values")
+            if packed.is_meta or stats.is_meta:  # a shape check (petl_zoo.hub's): nothing to unpack
+                layer.check_packed(packed)
+                loaded[key] = torch.empty_like(layer.weight, device="meta")
+                continue
+            mean, std = (float(v) for v in stats.float())
+            layer.set_packed(packed, mean, std)
+            loaded[key] = layer.weight.detach()
+        return loaded
+
+
+def _named_binary_linears(model: nn.Module) -> list[tuple[str, BinaryLinear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, BinaryLinear)]
+
 
 def _binary_linears(model: nn.Module) -> list[BinaryLinear]:
-    return [m for m in model.modules() if isinstance(m, BinaryLinear)]
+    return [m for _, m in _named_binary_linears(model)]
 
 
 def export_packed(model: nn.Module, head: bool = False) -> bytes:
