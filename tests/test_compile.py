@@ -15,13 +15,15 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import tiny_vit
+from conftest import perturb_, tiny_vit
 from test_contract import BUILTIN, batches, settle_structure
 from test_train import write_task
 from test_train_options import batch, built_run, run_args, trainable
+from timm.layers import DropPath
 from torch import nn
 
 import petl_zoo
+from petl_zoo.train.backbone import compile_forward, enable_grad_checkpointing
 from petl_zoo.train.errors import UserError
 from petl_zoo.train.loop import _train_step
 from petl_zoo.train.spec import expected_config
@@ -108,6 +110,50 @@ def test_compiled_training_steps_match_eager(data_root, tmp_path):
     weights, weights_compiled = trainable(eager), trainable(compiled)
     for key, value in weights.items():
         torch.testing.assert_close(weights_compiled[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+#: Methods that write an attribute inside a checkpointed block: under gradient checkpointing dynamo
+#: breaks the graph at every block unless ``compile_forward`` lets the write go unreplayed in the
+#: recomputation. One per mechanism: the adapters' residual tap (binary_adapter and pear use the same),
+#: Convpass's tap, DTL's side sum, BOFT's per-device index cache.
+HANDS_ON_BY_ATTRIBUTE = ("adapter", "convpass", "dtl", "boft")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HANDS_ON_BY_ATTRIBUTE)
+def test_compile_with_grad_checkpointing_is_one_graph_with_eager_gradients(name):
+    """``compile_forward`` with checkpointing: one graph for the training forward, and the gradients of
+    the eager model without checkpointing (fp64)."""
+    torch.manual_seed(0)
+    options = {**FAST.get(name, {}), **({"dropout": 0.0} if name == "boft" else {})}  # its own dropout
+    model = petl_zoo.create(name, copy.deepcopy(_pristine()), **options).double()
+    perturb_(model, std=0.05)
+    for module in model.modules():  # no random masks: eager and the graph would draw different ones
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, DropPath):
+            module.drop_prob = 0.0
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    reference = copy.deepcopy(model)
+    nn.functional.cross_entropy(reference(x), y).backward()
+    enable_grad_checkpointing(model, "vit_tiny_patch16_224")
+    graphs = []
+
+    def count(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        nn.functional.cross_entropy(compile_forward(model, count, grad_checkpointing=True)(x), y).backward()
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1, f"{name}: {len(graphs)} graphs"
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for key, grad in expected.items():
+        torch.testing.assert_close(got[key], grad, rtol=0, atol=1e-12, msg=key)
 
 
 @pytest.mark.parametrize(

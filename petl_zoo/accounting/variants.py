@@ -66,8 +66,13 @@ def is_compiled(name: str) -> bool:
 
 
 def runnable(name: str, module: nn.Module) -> Callable[..., Any]:
-    """What row ``name`` calls for ``module`` (its model or its merged copy): compiled for ``@compile``."""
-    return torch.compile(module) if is_compiled(name) else module
+    """What row ``name`` calls for ``module`` (its model or its merged copy): compiled for ``@compile``
+    (as the trainer's ``--compile``, with ``@gc`` too)."""
+    if not is_compiled(name):
+        return module
+    from ..train.backbone import compile_forward  # imports timm's models: only when compiling
+
+    return compile_forward(module, grad_checkpointing=GRAD_CHECKPOINTING in split_variant(name)[1])
 
 
 def reference_base(name: str) -> str:

@@ -30,7 +30,7 @@ from ..api import create, save_adapter
 from ..io import WriteError, make_dir
 from ..registry import TrainContext
 from . import distributed as D
-from .backbone import build_backbone, enable_grad_checkpointing
+from .backbone import build_backbone, compile_forward, enable_grad_checkpointing
 from .checkpoint import check_out_path, load_checkpoint, prepare_out_dir, save_checkpoint
 from .data import RunData, build_data
 from .engine import evaluate_counts, make_autocast, seed_everything
@@ -105,7 +105,8 @@ class Run:
     autocast: Callable[[], AbstractContextManager]
     ctx: TrainContext
     wall_start: float
-    forward: nn.Module | None = None
+    forward: Callable[..., Any] | None = None  # the model, under DDP and torch.compile when asked
+    ddp: nn.parallel.DistributedDataParallel | None = None
     signature: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
     resumed_from: int | None = None
     folder_lock: RunLock | None = None
@@ -203,18 +204,18 @@ def _resume(run: Run, ckpt: dict[str, Any]) -> None:
     _log(info, f"resuming {spec.out} after epoch {state.epoch}/{spec.recipe['epochs']}")
 
 
-def _wrap(run: Run) -> nn.Module:
+def _wrap(run: Run) -> Callable[..., Any]:
     """The training forward: DDP under torchrun, then ``torch.compile`` with ``--compile``."""
     spec, model = run.spec, run.state.model
     forward: nn.Module = model
     if run.info.enabled:
-        forward = nn.parallel.DistributedDataParallel(
+        forward = run.ddp = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[spec.device.index] if spec.device.type == "cuda" else None,
             find_unused_parameters=spec.find_unused_parameters,
         )
     if spec.compile:
-        forward = torch.compile(forward, backend=spec.compile_backend)
+        return compile_forward(forward, spec.compile_backend, spec.grad_checkpointing)
     return forward
 
 
@@ -245,10 +246,9 @@ def _step_groups(batches: Iterable[Any], accumulate: int) -> Iterator[list[Any]]
 def _sync_unless(run: Run, last: bool) -> AbstractContextManager:
     """DDP's ``no_sync`` for a micro-batch before the step's last one (gradients are all-reduced once,
     in the last backward); nothing without DDP."""
-    ddp = getattr(run.forward, "_orig_mod", run.forward)  # under torch.compile: the wrapped module
-    if last or not isinstance(ddp, nn.parallel.DistributedDataParallel):
+    if last or run.ddp is None:
         return nullcontext()
-    return ddp.no_sync()
+    return run.ddp.no_sync()
 
 
 def _check_finite(run: Run, loss: torch.Tensor, epoch: int, i: int) -> None:
