@@ -22,6 +22,15 @@ and no per-slice in-place writes. A delta with forward hooks of its own is calle
 (the hooks run). With gradients off (inference, FLOP counting) every delta runs its own forward, so
 an unmerged model counts the per-token low-rank products that the papers count.
 
+Dense form. A delta whose forward is ``x delta_W^T (+ delta_b)`` with a full-size ``delta_W`` it builds
+anyway (OFT, BOFT, FourierFT, LoHa, LoKr, GLoRA, the sparse deltas of GPS and SPT) says so through
+``dense_update(W0_slice) -> DenseUpdate(weight, bias)``, drawing what its forward would draw. In a
+training step on a plain ``nn.Linear`` in float32 or wider (no autocast, no ``base_scale`` on the layer)
+the updates are then folded into the layer's own product, ``F.linear(x, W0 + delta_W, b + delta_b)``:
+one GEMM forward and one for the input gradient, as full fine-tuning, instead of a second product with
+``x`` and its two backward GEMMs; the same ``x`` is kept for ``delta_W``'s gradient. In half precision
+``W0 + delta_W`` would round a small update away, so there each delta keeps its own product.
+
 A ``LowRank`` may also carry ``base_scale`` (``g``, ``[stop-start]``): the update then also adds
 ``g * (x W0_slice^T)``, the layer's output without bias (a per-row rescaling of the base output, the
 form of DoRA: ``g = m / ||W0 + s B A||_row - 1`` with ``U = (g + 1) s B``); it takes the added form,
@@ -80,6 +89,7 @@ __all__ = [
     "PetlModule",
     "Delta",
     "LowRank",
+    "DenseUpdate",
     "LinearDelta",
     "AdaptedLinear",
     "AdaptedModule",
@@ -200,6 +210,14 @@ class LowRank(NamedTuple):
     base_scale: Tensor | None = None
 
 
+class DenseUpdate(NamedTuple):
+    """The update ``x weight^T + bias`` of a delta on a Linear's output slice (see the module docstring):
+    ``weight`` ``[stop-start, in]``, ``bias`` ``[stop-start]``, either None when it adds nothing."""
+
+    weight: Tensor | None
+    bias: Tensor | None = None
+
+
 class Delta(PetlModule):
     """A method's trainable update; the one protocol of every method module (see the module docstring).
 
@@ -223,6 +241,12 @@ class Delta(PetlModule):
     def low_rank(self, weight: Tensor) -> LowRank | None:
         """The factors of this forward's update on the slice ``weight`` (``forward(x, weight) ==
         (x down^T) up^T [+ base_scale * (x weight^T)]``), or None to be called through ``forward``."""
+        return None
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate | None:
+        """The full-size update this forward computes on the slice ``weight`` (``forward(x, weight) ==
+        F.linear(x, update.weight, update.bias)``), drawing what the forward draws, or None to be called
+        through ``forward``."""
         return None
 
     def affine(self) -> Affine:
@@ -408,7 +432,7 @@ class AdaptedLinear(Wrapper):
             x = x + update
         if self.merged or not len(self.deltas):
             return self.base(x)
-        weight = self.base.weight
+        weight, bias = self.base.weight, self.base.bias
         factored: list[tuple[int, int, LowRank]] = []
         others: list[tuple[int, int, Delta]] = []
         one_pass = torch.is_grad_enabled()  # a training-step form; inference keeps the per-delta FLOPs
@@ -419,13 +443,18 @@ class AdaptedLinear(Wrapper):
                 others.append((start, stop, delta))
             else:
                 factored.append((start, stop, form))
+        if others and one_pass and self._folds_dense(x, factored):
+            others, dense = _dense_updates(others, weight, x.dtype)
+            if dense:
+                weight, bias = _fold_dense(weight, bias, dense)
         fused = bool(factored) and self._fusable(factored)
         if fused:
-            y = _LowRankLinear.apply(x, weight, self.base.bias, *_stacked(factored, weight.shape[0]))
+            y = _LowRankLinear.apply(x, weight, bias, *_stacked(factored, weight.shape[0]))
         else:
-            y = self.base(x)
+            folded = weight is not self.base.weight or bias is not self.base.bias
+            y = F.linear(x, weight, bias) if folded else self.base(x)
             if factored:
-                y = _add_low_rank(y, x, factored, self.base.bias)
+                y = _add_low_rank(y, x, factored, bias)
         width = y.shape[-1]
         for start, stop, delta in others:
             update = delta(x, weight[start:stop])
@@ -436,6 +465,20 @@ class AdaptedLinear(Wrapper):
             else:
                 y[..., start:stop] += update
         return y
+
+    def _folds_dense(self, x: Tensor, forms: list[tuple[int, int, LowRank]]) -> bool:
+        """Whether full-size updates (:meth:`Delta.dense_update`) go into the layer's own product,
+        ``F.linear(x, W0 + delta_W, b + delta_b)``: a plain ``nn.Linear`` without hooks of its own, no
+        ``base_scale`` (it needs ``x W0^T`` alone), and float32 or wider arithmetic (in half precision
+        ``W0 + delta_W`` would round a small update away)."""
+        return (
+            type(self.base) is nn.Linear
+            and not _hooked(self.base)
+            and x.dtype == self.base.weight.dtype
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+            and all(form.base_scale is None for _, _, form in forms)
+        )
 
     def _fusable(self, forms: list[tuple[int, int, LowRank]]) -> bool:
         """Whether the low-rank updates can go into one ``F.linear`` with ``W0 + U D`` (:class:`_LowRankLinear`):
@@ -504,6 +547,39 @@ def _low_rank(delta: Delta, weight: Tensor, dtype: torch.dtype) -> LowRank | Non
         return delta.low_rank(weight)
     with cast_method_tensors(delta, dtype):
         return delta.low_rank(weight)
+
+
+def _dense_updates(
+    deltas: list[tuple[int, int, Delta]], weight: Tensor, dtype: torch.dtype
+) -> tuple[list[tuple[int, int, Delta]], list[tuple[int, int, DenseUpdate]]]:
+    """``(the deltas without a dense form, the dense forms on their slices)``, in the deltas' order."""
+    rest: list[tuple[int, int, Delta]] = []
+    dense: list[tuple[int, int, DenseUpdate]] = []
+    for start, stop, delta in deltas:
+        if delta.casts_to_input:
+            with cast_method_tensors(delta, dtype):
+                update = delta.dense_update(weight[start:stop])
+        else:
+            update = delta.dense_update(weight[start:stop])
+        if update is None:
+            rest.append((start, stop, delta))
+        else:
+            dense.append((start, stop, update))
+    return rest, dense
+
+
+def _fold_dense(
+    weight: Tensor, bias: Tensor | None, dense: list[tuple[int, int, DenseUpdate]]
+) -> tuple[Tensor, Tensor | None]:
+    """``(W0 + sum delta_W, b + sum delta_b)``, each update placed on its rows."""
+    rows, cols = weight.shape
+    for start, stop, update in dense:
+        if update.weight is not None:
+            weight = weight + _place(update.weight.to(weight.dtype), (start, stop), (0, cols), (rows, cols))
+        if update.bias is not None:
+            shift = F.pad(update.bias.to(weight.dtype), (start, rows - stop))
+            bias = shift if bias is None else bias + shift
+    return weight, bias
 
 
 def _hooked(module: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import petl_zoo
-from petl_zoo.layers import AdaptedLinear, Delta, LowRank
+from petl_zoo.layers import AdaptedLinear, Delta, DenseUpdate, LowRank
 from petl_zoo.methods.heat import HeadLoraDelta
 from petl_zoo.methods.lora import LoraDelta
 
@@ -217,3 +217,64 @@ def test_fused_form_on_a_bias_free_linear_with_a_delta_without_the_form():
     torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
     for a, b in zip(torch.autograd.grad(ours.sum(), params), torch.autograd.grad(ref.sum(), params)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+# -- the dense form: full-size updates folded into the layer's own product ------------------------------
+
+
+class CountingDense(Delta):
+    """``x dW^T + db`` with ``dW``, ``db`` trained; counts how often its own forward runs."""
+
+    def __init__(self, rows: int, cols: int, bias: bool) -> None:
+        super().__init__()
+        self.dw = nn.Parameter(torch.randn(rows, cols, dtype=torch.float64) * 0.1)
+        self.db = nn.Parameter(torch.randn(rows, dtype=torch.float64) * 0.1) if bias else None
+        self.calls = 0
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        self.calls += 1
+        return F.linear(x, self.dw.to(x.dtype), None if self.db is None else self.db.to(x.dtype))
+
+    def dense_update(self, weight: Tensor):
+        return DenseUpdate(self.dw, self.db)
+
+
+def dense_layer(dtype: torch.dtype = torch.float64) -> AdaptedLinear:
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(6, 9, dtype=torch.float64))
+    layer.add_delta("a", CountingDense(3, 6, bias=True), 0, 3)  # bias updates too (GLoRA's form)
+    layer.add_delta("b", CountingDense(9, 6, bias=False), 0, 9)
+    layer.add_delta(
+        "lora", LoraDelta(6, 3, rank=2, scaling=2.0, dropout=0.0), 6, 9
+    )  # beside the low-rank path
+    perturb_(layer, std=0.3)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("hooked_base", [False, True], ids=["folded", "separate"])
+def test_dense_updates_fold_into_the_layer_product(hooked_base):
+    """A training step folds ``dense_update`` into ``F.linear(x, W0 + dW, b + db)`` (the deltas' own
+    forwards do not run) with the per-delta outputs and gradients; a hooked Linear keeps the forwards."""
+    layer = dense_layer()
+    if hooked_base:
+        layer.base.register_forward_hook(lambda module, args, out: None)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 4, 9, dtype=torch.float64)
+    params = [x, *layer.deltas.parameters()]
+    ours = layer(x)
+    ours_grads = torch.autograd.grad(ours, params, grad)
+    calls = [d.calls for d in layer.deltas.values() if isinstance(d, CountingDense)]
+    assert calls == ([1, 1] if hooked_base else [0, 0])
+    with torch.no_grad():  # inference: every delta through its own forward
+        torch.testing.assert_close(layer(x), ours, atol=1e-12, rtol=0)
+    reference = per_delta(layer, x)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=0)
+    for got, want in zip(ours_grads, torch.autograd.grad(reference, params, grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_half_precision_keeps_each_dense_update_apart():
+    """In bf16, ``W0 + dW`` would round a small update away: each delta keeps its own product."""
+    layer = dense_layer(torch.bfloat16)
+    layer(torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+    assert [d.calls for d in layer.deltas.values() if isinstance(d, CountingDense)] == [1, 1]

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, fraction, positive
-from ..layers import Delta, adapt_linear
+from ..layers import Delta, DenseUpdate, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 from .oft import cayley, work_dtype
@@ -189,6 +189,9 @@ class BoftDelta(Delta):
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         return F.linear(x, self._delta(weight).to(x.dtype))
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate:
+        return DenseUpdate(self._delta(weight))  # the multiplicative dropout drawn as the forward's
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """``diag(s) W0 R^T - W0`` (``[out, in]``, float32 or wider)."""

@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, non_negative, nonzero, positive
-from ..layers import Delta, adapt_linear
+from ..layers import Delta, DenseUpdate, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -122,6 +122,9 @@ class FourierFTDelta(Delta):
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         return F.linear(x, self.delta_weight(weight).to(x.dtype))
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate:
+        return DenseUpdate(self.delta_weight(weight))
 
     def extra_repr(self) -> str:
         return (

@@ -84,7 +84,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, bounded, positive
-from ..layers import Delta, adapt_linear
+from ..layers import Delta, DenseUpdate, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, LinearSite, check_targets, linear_sites
 
@@ -302,6 +302,9 @@ class GloraDelta(Delta):
         out = x.new_zeros(*x.shape[:-1], weight.shape[0])
         return out if db is None else out + db
 
+    def dense_update(self, weight: Tensor) -> DenseUpdate:
+        return DenseUpdate(self.weight_update(weight), self.bias_update(weight))
+
     def delta_weight(self, weight: Tensor) -> Tensor:
         """``W0 * A + B`` (``[out, in]``); only with no active bias support (else it cannot merge)."""
         if not self.mergeable:
@@ -405,14 +408,22 @@ class GloraSuperDelta(GloraDelta):
             return down @ getattr(self, f"glora_{key}u")
         return down[:, :1] if form == "vector" else down[0, 0]
 
-    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+    def _choose(self) -> None:
+        """Take this forward's subnet: the fixed one, else the one the sampler drew for the step."""
         if self.fixed is None and self.sampled is None:  # called before the model ever was
             self.sampler.step()
         choice = self.fixed if self.fixed is not None else self.sampled
         if not self.has_bias:
             choice = {**choice, "C": "none", "D": "none", "E": "none"}
         self.choice = choice
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        self._choose()
         return super().forward(x, weight)
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate:
+        self._choose()
+        return super().dense_update(weight)
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         raise ValueError(

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 
 from ..config import MethodConfig, positive
 from ..importance import row_topk
-from ..layers import AdaptedLinear, AdaptedModule, Delta, adapt_child, adapt_linear
+from ..layers import AdaptedLinear, AdaptedModule, Delta, DenseUpdate, adapt_child, adapt_linear
 from ..registry import Method, TrainContext, register_method
 from ..targets import linear_sites
 
@@ -110,6 +110,9 @@ class SparseDelta(Delta):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.sparse_weight()
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate | None:
+        return DenseUpdate(self.sparse_weight()) if self.conv_args is None else None
 
 
 class GpsBias(Delta):

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, bounded, fraction, positive
-from ..layers import Delta, adapt_child, adapt_linear
+from ..layers import Delta, DenseUpdate, adapt_child, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, LinearSite, check_targets, linear_sites
 
@@ -180,17 +180,27 @@ class LycorisDelta(Delta):
         draw = torch.rand(1)
         return self.module_dropout > 0 and not bool(draw > self.module_dropout)
 
-    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+    def _step_weight(self) -> Tensor | None:
+        """This forward's ``delta_W``: None when the module dropout drops it, rank-masked in training."""
         if self.training and self._module_dropped():
-            if self.conv_args is None:
-                return x.new_zeros((*x.shape[:-1], self.weight_shape[0]))
-            return x.new_zeros(())  # added to the conv's output: broadcasts
+            return None
         delta = self.make_weight()
         if self.training and self.rank_dropout:
             delta = delta * self.rank_mask(delta)
+        return delta
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        delta = self._step_weight()
+        if delta is None:
+            if self.conv_args is None:
+                return x.new_zeros((*x.shape[:-1], self.weight_shape[0]))
+            return x.new_zeros(())  # added to the conv's output: broadcasts
         if self.conv_args is None:
             return F.linear(x, delta)
         return F.conv2d(x, delta, **self.conv_args)
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate | None:
+        return DenseUpdate(self._step_weight()) if self.conv_args is None else None
 
     def extra_repr(self) -> str:
         kind = "conv2d" if self.conv_args is not None else "linear"

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, positive
-from ..layers import Delta, adapt_linear
+from ..layers import Delta, DenseUpdate, adapt_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -195,6 +195,10 @@ class OftDelta(Delta):
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         return F.linear(x, self._delta(weight).to(x.dtype))
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate | None:
+        # COFT projects the stored tensor in __call__, before any cast: that one goes through the call
+        return None if self.coft else DenseUpdate(self._delta(weight))
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         """``W0 R^T - W0`` (``[out, in]``, float32 or wider); with ``coft``, ``oft_R`` is projected first."""

@@ -84,7 +84,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, fraction, positive
-from ..layers import AdaptedLinear, AdaptedModule, Delta, LowRank, adapt_child, adapt_linear, place_like_host
+from ..layers import (
+    AdaptedLinear,
+    AdaptedModule,
+    Delta,
+    DenseUpdate,
+    LowRank,
+    adapt_child,
+    adapt_linear,
+    place_like_host,
+)
 from ..registry import Method, TrainContext, register_method
 from ..targets import iter_blocks, linear_sites
 from .adapter import BottleneckAdapter
@@ -212,6 +221,9 @@ class FlatSparseDelta(Delta):
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return self.sparse_weight()
+
+    def dense_update(self, weight: Tensor) -> DenseUpdate:
+        return DenseUpdate(self.sparse_weight())
 
 
 class BiasEntries(Delta):
