@@ -1,8 +1,10 @@
-"""The demo backbone: a small ViT pretrained on Fashion-MNIST, for real-image checks offline on a CPU.
+"""The demo backbones: a small ViT (and a small Swin) pretrained on Fashion-MNIST, for real-image checks
+offline on a CPU.
 
-The repository ships the file the docs' real-data rows were measured with,
-``demo/vit_tiny_fmnist32.safetensors`` (see demo/README.md); :func:`build_demo_backbone` trains one like it
-from scratch (``python tools/build_demo_backbone.py``):
+The repository ships the files the docs' real-data rows were measured with,
+``demo/vit_tiny_fmnist32.safetensors`` and ``demo/swin_tiny_fmnist32.safetensors`` (see demo/README.md);
+:func:`build_demo_backbone` trains one like them from scratch (``python tools/build_demo_backbone.py
+[--arch swin]``). The ViT:
 
 - model: timm ``vit_tiny_patch16_224`` with ``img_size=32, patch_size=4, depth=6`` (width 192, 3 heads,
   64 patch tokens + class token, 10 classes, 2.7 M parameters);
@@ -10,6 +12,11 @@ from scratch (``python tools/build_demo_backbone.py``):
   normalised with mean = std = 0.5, random horizontal flips;
 - optimisation: AdamW (lr 1e-3, torch's betas, weight decay 0.01), one-cycle schedule stepped per batch,
   batch 64, 5 epochs, seed 0, no dropout or drop-path.
+
+The Swin (``--arch swin``, for the methods whose Swin form differs, e.g. VPT's per-window prompts) is
+timm ``swin_tiny_patch4_window7_224`` with ``img_size=32, patch_size=2, window_size=4, embed_dim=48,
+depths=(2, 2, 2), num_heads=(3, 6, 12)`` (16x16, 8x8 and 4x4 token grids, 1.27 M parameters), trained
+on the same data with the same recipe.
 
 The images come from the idx files (gzip or not) in ``--fmnist DIR`` (torchvision's ``raw`` layout, or
 Debian's ``dataset-fashion-mnist`` package), else from the first default folder that holds them, else
@@ -41,14 +48,17 @@ from .io import atomic_write, sha256_file
 from .train.errors import UserError
 
 __all__ = [
+    "DEMO_ARCHS",
     "DEMO_FILE",
     "DEMO_KWARGS",
     "DEMO_MODEL",
+    "DemoArch",
     "DemoBuild",
     "DemoRecipe",
     "FashionMnist",
     "build_demo_backbone",
     "create_demo_model",
+    "demo_arch",
     "find_fashion_mnist",
     "load_fashion_mnist",
     "main",
@@ -57,10 +67,42 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Where a clone keeps the shipped demo backbone (relative to the repository root).
-DEMO_FILE = "demo/vit_tiny_fmnist32.safetensors"
-DEMO_MODEL = "vit_tiny_patch16_224"
-DEMO_KWARGS: dict[str, Any] = {"img_size": 32, "patch_size": 4, "depth": 6}
+
+@dataclass(frozen=True)
+class DemoArch:
+    """One demo backbone: the timm model, its options and where a clone keeps the shipped file
+    (relative to the repository root)."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    file: str
+
+
+#: The demo backbones by ``--arch``: the ViT behind the docs' real-data rows and a Swin for the methods
+#: whose Swin form differs (VPT's per-stage, per-window prompts), both 32 px and pretrained alike.
+DEMO_ARCHS: dict[str, DemoArch] = {
+    "vit": DemoArch(
+        "vit_tiny_patch16_224",
+        {"img_size": 32, "patch_size": 4, "depth": 6},
+        "demo/vit_tiny_fmnist32.safetensors",
+    ),
+    "swin": DemoArch(
+        "swin_tiny_patch4_window7_224",
+        {
+            "img_size": 32,
+            "patch_size": 2,
+            "window_size": 4,
+            "embed_dim": 48,
+            "depths": (2, 2, 2),
+            "num_heads": (3, 6, 12),
+        },
+        "demo/swin_tiny_fmnist32.safetensors",
+    ),
+}
+#: The ViT demo backbone (the default ``--arch``).
+DEMO_FILE = DEMO_ARCHS["vit"].file
+DEMO_MODEL = DEMO_ARCHS["vit"].model
+DEMO_KWARGS: dict[str, Any] = DEMO_ARCHS["vit"].model_kwargs
 NUM_CLASSES = 10
 #: Debian's ``dataset-fashion-mnist`` package and torchvision's layout under the project's ``data/``.
 DEFAULT_DIRS = ("data/FashionMNIST/raw", "/usr/share/datasets/fashion-mnist")
@@ -86,10 +128,12 @@ class DemoRecipe:
     lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
-    #: timm options over :data:`DEMO_KWARGS` (tests use a tiny model: ``depth=1, embed_dim=16``).
+    #: timm options over the architecture's (tests use a tiny model: ``depth=1, embed_dim=16``).
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     #: train on the first N training images only (a quick check of the speed); None: all of them.
     train_limit: int | None = None
+    #: which of :data:`DEMO_ARCHS`
+    arch: str = "vit"
 
 
 @dataclass(frozen=True)
@@ -225,11 +269,19 @@ def load_fashion_mnist(
     return FashionMnist(folder, *train, *(test if test else (None, None)))
 
 
-def create_demo_model(**overrides: Any) -> nn.Module:
-    """The demo architecture, randomly initialised (seed torch first); ``overrides`` change timm options."""
+def demo_arch(arch: str) -> DemoArch:
+    """:data:`DEMO_ARCHS`' entry ``arch``; one UserError line naming the valid ones otherwise."""
+    if arch not in DEMO_ARCHS:
+        raise UserError(f"unknown demo architecture {arch!r}; valid: {', '.join(DEMO_ARCHS)}")
+    return DEMO_ARCHS[arch]
+
+
+def create_demo_model(arch: str = "vit", **overrides: Any) -> nn.Module:
+    """A demo architecture, randomly initialised (seed torch first); ``overrides`` change timm options."""
     import timm
 
-    return timm.create_model(DEMO_MODEL, num_classes=NUM_CLASSES, **{**DEMO_KWARGS, **overrides})
+    spec = demo_arch(arch)
+    return timm.create_model(spec.model, num_classes=NUM_CLASSES, **{**spec.model_kwargs, **overrides})
 
 
 def _inputs(images: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
@@ -339,19 +391,20 @@ def build_demo_backbone(
         or (recipe.train_limit is not None and recipe.train_limit < 1)
     ):
         raise UserError(f"epochs, batch size and train limit must be positive, got {recipe}")
+    spec = demo_arch(recipe.arch)
     data = load_fashion_mnist(fmnist, download=download, download_root=download_root)
     x, y, ex, ey, split = _split(data, recipe.train_limit)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        model = create_demo_model(**recipe.model_kwargs)
-    kwargs = {**DEMO_KWARGS, **recipe.model_kwargs}
-    log.info("training %s %s on %d images: %s", DEMO_MODEL, kwargs, len(x), recipe)
+        model = create_demo_model(recipe.arch, **recipe.model_kwargs)
+    kwargs = {**spec.model_kwargs, **recipe.model_kwargs}
+    log.info("training %s %s on %d images: %s", spec.model, kwargs, len(x), recipe)
     start = time.perf_counter()
     rate = _train(model, x, y, recipe)
     accuracy = _accuracy(model, ex, ey, _input_size(model))
     seconds = time.perf_counter() - start
     about = {
-        "model": DEMO_MODEL,
+        "model": spec.model,
         "model_kwargs": kwargs,
         "num_classes": NUM_CLASSES,
         "recipe": asdict(recipe),
@@ -381,9 +434,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     d = DemoRecipe()
     p.add_argument(
+        "--arch", default="vit", choices=sorted(DEMO_ARCHS), help="which demo backbone (default vit)"
+    )
+    p.add_argument(
         "--out",
-        default="runs/demo/vit_tiny_fmnist32_rebuilt.safetensors",
-        help=f"the .safetensors to write (the shipped one is {DEMO_FILE})",
+        default=None,
+        help="the .safetensors to write (default runs/demo/<shipped name>_rebuilt.safetensors; the shipped "
+        + " and ".join(a.file for a in DEMO_ARCHS.values())
+        + ")",
     )
     p.add_argument("--fmnist", metavar="DIR", help="a folder with the Fashion-MNIST idx files (gzip or not)")
     p.add_argument("--no-download", action="store_true", help="never download (offline)")
@@ -405,10 +463,17 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = DemoRecipe(
-        args.epochs, args.batch_size, args.lr, args.weight_decay, args.seed, train_limit=args.train_limit
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.weight_decay,
+        args.seed,
+        train_limit=args.train_limit,
+        arch=args.arch,
     )
+    out = args.out or f"runs/demo/{Path(DEMO_ARCHS[args.arch].file).stem}_rebuilt.safetensors"
     try:
-        build_demo_backbone(args.out, args.fmnist, recipe, not args.no_download, args.download_root)
+        build_demo_backbone(out, args.fmnist, recipe, not args.no_download, args.download_root)
     except (UserError, OSError) as err:
         log.error("error: %s", " ".join(str(err).split()))
         return 2 if isinstance(err, UserError) else 1

@@ -19,6 +19,7 @@ from petl_zoo.train.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_SHA256 = "d1eead24e3d7378bdce11f473c6cb20458587d40fb594b7b0d7672dce897967b"
+SHIPPED_SWIN_SHA256 = "0b7e9aff82127c70e7335ae1d3bdfa48ad6f9077a77f1e76447f19972e8ab16c"
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2}
 
 
@@ -63,6 +64,16 @@ def test_the_shipped_file_is_the_measured_one_and_loads_with_the_demo_config():
     assert other.head.out_features == 7 and torch.equal(other.pos_embed, model.pos_embed)
 
 
+def test_the_shipped_swin_file_loads_with_its_config():
+    spec = demo.DEMO_ARCHS["swin"]
+    path = ROOT / spec.file
+    assert sha256_file(path) == SHIPPED_SWIN_SHA256
+    model = build_backbone(spec.model, 7, pretrained_file=path, model_kwargs=spec.model_kwargs)
+    assert model.head.fc.out_features == 7 and model.patch_embed.img_size == (32, 32)
+    saved = load_file(path)
+    assert torch.equal(model.layers[2].blocks[1].mlp.fc2.weight, saved["layers.2.blocks.1.mlp.fc2.weight"])
+
+
 def test_build_on_a_fake_idx_set_writes_a_file_timm_loads(tmp_path, caplog):
     data = fake_fmnist(tmp_path / "fmnist")
     out = tmp_path / "out" / "demo.safetensors"
@@ -85,6 +96,25 @@ def test_build_on_a_fake_idx_set_writes_a_file_timm_loads(tmp_path, caplog):
     assert model.patch_embed.img_size == (32, 32) and model.patch_embed.patch_size == (4, 4)
     head3 = build_backbone(demo.DEMO_MODEL, 3, pretrained_file=out, model_kwargs={**demo.DEMO_KWARGS, **TINY})
     assert head3.head.out_features == 3
+
+
+def test_swin_build_writes_a_file_the_trainer_loads(tmp_path):
+    """``--arch swin``: the same data and recipe on the Swin demo architecture (here a tiny one)."""
+    tiny = {"embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2)}
+    recipe = demo.DemoRecipe(epochs=1, batch_size=16, model_kwargs=tiny, arch="swin")
+    out = tmp_path / "swin.safetensors"
+    build = demo.build_demo_backbone(
+        out, fmnist=fake_fmnist(tmp_path / "fmnist"), recipe=recipe, download=False
+    )
+    assert build.sha256 == sha256_file(out) and build.train_images == 48
+    spec = demo.DEMO_ARCHS["swin"]
+    kwargs = {**spec.model_kwargs, **tiny}
+    model = build_backbone(spec.model, 4, pretrained_file=out, model_kwargs=kwargs)
+    saved = load_file(out)
+    assert model.head.fc.out_features == 4
+    assert torch.equal(model.layers[1].blocks[0].attn.qkv.weight, saved["layers.1.blocks.0.attn.qkv.weight"])
+    with pytest.raises(UserError, match="unknown demo architecture 'convnext'; valid: vit, swin"):
+        demo.create_demo_model("convnext")
 
 
 def test_same_seed_same_file_and_without_a_test_split_a_training_slice_is_held_out(tmp_path):

@@ -22,6 +22,7 @@ README = ROOT / "README.md"
 DEMO_README = ROOT / "demo" / "README.md"
 DOCS = [README, DEMO_README, *sorted((ROOT / "docs").glob("*.md"))]
 DEMO_FILE = "demo/vit_tiny_fmnist32.safetensors"
+DEMO_FILES = (DEMO_FILE, "demo/swin_tiny_fmnist32.safetensors")
 MARKER = re.compile(r"<!-- (runnable|not-runnable: [^>]+) -->\s*```python\n(.*?)```", flags=re.S)
 MACHINE_PATHS = re.compile(r"(?<![\w.])/(work|root|home|Users|tmp/pytest)[/\w.-]*")
 
@@ -62,13 +63,16 @@ def test_docs_use_the_shipped_demo_backbone(doc):
     text = doc.read_text(encoding="utf-8")
     outside = re.findall(r"\.\./shared\b[\w/.-]*", text)
     assert not outside, f"{doc.name} names files outside the repository: {outside} (use {DEMO_FILE})"
-    elsewhere = re.findall(r"[\w./-]*vit_tiny_fmnist32\.safetensors", text)
-    wrong = [m for m in elsewhere if m not in (DEMO_FILE, "vit_tiny_fmnist32.safetensors")]
-    assert not wrong, f"{doc.name} names the demo backbone as {wrong}; write {DEMO_FILE}"
+    for shipped in DEMO_FILES:
+        name = shipped.split("/")[-1]
+        elsewhere = re.findall(r"[\w./-]*" + re.escape(name), text)
+        wrong = [m for m in elsewhere if m not in (shipped, name)]
+        assert not wrong, f"{doc.name} names a demo backbone as {wrong}; write {shipped}"
 
 
-def test_the_demo_backbone_is_in_the_checkout():
-    assert (ROOT / DEMO_FILE).is_file(), f"{DEMO_FILE} is missing; the docs' real-data rows need it"
+def test_the_demo_backbones_are_in_the_checkout():
+    for shipped in DEMO_FILES:
+        assert (ROOT / shipped).is_file(), f"{shipped} is missing; the docs' real-data rows need it"
     assert DEMO_README.is_file()
 
 
