@@ -90,6 +90,7 @@ __all__ = [
     "Delta",
     "LowRank",
     "DenseUpdate",
+    "dropped_low_rank",
     "LinearDelta",
     "AdaptedLinear",
     "AdaptedModule",
@@ -648,6 +649,50 @@ class _LowRankLinear(torch.autograd.Function):
         dd = (gu_.t() @ xs).to(down.dtype) if need_d else None
         du = (g.t() @ (xs @ d.t())).to(up.dtype) if need_u else None
         return dx, dw, db, dd, du
+
+
+def dropped_low_rank(x: Tensor, down: Tensor, up: Tensor, dropout: nn.Module) -> Tensor:
+    """``(dropout(x) down^T) up^T``. With an active ``nn.Dropout`` (training, ``p > 0``, no autocast,
+    one dtype) through :class:`_DroppedLowRank`, which keeps ``x`` and the 1-byte mask instead of the
+    dropped copy; the same mask and random stream as the plain form."""
+    if (
+        isinstance(dropout, nn.Dropout)
+        and dropout.training
+        and 0 < dropout.p < 1
+        and x.dtype == down.dtype == up.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    ):
+        return _DroppedLowRank.apply(x, down, up, dropout.p)
+    return F.linear(F.linear(dropout(x), down), up)
+
+
+class _DroppedLowRank(torch.autograd.Function):
+    """``(dropout_p(x) D^T) U^T`` that keeps ``x`` (the layer's input: one tensor however many deltas
+    read it, and often kept anyway) and the bool mask, not the float dropped copy, which the backward
+    rebuilds as ``native_dropout`` built it (``x * mask * 1/(1-p)``); the gradients are autograd's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, down: Tensor, up: Tensor, p: float) -> Tensor:
+        dropped, mask = torch.native_dropout(x, p, True)
+        hidden = F.linear(dropped, down)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(x, mask, hidden, down, up)
+        return F.linear(hidden, up)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, mask, hidden, down, up = ctx.saved_tensors
+        need_x, need_d, need_u, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        g_hidden = g @ up
+        du = g.t() @ hidden.reshape(-1, hidden.shape[-1]) if need_u else None
+        dd = None
+        if need_d:
+            dropped = x.mul(mask).mul_(ctx.scale)
+            dd = g_hidden.t() @ dropped.reshape(-1, x.shape[-1])
+        dx = (g_hidden @ down).view(x.shape).mul(mask).mul_(ctx.scale) if need_x else None
+        return dx, dd, du, None
 
 
 class AdaptedModule(Wrapper):

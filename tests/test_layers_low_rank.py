@@ -13,6 +13,7 @@ import petl_zoo
 from petl_zoo.layers import AdaptedLinear, Delta, DenseUpdate, LowRank
 from petl_zoo.methods.heat import HeadLoraDelta
 from petl_zoo.methods.lora import LoraDelta
+from petl_zoo.methods.spt import SptLora
 
 
 def per_delta(layer: AdaptedLinear, x: Tensor) -> Tensor:
@@ -278,3 +279,35 @@ def test_half_precision_keeps_each_dense_update_apart():
     layer = dense_layer(torch.bfloat16)
     layer(torch.randn(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
     assert [d.calls for d in layer.deltas.values() if isinstance(d, CountingDense)] == [1, 1]
+
+
+# -- LoRA with dropout: the dropped copy is rebuilt in backward, not kept -------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "spt_lora"])
+def test_dropped_low_rank_equals_the_plain_form_and_keeps_no_dropped_copy(method):
+    """Same outputs and gradients as ``(dropout(x) A^T) B^T`` under the same seed, and what the graph
+    keeps: ``x`` and a bool mask, no float tensor of ``x``'s shape besides ``x`` itself."""
+    torch.manual_seed(0)
+    if method == "lora":
+        delta = LoraDelta(48, 16, rank=4, scaling=2.0, dropout=0.1).double()
+    else:
+        delta = SptLora(48, 16, rank=4, dropout=0.1, drop_path=0.0).double()
+    perturb_(delta, std=0.3)
+    x = torch.randn(2, 5, 48, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, 16, dtype=torch.float64)
+    params = [x, delta.lora_A, delta.lora_B]
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        torch.manual_seed(1)
+        ours = delta(x, None)
+    torch.manual_seed(1)
+    scaling = delta.scaling
+    plain = F.linear(F.linear(F.dropout(x, 0.1), delta.lora_A), delta.lora_B) * scaling
+    torch.testing.assert_close(ours, plain, atol=0, rtol=0)
+    for got, want in zip(
+        torch.autograd.grad(ours, params, grad), torch.autograd.grad(plain, params, grad), strict=True
+    ):
+        torch.testing.assert_close(got, want, atol=1e-14, rtol=0)
+    full_size = [t for t in kept if t.shape == x.shape]
+    assert [t.dtype for t in full_size] == [torch.float64, torch.bool] and full_size[0] is x

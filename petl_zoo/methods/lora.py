@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..config import MethodConfig, fraction, positive
-from ..layers import Delta, LowRank, adapt_linear
+from ..layers import Delta, LowRank, adapt_linear, dropped_low_rank
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -64,7 +63,7 @@ class LoraDelta(Delta):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return dropped_low_rank(x, self.lora_A, self.lora_B, self.dropout) * self.scaling
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -92,6 +92,7 @@ from ..layers import (
     LowRank,
     adapt_child,
     adapt_linear,
+    dropped_low_rank,
     place_like_host,
 )
 from ..registry import Method, TrainContext, register_method
@@ -272,7 +273,7 @@ class SptLora(LoraDelta):
         self.drop_path = drop_path
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
-        out = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        out = dropped_low_rank(x, self.lora_A, self.lora_B, self.dropout)
         if self.training and self.drop_path > 0:
             keep = 1.0 - self.drop_path
             mask = torch.rand((out.shape[0],) + (1,) * (out.dim() - 1), device=out.device, dtype=out.dtype)
