@@ -456,9 +456,9 @@ class AdaptedLinear(Wrapper):
             y = F.linear(x, weight, bias) if folded else self.base(x)
             if factored:
                 y = _add_low_rank(y, x, factored, bias)
-        width = y.shape[-1]
+        width, frozen = y.shape[-1], self.base.weight  # the other deltas read W0, not a folded weight
         for start, stop, delta in others:
-            update = delta(x, weight[start:stop])
+            update = delta(x, frozen[start:stop])
             if start == 0 and stop == width:
                 y = y + update
             elif fused:  # autograd forbids writing into a custom Function's output

@@ -223,6 +223,13 @@ def test_fused_form_on_a_bias_free_linear_with_a_delta_without_the_form():
 # -- the dense form: full-size updates folded into the layer's own product ------------------------------
 
 
+class ReadsFrozenWeight(Delta):
+    """``x (0.1 W0_slice)^T``: a delta that reads the frozen weight it is handed (as OFT with COFT)."""
+
+    def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
+        return F.linear(x, 0.1 * weight)
+
+
 class CountingDense(Delta):
     """``x dW^T + db`` with ``dW``, ``db`` trained; counts how often its own forward runs."""
 
@@ -245,9 +252,8 @@ def dense_layer(dtype: torch.dtype = torch.float64) -> AdaptedLinear:
     layer = AdaptedLinear(nn.Linear(6, 9, dtype=torch.float64))
     layer.add_delta("a", CountingDense(3, 6, bias=True), 0, 3)  # bias updates too (GLoRA's form)
     layer.add_delta("b", CountingDense(9, 6, bias=False), 0, 9)
-    layer.add_delta(
-        "lora", LoraDelta(6, 3, rank=2, scaling=2.0, dropout=0.0), 6, 9
-    )  # beside the low-rank path
+    layer.add_delta("lora", LoraDelta(6, 3, rank=2, scaling=2.0, dropout=0.0), 6, 9)  # low-rank path
+    layer.add_delta("frozen", ReadsFrozenWeight(), 0, 9)  # still handed W0 after the fold
     perturb_(layer, std=0.3)
     return layer.to(dtype)
 
