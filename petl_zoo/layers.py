@@ -90,6 +90,7 @@ __all__ = [
     "Delta",
     "LowRank",
     "DenseUpdate",
+    "dropped_linear",
     "dropped_low_rank",
     "LinearDelta",
     "AdaptedLinear",
@@ -651,48 +652,52 @@ class _LowRankLinear(torch.autograd.Function):
         return dx, dw, db, dd, du
 
 
-def dropped_low_rank(x: Tensor, down: Tensor, up: Tensor, dropout: nn.Module) -> Tensor:
-    """``(dropout(x) down^T) up^T``. With an active ``nn.Dropout`` (training, ``p > 0``, no autocast,
-    one dtype) through :class:`_DroppedLowRank`, which keeps ``x`` and the 1-byte mask instead of the
-    dropped copy; the same mask and random stream as the plain form."""
+def dropped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, dropout: nn.Module) -> Tensor:
+    """``F.linear(dropout(x), weight, bias)``. With an active ``nn.Dropout`` (training, ``0 < p < 1``,
+    no autocast, one dtype) through :class:`_DroppedLinear`, which keeps ``x`` and the 1-byte mask
+    instead of the dropped copy; the same mask, random stream and gradients as the plain form."""
     if (
         isinstance(dropout, nn.Dropout)
         and dropout.training
         and 0 < dropout.p < 1
-        and x.dtype == down.dtype == up.dtype
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == x.dtype)
         and not torch.is_autocast_enabled(x.device.type)
     ):
-        return _DroppedLowRank.apply(x, down, up, dropout.p)
-    return F.linear(F.linear(dropout(x), down), up)
+        return _DroppedLinear.apply(x, weight, bias, dropout.p)
+    return F.linear(dropout(x), weight, bias)
 
 
-class _DroppedLowRank(torch.autograd.Function):
-    """``(dropout_p(x) D^T) U^T`` that keeps ``x`` (the layer's input: one tensor however many deltas
+def dropped_low_rank(x: Tensor, down: Tensor, up: Tensor, dropout: nn.Module) -> Tensor:
+    """``(dropout(x) down^T) up^T``, the dropped input not kept (:func:`dropped_linear`)."""
+    return F.linear(dropped_linear(x, down, None, dropout), up)
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """``F.linear(dropout_p(x), W, b)`` that keeps ``x`` (a layer's input: one tensor however many deltas
     read it, and often kept anyway) and the bool mask, not the float dropped copy, which the backward
     rebuilds as ``native_dropout`` built it (``x * mask * 1/(1-p)``); the gradients are autograd's."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, down: Tensor, up: Tensor, p: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, p: float) -> Tensor:
         dropped, mask = torch.native_dropout(x, p, True)
-        hidden = F.linear(dropped, down)
         ctx.scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(x, mask, hidden, down, up)
-        return F.linear(hidden, up)
+        ctx.save_for_backward(x, mask, weight)
+        return F.linear(dropped, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        x, mask, hidden, down, up = ctx.saved_tensors
-        need_x, need_d, need_u, _ = ctx.needs_input_grad
+        x, mask, weight = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        g_hidden = g @ up
-        du = g.t() @ hidden.reshape(-1, hidden.shape[-1]) if need_u else None
-        dd = None
-        if need_d:
+        dw = None
+        if need_w:
             dropped = x.mul(mask).mul_(ctx.scale)
-            dd = g_hidden.t() @ dropped.reshape(-1, x.shape[-1])
-        dx = (g_hidden @ down).view(x.shape).mul(mask).mul_(ctx.scale) if need_x else None
-        return dx, dd, du, None
+            dw = g.t() @ dropped.reshape(-1, x.shape[-1])
+        db = g.sum(0) if need_b else None
+        dx = (grad @ weight).mul(mask).mul_(ctx.scale) if need_x else None
+        return dx, dw, db, None
 
 
 class AdaptedModule(Wrapper):

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import petl_zoo
-from petl_zoo.layers import AdaptedLinear, Delta, DenseUpdate, LowRank
+from petl_zoo.layers import AdaptedLinear, Delta, DenseUpdate, LowRank, dropped_linear
 from petl_zoo.methods.heat import HeadLoraDelta
 from petl_zoo.methods.lora import LoraDelta
 from petl_zoo.methods.spt import SptLora
@@ -317,3 +317,23 @@ def test_dropped_low_rank_equals_the_plain_form_and_keeps_no_dropped_copy(method
         torch.testing.assert_close(got, want, atol=1e-14, rtol=0)
     full_size = [t for t in kept if t.shape == x.shape]
     assert [t.dtype for t in full_size] == [torch.float64, torch.bool] and full_size[0] is x
+
+
+def test_dropped_linear_with_a_bias_equals_the_plain_form():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    drop = nn.Dropout(0.3).train()
+    torch.manual_seed(1)
+    ours = dropped_linear(x, weight, bias, drop)
+    torch.manual_seed(1)
+    plain = F.linear(F.dropout(x, 0.3), weight, bias)
+    assert torch.equal(ours, plain)
+    grad = torch.randn_like(plain)
+    for got, want in zip(
+        torch.autograd.grad(ours, (x, weight, bias), grad),
+        torch.autograd.grad(plain, (x, weight, bias), grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, atol=1e-14, rtol=0)

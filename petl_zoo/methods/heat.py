@@ -47,7 +47,7 @@ from torch.nn import functional as F
 
 from ..config import MethodConfig, fraction, non_negative, positive
 from ..importance import TaylorAccumulator, taylor_scores
-from ..layers import AdaptedLinear, Delta, HookRegistry, adapt_linear
+from ..layers import AdaptedLinear, Delta, HookRegistry, adapt_linear, dropped_low_rank
 from ..registry import Method, TrainContext, register_method
 from ..targets import check_targets, iter_blocks, linear_sites
 from .adapter import BottleneckAdapter
@@ -184,9 +184,7 @@ class HeadLoraDelta(_HeadRows, LoraDelta):
         return [(self.lora_B, self.head_index(head))]
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
-        return (
-            F.linear(F.linear(self.dropout(x), self.lora_A), self._scatter_rows(self.lora_B)) * self.scaling
-        )
+        return dropped_low_rank(x, self.lora_A, self._scatter_rows(self.lora_B), self.dropout) * self.scaling
 
     def delta_weight(self, weight: Tensor) -> Tensor:
         return (self._scatter_rows(self.lora_B) @ self.lora_A) * self.scaling

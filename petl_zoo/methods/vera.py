@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import MethodConfig, fraction, non_negative, nonzero, positive
-from ..layers import Delta, LowRank, PetlModule, adapt_linear
+from ..layers import Delta, LowRank, PetlModule, adapt_linear, dropped_linear
 from ..registry import Method, register_method
 from ..targets import LINEAR_TARGETS, check_targets, linear_sites
 
@@ -119,7 +119,7 @@ class VeraDelta(Delta):
 
     def forward(self, x: Tensor, weight: Tensor | None) -> Tensor:
         a, b = self.matrices()
-        h = F.linear(self.dropout(x), a) * self.vera_lambda_d
+        h = dropped_linear(x, a, None, self.dropout) * self.vera_lambda_d
         return F.linear(h, b) * self.vera_lambda_b
 
     def low_rank(self, weight: Tensor) -> LowRank | None:
