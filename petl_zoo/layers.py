@@ -542,13 +542,18 @@ class AdaptedLinear(Wrapper):
         self.merged = False
 
 
-def _low_rank(delta: Delta, weight: Tensor, dtype: torch.dtype) -> LowRank | None:
-    """``delta.low_rank(weight)``, computed in ``dtype`` (the input's) when the delta's tensors are kept
-    in another dtype (``casts_to_input``), as its forward would be."""
+def _as_called(delta: Delta, dtype: torch.dtype, form: Callable[[Tensor], Any], weight: Tensor) -> Any:
+    """``form(weight)`` (one of ``delta``'s forms, ``low_rank`` or ``dense_update``), computed in
+    ``dtype`` (the input's) when the delta's tensors are kept in another dtype (``casts_to_input``), as
+    its forward would be."""
     if not delta.casts_to_input:
-        return delta.low_rank(weight)
+        return form(weight)
     with cast_method_tensors(delta, dtype):
-        return delta.low_rank(weight)
+        return form(weight)
+
+
+def _low_rank(delta: Delta, weight: Tensor, dtype: torch.dtype) -> LowRank | None:
+    return _as_called(delta, dtype, delta.low_rank, weight)
 
 
 def _dense_updates(
@@ -558,11 +563,7 @@ def _dense_updates(
     rest: list[tuple[int, int, Delta]] = []
     dense: list[tuple[int, int, DenseUpdate]] = []
     for start, stop, delta in deltas:
-        if delta.casts_to_input:
-            with cast_method_tensors(delta, dtype):
-                update = delta.dense_update(weight[start:stop])
-        else:
-            update = delta.dense_update(weight[start:stop])
+        update = _as_called(delta, dtype, delta.dense_update, weight[start:stop])
         if update is None:
             rest.append((start, stop, delta))
         else:

@@ -156,6 +156,11 @@ class BinaryAdapterConfig(MethodConfig):
         self.targets = check_targets(self.targets, allowed, "binary_adapter")
 
 
+def _bit_shifts(bits: int) -> np.ndarray:
+    """``[1, 8 / bits]``: where each of a byte's level indices sits, lowest bits first."""
+    return (np.arange(8 // bits, dtype=np.uint8) * bits)[None, :]
+
+
 class BinaryLinear(PetlModule):
     """A bias-free Linear whose weight is used quantised (``W_q``, module docstring), with the
     straight-through estimator. The latent weight keeps the adapter dtype (float32 on a half-precision
@@ -205,11 +210,10 @@ class BinaryLinear(PetlModule):
         else:
             raise ValueError("a full-precision BinaryLinear (bits=32) has no packed form")
         index = nearest.abs().argmin(dim=1).cpu().numpy().astype(np.uint8)
-        per = 8 // self.bits
-        if index.size % per:
+        shifts = _bit_shifts(self.bits)
+        if index.size % shifts.size:
             raise ValueError(f"{index.size} weights do not fill whole bytes at {self.bits} bits")
-        shifts = (np.arange(per, dtype=np.uint8) * self.bits)[None, :]
-        packed = (index.reshape(-1, per) << shifts).sum(axis=1).astype(np.uint8)
+        packed = (index.reshape(-1, shifts.size) << shifts).sum(axis=1).astype(np.uint8)
         return torch.from_numpy(packed), mean, std
 
     def packed_bytes(self) -> int:
@@ -229,9 +233,7 @@ class BinaryLinear(PetlModule):
         """Set the weight to ``level * sigma + mu`` from :meth:`packed`'s values; used as it is
         afterwards (``quantize = False``, as the authors' ``fake_quan``)."""
         self.check_packed(packed)
-        per = 8 // self.bits
-        shifts = (np.arange(per, dtype=np.uint8) * self.bits)[None, :]
-        index = (packed.cpu().numpy()[:, None] >> shifts) & np.uint8(2**self.bits - 1)
+        index = (packed.cpu().numpy()[:, None] >> _bit_shifts(self.bits)) & np.uint8(2**self.bits - 1)
         table, thresholds, half = quantizer_levels(self.bits)
         levels = _sign_sum(torch.tensor(table), thresholds, half)  # Q's float32 values, as the forward's
         values = levels[torch.from_numpy(index.reshape(-1).astype(np.int64))] * std + mean

@@ -16,6 +16,7 @@ from typing import Any
 import timm
 from torch import nn
 
+from .args import DEFAULT_COMPILE_BACKEND
 from .errors import UserError
 
 __all__ = [
@@ -170,10 +171,12 @@ _CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 
 
 def compile_forward(
-    module: nn.Module, backend: str | Callable[..., Any] | None = None, grad_checkpointing: bool = False
+    module: nn.Module,
+    backend: str | Callable[..., Any] = DEFAULT_COMPILE_BACKEND,
+    grad_checkpointing: bool = False,
 ) -> Callable[..., Any]:
-    """``torch.compile(module, backend=...)`` (inductor when ``backend`` is None: a name or a dynamo
-    backend callable), callable as the module.
+    """``torch.compile(module, backend=backend)`` (a backend name or a dynamo backend callable),
+    callable as the module.
 
     With gradient checkpointing the calls trace with dynamo's ``skip_fwd_side_effects_in_bwd_under_checkpoint``:
     the wrappers that hand a tensor from one module of a block to a later one (the adapters' residual
@@ -183,7 +186,7 @@ def compile_forward(
     checkpointing (``tests/test_compile.py``)."""
     import torch
 
-    compiled = torch.compile(module, **({"backend": backend} if backend else {}))
+    compiled = torch.compile(module, backend=backend)
     if not grad_checkpointing or not hasattr(torch._dynamo.config, _CHECKPOINT_SIDE_EFFECTS):
         return compiled
 
